@@ -1,0 +1,129 @@
+"""The model-repository contract between the training side and the gateway.
+
+A model repository is Triton's layout: ``<root>/<name>/config.pbtxt`` and
+``<root>/<name>/<version>/model.onnx``. Every exported network has the same
+signature, so every client sends the same thing:
+
+- input ``image``: UINT8 RGB, NHWC ``[-1, H, W, 3]`` at the model's input size
+  (cast, scaling, ImageNet normalisation and the transpose happen in the graph);
+- output ``anomaly_map``: FP32 ``[-1, 1, H, W]``, anomaly-class probability;
+- output ``score``: FP32 ``[-1, 1]``, calibrated so that 0.5 is the decision threshold.
+
+The ONNX metadata entry ``slsg.model_card`` holds a JSON ``ModelCard``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+INPUT_IMAGE = "image"
+OUTPUT_ANOMALY_MAP = "anomaly_map"
+OUTPUT_SCORE = "score"
+MODEL_CARD_KEY = "slsg.model_card"
+MODEL_FILENAME = "model.onnx"
+CONFIG_FILENAME = "config.pbtxt"
+DECISION_THRESHOLD = 0.5  # calibrated scores: >= 0.5 is anomalous
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class Calibration:
+    """Maps a raw image score (mean of the top-K map pixels) to [0, 1] with 0.5 at the threshold.
+
+    ``score_min`` is the lowest raw score seen on normal calibration images and
+    ``score_max`` the top of the raw range (1.0 for a probability map); the mapping is
+    piecewise linear: [score_min, raw_threshold] -> [0, 0.5], [raw_threshold, score_max] -> [0.5, 1].
+    """
+
+    raw_threshold: float = 0.5
+    score_min: float = 0.0
+    score_max: float = 1.0
+    target_fpr: float = 0.01
+    pixel_threshold: float = 0.5  # anomaly-map probability above which a pixel belongs to a region
+    num_images: int = 0
+
+    def normalise(self, raw: Any) -> Any:
+        """Calibrated score(s) in [0, 1]; works on floats and numpy arrays."""
+        import numpy as np
+
+        raw = np.asarray(raw, dtype=np.float64)
+        lo = min(self.score_min, self.raw_threshold - 1e-6)
+        hi = max(self.score_max, self.raw_threshold + 1e-6)
+        below = 0.5 * (raw - lo) / (self.raw_threshold - lo)
+        above = 0.5 + 0.5 * (raw - self.raw_threshold) / (hi - self.raw_threshold)
+        out = np.clip(np.where(raw < self.raw_threshold, below, above), 0.0, 1.0)
+        return out if out.ndim else float(out)
+
+
+@dataclass
+class ModelCard:
+    """What a deployed model says about itself (stored as ONNX metadata and Triton parameters)."""
+
+    name: str
+    category: str
+    backbone: str
+    input_height: int
+    input_width: int
+    top_k: int
+    calibration: Calibration = field(default_factory=Calibration)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training_data_hash: str = ""
+    created: str = ""
+    project_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelCard":
+        data = json.loads(text)
+        data["calibration"] = Calibration(**data.get("calibration", {}))
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def validate_model_name(name: str) -> str:
+    if not _MODEL_NAME.match(name):
+        raise ValueError(
+            f"invalid model name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return name
+
+
+def list_versions(root: str | Path, name: str) -> list[int]:
+    """Versions of ``name`` in the repository that hold a model file, ascending."""
+    model_dir = Path(root) / name
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and (p / MODEL_FILENAME).is_file()
+    )
+
+
+def next_version(root: str | Path, name: str) -> int:
+    """The next free version number (1 for a new model). Never reuses a number, even of an empty folder."""
+    model_dir = Path(root) / name
+    taken = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    return max(taken, default=0) + 1
+
+
+def list_models(root: str | Path) -> list[str]:
+    """Names of models with at least one servable version."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and list_versions(root, p.name))
+
+
+def model_path(root: str | Path, name: str, version: int) -> Path:
+    return Path(root) / name / str(version) / MODEL_FILENAME

@@ -1,0 +1,83 @@
+"""A tiny ONNX model with the exact SLSG repository signature, for serving-side tests.
+
+It is a real ONNX graph (run by ONNX Runtime and Triton for real): the anomaly map is the
+per-pixel "redness" max(0, R - (G + B) / 2) / 255, and the raw score is the map's mean of
+the top-K pixels, calibrated with the card's ``Calibration``. So tests can make anomalous
+frames on purpose by painting red patches on a grey image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from slsg.contract import (
+    INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, Calibration, ModelCard,
+)
+
+
+def make_card(name: str = "toy", size: int = 64, top_k: int = 16, **kw) -> ModelCard:
+    cal = kw.pop("calibration", Calibration(raw_threshold=0.3, score_min=0.0, score_max=1.0, pixel_threshold=0.3))
+    return ModelCard(name=name, category="toy", backbone="redness", input_height=size, input_width=size,
+                     top_k=top_k, calibration=cal, project_version="test", **kw)
+
+
+def write_contract_model(path: str | Path, card: ModelCard) -> Path:
+    """Write ``model.onnx`` with the contract's inputs/outputs and ``card`` as metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    h, w, k = card.input_height, card.input_width, card.top_k
+    cal = card.calibration
+    lo = min(cal.score_min, cal.raw_threshold - 1e-6)
+    hi = max(cal.score_max, cal.raw_threshold + 1e-6)
+    c = lambda name, value, dtype=np.float32: helper.make_tensor(  # noqa: E731
+        name, TensorProto.FLOAT if dtype == np.float32 else TensorProto.INT64,
+        [len(np.atleast_1d(value))], np.atleast_1d(np.asarray(value, dtype)).tolist())
+    inits = [
+        c("inv255", 1 / 255), c("half", 0.5), c("zero", 0.0), c("one", 1.0),
+        c("idx_r", [0], np.int64), c("idx_g", [1], np.int64), c("idx_b", [2], np.int64),
+        c("perm_shape", [0, 1, h * w], np.int64), c("k", [k], np.int64),
+        c("thr", cal.raw_threshold), c("lo", lo), c("hi", hi),
+        c("slope_lo", 0.5 / (cal.raw_threshold - lo)), c("slope_hi", 0.5 / (hi - cal.raw_threshold)),
+    ]
+    nodes = [
+        helper.make_node("Cast", [INPUT_IMAGE], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["xf"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Gather", ["nchw", "idx_r"], ["r"], axis=1),
+        helper.make_node("Gather", ["nchw", "idx_g"], ["g"], axis=1),
+        helper.make_node("Gather", ["nchw", "idx_b"], ["b"], axis=1),
+        helper.make_node("Add", ["g", "b"], ["gb"]),
+        helper.make_node("Mul", ["gb", "half"], ["gb2"]),
+        helper.make_node("Sub", ["r", "gb2"], ["red"]),
+        helper.make_node("Relu", ["red"], ["red_pos"]),
+        helper.make_node("Mul", ["red_pos", "inv255"], [OUTPUT_ANOMALY_MAP]),
+        helper.make_node("Reshape", [OUTPUT_ANOMALY_MAP, "perm_shape"], ["flat"]),
+        helper.make_node("TopK", ["flat", "k"], ["topv", "topi"], axis=-1),
+        helper.make_node("ReduceMean", ["topv"], ["raw3"], axes=[-1], keepdims=0),  # [N, 1]
+        # piecewise-linear calibration: below = (raw-lo)*slope_lo ; above = 0.5 + (raw-thr)*slope_hi
+        helper.make_node("Sub", ["raw3", "lo"], ["d_lo"]),
+        helper.make_node("Mul", ["d_lo", "slope_lo"], ["below"]),
+        helper.make_node("Sub", ["raw3", "thr"], ["d_hi"]),
+        helper.make_node("Mul", ["d_hi", "slope_hi"], ["above0"]),
+        helper.make_node("Add", ["above0", "half"], ["above"]),
+        helper.make_node("Less", ["raw3", "thr"], ["is_below"]),
+        helper.make_node("Where", ["is_below", "below", "above"], ["unclipped"]),
+        helper.make_node("Clip", ["unclipped", "zero", "one"], [OUTPUT_SCORE]),
+    ]
+    graph = helper.make_graph(
+        nodes, "slsg_contract_toy",
+        [helper.make_tensor_value_info(INPUT_IMAGE, TensorProto.UINT8, ["batch", h, w, 3])],
+        [helper.make_tensor_value_info(OUTPUT_ANOMALY_MAP, TensorProto.FLOAT, ["batch", 1, h, w]),
+         helper.make_tensor_value_info(OUTPUT_SCORE, TensorProto.FLOAT, ["batch", 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.helper.set_model_props(model, {MODEL_CARD_KEY: card.to_json()})
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

@@ -1,0 +1,1 @@
+"""SLSG training side: data, anomaly simulation, the network, training, evaluation and export (torch)."""
