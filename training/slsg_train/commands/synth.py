@@ -1,0 +1,49 @@
+"""``slsg synth OUT``: write a synthetic data set in the MVTec LOCO AD layout (see slsg_train.data.synth)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``256`` -> (256, 256); ``320x256`` (width x height) -> (256, 320) as (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"invalid image size {text!r}: expected N or WxH, e.g. 256 or 320x256")
+    width, height = sides if len(sides) == 2 else sides * 2
+    return height, width
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="data set root; one folder per category is written under it")
+    parser.add_argument("--categories", default=None,
+                        help="comma-separated categories (default: all, i.e. tray,cable)")
+    parser.add_argument("--image-size", type=parse_image_size, default=(256, 256), metavar="N|WxH",
+                        help="image size, N for square or WxH (default 256)")
+    defaults = {"train": 80, "validation": 20, "test-good": 20, "test-logical": 20, "test-structural": 20}
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", type=int, default=default, metavar="N",
+                            help=f"images in that split (default {default})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing category folders")
+
+
+def run(args: argparse.Namespace) -> int:
+    from slsg_train.data.synth import SplitCounts, write_synthetic_dataset
+
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    counts = SplitCounts(args.train, args.validation, args.test_good, args.test_logical, args.test_structural)
+    try:
+        folders = write_synthetic_dataset(args.out, categories, args.image_size, counts, args.seed, args.overwrite)
+    except (ValueError, OSError) as exc:
+        print(f"slsg synth: {exc}", file=sys.stderr)
+        return 2
+    height, width = args.image_size
+    for folder in folders:
+        print(f"wrote {folder} ({width}x{height})")
+    return 0
