@@ -1,0 +1,42 @@
+"""Model listing and administration (load = reload the newest version, unload)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from slsg_gateway.api.deps import GatewayState, get_state, require_admin_key
+from slsg_gateway.backends.base import ServedModel
+from slsg_gateway.schemas import ErrorResponse, ModelList, ModelVersionInfo
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+_ADMIN_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 503)}
+
+
+def model_info(model: ServedModel) -> ModelVersionInfo:
+    return ModelVersionInfo(
+        name=model.name, versions=list(model.versions), served_version=model.served_version, ready=model.ready,
+        input_height=model.input_height, input_width=model.input_width,
+        max_batch_size=model.max_batch_size or None, card=model.card_dict())
+
+
+@router.get("", response_model=ModelList, responses={503: {"model": ErrorResponse}}, summary="List models")
+async def list_models(state: GatewayState = Depends(get_state)) -> ModelList:
+    models = await state.backend.list_models()
+    return ModelList(backend=state.backend.name, models=[model_info(m) for m in models])
+
+
+@router.post("/{name}/load", response_model=ModelVersionInfo, responses=_ADMIN_ERRORS,
+             dependencies=[Depends(require_admin_key)], summary="Load or reload the newest version")
+async def load_model(name: str, state: GatewayState = Depends(get_state)) -> ModelVersionInfo:
+    model = await state.backend.load(name)
+    state.metrics.set_served_version(name, model.served_version)
+    return model_info(model)
+
+
+@router.post("/{name}/unload", response_model=ModelVersionInfo, responses=_ADMIN_ERRORS,
+             dependencies=[Depends(require_admin_key)], summary="Stop serving a model")
+async def unload_model(name: str, state: GatewayState = Depends(get_state)) -> ModelVersionInfo:
+    await state.backend.unload(name)
+    state.metrics.set_served_version(name, None)
+    listed = {m.name: m for m in await state.backend.list_models()}
+    return model_info(listed.get(name, ServedModel(name, (), None, False)))

@@ -1,0 +1,105 @@
+"""The FastAPI application: ``create_app(settings)`` wires backend, batcher, metrics and routes."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from slsg import __version__
+from slsg_gateway.api.deps import GatewayState
+from slsg_gateway.api.routes import health, inspect, models
+from slsg_gateway.backends import create_backend
+from slsg_gateway.batching import MicroBatcher
+from slsg_gateway.errors import GatewayError
+from slsg_gateway.inspection import Inspector
+from slsg_gateway.metrics import GatewayMetrics
+from slsg_gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        headers = dict(exc.headers)
+        if exc.status == 503 and "Retry-After" not in headers:
+            headers["Retry-After"] = str(request.app.state.gateway.settings.retry_after_s)
+        return error_response(exc.status, exc.code, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error_response(422, "invalid_request", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _install_request_metrics(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        if path != "/metrics":
+            state: GatewayState = request.app.state.gateway
+            name = request.path_params.get("name")
+            # only models the backend knows become label values (bounded cardinality)
+            model = name if name and name in state.backend.known_models() else ("unknown" if name else "")
+            state.metrics.requests.labels(path, model, str(response.status_code)).inc()
+        return response
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway app; the backend starts (and loads models) in the app's lifespan."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state: GatewayState = app.state.gateway
+        await state.backend.start()
+        for model in await state.backend.list_models():
+            state.metrics.set_served_version(model.name, model.served_version)
+        yield
+        await state.batcher.close()
+        await state.backend.close()
+        state.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="SLSG inspection gateway", version=__version__, lifespan=lifespan,
+                  description="Visual inspection with SLSG models served by ONNX Runtime or Triton.")
+    backend = create_backend(settings)
+    metrics = GatewayMetrics(settings.lines)
+    batcher = MicroBatcher(backend, metrics, window_ms=settings.batch_window_ms, max_batch=settings.max_batch_size,
+                           max_queue=settings.max_queue, max_concurrent=settings.max_concurrent_batches,
+                           retry_after_s=settings.retry_after_s)
+    pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+    app.state.gateway = GatewayState(settings, backend, metrics, batcher,
+                                     Inspector(settings, backend, batcher, metrics, pool), pool)
+    _install_error_handlers(app)
+    _install_request_metrics(app)
+    for module in (inspect, models, health):
+        app.include_router(module.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (several workers): settings from SLSG_* variables."""
+    return create_app(Settings())

@@ -1,0 +1,76 @@
+"""The backend interface the API and the batcher talk to."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from slsg.contract import ModelCard
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the gateway knows about one model; read from the model itself, never hard-coded."""
+
+    name: str
+    versions: tuple[int, ...]
+    served_version: int | None
+    ready: bool
+    card: ModelCard | None = None
+    input_height: int | None = None
+    input_width: int | None = None
+    max_batch_size: int = 0  # 0: the backend imposes no limit
+
+    def card_dict(self) -> dict | None:
+        return asdict(self.card) if self.card is not None else None
+
+
+@dataclass
+class InferenceOutput:
+    """One batch's outputs: ``anomaly_map`` [N, H, W] float32 and ``score`` [N] float32."""
+
+    version: int
+    anomaly_map: np.ndarray
+    score: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """Serves contract models; all methods are coroutines safe to call from the event loop."""
+
+    name: str = "backend"
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Discover and load models. Must not fail if the backend is unreachable (readiness says so)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def list_models(self) -> list[ServedModel]: ...
+
+    @abc.abstractmethod
+    async def get_model(self, name: str) -> ServedModel:
+        """The served model ``name``; raises ModelNotFound / ModelNotReady / BackendUnavailable."""
+
+    @abc.abstractmethod
+    async def infer(self, name: str, images: np.ndarray) -> InferenceOutput:
+        """Run ``images`` (uint8 [N, H, W, 3] at the model's input size) through the served version."""
+
+    @abc.abstractmethod
+    async def load(self, name: str) -> ServedModel:
+        """(Re)load ``name`` from the repository, newest version; on failure the old version stays."""
+
+    @abc.abstractmethod
+    async def unload(self, name: str) -> None: ...
+
+    def known_models(self) -> set[str]:
+        """Names this backend has seen (cheap, synchronous; used to bound metric labels)."""
+        return set()
+
+    @abc.abstractmethod
+    async def reachable(self) -> bool:
+        """Whether the backend answers (always true in-process)."""

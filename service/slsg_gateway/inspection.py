@@ -1,0 +1,97 @@
+"""One inspection, end to end: decode -> batch inference -> regions, decision, optional heat map.
+
+CPU-heavy steps (decode, resize, PNG encoding) run in a thread pool so the event loop keeps
+accepting requests while frames are being processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+from slsg.contract import DECISION_THRESHOLD
+from slsg_gateway.backends.base import Backend, ServedModel
+from slsg_gateway.batching import BatchItem, MicroBatcher
+from slsg_gateway.errors import ModelNotReady
+from slsg_gateway.imaging import Frame, decode_frame, heatmap_png
+from slsg_gateway.metrics import GatewayMetrics
+from slsg_gateway.regions import find_regions
+from slsg_gateway.schemas import Box, Heatmap, InspectionResult, Region, Timings
+from slsg_gateway.settings import Settings
+
+HeatmapMode = Literal["overlay", "map"]
+
+
+@dataclass
+class Inspection:
+    result: InspectionResult
+    heatmap_png: bytes | None = None
+
+
+class Inspector:
+    def __init__(self, settings: Settings, backend: Backend, batcher: MicroBatcher, metrics: GatewayMetrics,
+                 pool: Executor) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.batcher = batcher
+        self.metrics = metrics
+        self.pool = pool
+
+    async def served_model(self, name: str) -> ServedModel:
+        model = await self.backend.get_model(name)
+        if not model.ready or model.input_height is None or model.input_width is None:
+            raise ModelNotReady(f"model {name!r} is not ready")
+        return model
+
+    async def decode(self, model: ServedModel, data: bytes, keep_full: bool) -> Frame:
+        job = partial(decode_frame, data, (model.input_height, model.input_width),
+                      max_pixels=self.settings.max_pixels, draft_min_ratio=self.settings.draft_min_ratio,
+                      keep_full=keep_full)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, job)
+
+    async def inspect(self, name: str, data: bytes, *, heatmap: HeatmapMode | None = None,
+                      camera_id: str | None = None, line_id: str | None = None,
+                      model: ServedModel | None = None) -> Inspection:
+        t0 = time.perf_counter()
+        model = model or await self.served_model(name)
+        frame = await self.decode(model, data, keep_full=heatmap == "overlay")
+        t1 = time.perf_counter()
+        item = await self.batcher.submit(name, frame.pixels, model.max_batch_size)
+        t2 = time.perf_counter()
+        regions, png = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self._postprocess, model, frame, item, heatmap)
+        t3 = time.perf_counter()
+        timings = {"decode": frame.decode_ms, "preprocess": frame.preprocess_ms, "infer": (t2 - t1) * 1e3,
+                   "postprocess": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
+        threshold = self.settings.threshold_for(name)
+        result = InspectionResult(
+            model=name, version=item.version, score=item.score, threshold=threshold,
+            is_anomalous=item.score >= threshold, image_width=frame.width, image_height=frame.height,
+            regions=regions, timings=Timings(**{f"{k}_ms": round(v, 3) for k, v in timings.items()}),
+            camera_id=camera_id, line_id=line_id,
+            heatmap=Heatmap(mode=heatmap, width=frame.width, height=frame.height,
+                            png_base64=base64.b64encode(png).decode()) if png else None,
+        )
+        self._record(name, result, timings, line_id)
+        return Inspection(result, png)
+
+    def _postprocess(self, model: ServedModel, frame: Frame, item: BatchItem,
+                     heatmap: HeatmapMode | None) -> tuple[list[Region], bytes | None]:
+        """Regions in original-image pixels and, when asked, the heat-map PNG (both CPU-bound)."""
+        pixel_threshold = model.card.calibration.pixel_threshold if model.card else DECISION_THRESHOLD
+        size = (frame.width, frame.height)
+        regions = [Region(box=Box(x0=r.x0, y0=r.y0, x1=r.x1, y1=r.y1), peak=r.peak, area=r.area)
+                   for r in find_regions(item.anomaly_map, pixel_threshold, size, self.settings.max_regions)]
+        png = heatmap_png(item.anomaly_map, size, frame.full) if heatmap else None
+        return regions, png
+
+    def _record(self, name: str, result: InspectionResult, timings: dict[str, float], line_id: str | None) -> None:
+        self.metrics.observe_stages(name, timings)
+        self.metrics.scores.labels(name).observe(result.score)
+        decision = "anomalous" if result.is_anomalous else "normal"
+        self.metrics.decisions.labels(name, self.metrics.line_label(line_id), decision).inc()

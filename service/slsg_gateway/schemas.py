@@ -1,0 +1,98 @@
+"""Pydantic response models: the OpenAPI document is generated from these."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable error code, e.g. 'bad_image'")
+    message: str = Field(description="human-readable explanation")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Box(BaseModel):
+    """Axis-aligned box in original-image pixels; ``x1``/``y1`` are exclusive."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+class Region(BaseModel):
+    box: Box
+    peak: float = Field(description="highest anomaly-map value inside the region")
+    area: int = Field(description="region area in original-image pixels")
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    preprocess_ms: float
+    infer_ms: float
+    postprocess_ms: float
+    total_ms: float
+
+
+class Heatmap(BaseModel):
+    mode: Literal["overlay", "map"]
+    width: int
+    height: int
+    png_base64: str
+
+
+class InspectionResult(BaseModel):
+    model: str
+    version: int
+    score: float = Field(description="calibrated anomaly score; 0.5 is the calibrated threshold")
+    threshold: float = Field(description="decision threshold used for this model")
+    is_anomalous: bool
+    image_width: int
+    image_height: int
+    regions: list[Region]
+    timings: Timings
+    camera_id: str | None = None
+    line_id: str | None = None
+    heatmap: Heatmap | None = None
+
+
+class BatchItemError(BaseModel):
+    filename: str | None
+    error: ErrorBody
+
+
+class BatchResult(BaseModel):
+    model: str
+    results: list[InspectionResult | BatchItemError]
+
+
+class ModelVersionInfo(BaseModel):
+    name: str
+    versions: list[int] = Field(description="versions present in the repository")
+    served_version: int | None = Field(description="version answering requests, if loaded")
+    ready: bool
+    input_height: int | None = None
+    input_width: int | None = None
+    max_batch_size: int | None = None
+    card: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    backend: str
+    models: list[ModelVersionInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    backend: str
+    backend_reachable: bool
+    ready_models: list[str]

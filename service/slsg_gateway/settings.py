@@ -1,0 +1,71 @@
+"""Gateway settings: one typed object, read from ``SLSG_*`` environment variables.
+
+List settings (API keys, line ids) accept JSON or a comma-separated string; ``SLSG_THRESHOLDS``
+is JSON, e.g. ``'{"tray": 0.6}'`` (a per-model decision threshold on the calibrated score).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from slsg.contract import DECISION_THRESHOLD
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be told; defaults serve ``./model_repository`` in-process."""
+
+    model_config = SettingsConfigDict(env_prefix="SLSG_", extra="ignore")
+
+    # where and how to serve
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    backend: Literal["embedded", "triton"] = "embedded"
+    repository: Path = Path("model_repository")
+    # triton backend
+    triton_url: str = "127.0.0.1:8001"
+    triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_timeout_s: float = 5.0
+    # embedded backend: ONNX Runtime threads per session (0 = ORT default)
+    ort_threads: int = 0
+    # decisions
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    default_threshold: float = DECISION_THRESHOLD
+    max_regions: int = 32
+    # security (no API key configured = open inspect; admin is closed without admin keys)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # input limits
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_batch_files: int = 32
+    # fast path
+    decode_threads: int = 4
+    draft_min_ratio: float = 2.0  # JPEG draft decode when the frame is >= this many times the input size
+    batch_window_ms: float = 3.0
+    max_batch_size: int = 8
+    max_queue: int = 64
+    max_concurrent_batches: int = 2
+    retry_after_s: int = 2
+    # metrics: production-line label values are limited to these; others are reported as "other"
+    lines: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    _split = field_validator("api_keys", "admin_keys", "lines", mode="before")(_split_list)
+
+    def threshold_for(self, model: str) -> float:
+        return float(self.thresholds.get(model, self.default_threshold))
