@@ -48,10 +48,13 @@ class DefectConfig:
     relative_saturation: bool
 
     def saturation_area(self, defect_area: int) -> float:
-        """Area (pixels) at which this defect's overlap saturates: a fraction of it, or a count capped at it."""
-        if self.relative_saturation:
-            return self.saturation_threshold * defect_area
-        return float(min(self.saturation_threshold, defect_area))
+        """Area (pixels) at which this defect's overlap saturates: a fraction of it, or a count capped at it.
+
+        Same rule as the official evaluation (relative areas are floored), kept in one place: the metrics.
+        """
+        from slsg_train.metrics.spro import saturation_area
+
+        return saturation_area(defect_area, self.saturation_threshold, self.relative_saturation)
 
 
 @dataclass(frozen=True)
