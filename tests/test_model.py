@@ -1,0 +1,208 @@
+"""The SLSG network: blocks, the self-attentive graph, the full model, scoring and cost."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from slsg_train.models import (
+    PRESETS, SLSG, SLSGConfig, anomaly_probability, count_flops, count_parameters, image_score, preset,
+    top_k_for_size,
+)
+from slsg_train.models.blocks import DecoderStage, SpatialAttention
+from slsg_train.models.graph import SelfAttentiveGraph, relative_position_similarity
+
+torch.manual_seed(0)
+
+
+def random_model(name: str = "default", **overrides) -> SLSG:
+    return SLSG(preset(name, backbone_weights=None, **overrides))
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def test_spatial_attention_keeps_shape_and_is_residual():
+    block = SpatialAttention(24)
+    x = torch.randn(2, 24, 16, 12)
+    assert block(x).shape == x.shape
+    nn.init.zeros_(block.proj.weight)
+    nn.init.zeros_(block.proj.bias)
+    assert torch.equal(block(x), x)  # with a zero projection only the residual remains
+
+
+@pytest.mark.parametrize("upsample", [True, False])
+def test_decoder_stage_shapes(upsample):
+    stage = DecoderStage(64, 32, 16, 48, num_convs=2, extra_channels=8, upsample=upsample)
+    x = torch.randn(2, 64, 8, 6) if upsample else torch.randn(2, 64, 16, 12)
+    out = stage(x, torch.randn(2, 16, 16, 12), torch.randn(2, 8, 4, 3))
+    assert out.shape == (2, 48, 16, 12)
+    with pytest.raises(ValueError, match="extra"):
+        stage(x, torch.randn(2, 16, 16, 12))
+
+
+# --------------------------------------------------------------------------- graph
+
+
+def test_relative_position_similarity_is_one_on_self_and_falls_with_distance():
+    rel = relative_position_similarity(3, 5, 64)  # non-square grid, 15 nodes
+    assert rel.shape == (15, 15)
+    np.testing.assert_allclose(np.diag(rel), 1.0, atol=1e-6)
+    np.testing.assert_allclose(rel, rel.T, atol=1e-6)
+    along_row = rel[0, :5]  # node (0, 0) against (0, 0..4)
+    assert np.all(np.diff(along_row) < 0)
+
+
+def test_graph_block_shape_and_query_key_learns_through_attention():
+    graph = SelfAttentiveGraph(32, k=9, dilation=3)
+    x = torch.randn(2, 32, 6, 8, requires_grad=True)
+    y = graph(x)
+    assert y.shape == x.shape
+    y.square().mean().backward()
+    assert graph.query_key[0].weight.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_graph_neighbours_are_every_dilation_th_of_the_best_candidates():
+    graph = SelfAttentiveGraph(16, k=4, dilation=3, position_bias=0.0)
+    qk = torch.randn(2, 8, 30)  # 5x6 grid
+    index = graph.neighbours(qk, 5, 6)
+    assert index.shape == (2, 30, 4)
+    # Independent ranking by numpy cosine similarity.
+    unit = qk.numpy() / np.linalg.norm(qk.numpy(), axis=1, keepdims=True)
+    ranking = np.argsort(-np.einsum("bcn,bcm->bnm", unit, unit), axis=-1, kind="stable")
+    np.testing.assert_array_equal(index.numpy(), ranking[..., 0:12:3])
+
+
+@pytest.mark.parametrize("grid,expected_k", [((16, 16), 9), ((4, 4), 9), ((2, 3), 6), ((1, 1), 1)])
+def test_graph_neighbours_stay_in_range_for_any_grid(grid, expected_k):
+    graph = SelfAttentiveGraph(16, k=9, dilation=3)  # with the authors' position bias
+    n = grid[0] * grid[1]
+    index = graph.neighbours(torch.randn(3, 8, n), *grid)
+    assert index.shape == (3, n, expected_k)
+    assert index.min() >= 0 and index.max() < n
+    # Neighbours of a node are distinct.
+    assert all(len(set(row.tolist())) == expected_k for row in index.reshape(-1, expected_k))
+
+
+# --------------------------------------------------------------------------- network
+
+
+@pytest.mark.parametrize("size", [(64, 64), (64, 96), (96, 32)])
+def test_default_network_output_shapes_for_multiples_of_32(size):
+    model = random_model().eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *size))
+    assert out.logits.shape == out.aux_logits.shape == (2, 2, *size)
+    assert torch.isfinite(out.logits).all()
+    prob = anomaly_probability(out.logits)
+    assert prob.shape == (2, 1, *size)
+    torch.testing.assert_close(prob, torch.sigmoid(out.logits[:, 1:2] - out.logits[:, 0:1]))
+
+
+def test_paper_network_is_the_authors_layout():
+    model = random_model("paper").eval()
+    assert model.encoder.channels == [64, 64, 128, 256, 512] and model.graph.channels == 512
+    assert isinstance(model.skip_attention[0], nn.Identity)  # no attention on the stem skip
+    assert [s.extra_channels for s in model.decoder] == [0, 32, 32, 0]
+    assert [s.upsample for s in model.decoder] == [True, True, True, False]
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))
+    assert out.logits.shape == (1, 2, 64, 96)
+
+
+def test_input_not_a_multiple_of_32_is_refused():
+    with pytest.raises(ValueError, match="multiples of 32.*64x80"):
+        random_model()(torch.randn(1, 3, 64, 80))
+
+
+def test_decoder_must_match_the_backbone_description():
+    with pytest.raises(ValueError, match="4 skip features.*decoder_channels"):
+        random_model(decoder_channels=(64, 32, 16))
+
+
+def test_frozen_encoder_gets_no_gradient_and_keeps_its_statistics():
+    model = random_model().train()
+    assert not model.encoder.training and model.graph.training
+    stats = model.encoder._bn0.running_mean.clone()
+    model(torch.randn(2, 3, 64, 64)).logits.mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder_parameters())
+    assert all(p.grad is not None for p in model.head_parameters())
+    assert torch.equal(model.encoder._bn0.running_mean, stats)
+
+
+def test_unfrozen_encoder_trains():
+    model = random_model(freeze_encoder=False).train()
+    assert model.encoder.training
+    model(torch.randn(2, 3, 64, 64)).logits.mean().backward()
+    assert all(p.grad is not None for p in model.encoder_parameters())
+
+
+def test_parameter_groups_partition_the_model():
+    model = random_model()
+    enc, head = list(model.encoder_parameters()), list(model.head_parameters())
+    assert {id(p) for p in enc}.isdisjoint({id(p) for p in head})
+    assert len(enc) + len(head) == len(list(model.parameters()))
+    counts = count_parameters(model)
+    assert counts["trainable"] == sum(p.numel() for p in head) < counts["total"]
+
+
+def test_trained_parts_use_the_authors_initialisation():
+    model = random_model("paper")
+    convs = torch.cat([m.weight.flatten() for m in model.decoder.modules() if isinstance(m, nn.Conv2d)])
+    bns = torch.cat([m.weight for m in model.graph.modules() if isinstance(m, nn.BatchNorm2d)])
+    assert abs(convs.std().item() - 0.02) < 0.002 and abs(convs.mean().item()) < 0.002
+    assert abs(bns.mean().item() - 1.0) < 0.01 and abs(bns.std().item() - 0.02) < 0.005
+
+
+def test_config_round_trips_through_json():
+    config = PRESETS["default"]
+    again = SLSGConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    with pytest.raises(ValueError, match="graph_kk"):
+        SLSGConfig.from_dict({"graph_kk": 3})
+    with pytest.raises(ValueError, match="paper, default"):
+        preset("tiny")
+
+
+# --------------------------------------------------------------------------- scoring and cost
+
+
+def test_top_k_for_size_scales_with_area():
+    assert top_k_for_size(256, 256) == 100
+    assert top_k_for_size(512, 512) == 400
+    assert top_k_for_size(128, 256) == 50
+    assert top_k_for_size(32, 32) == 2
+    assert top_k_for_size(16, 16) == 1  # never below one pixel
+    with pytest.raises(ValueError):
+        top_k_for_size(0, 256)
+
+
+def test_image_score_is_the_mean_of_the_top_k_pixels():
+    prob = torch.rand(3, 1, 8, 12)
+    expected = np.sort(prob.numpy().reshape(3, -1), axis=1)[:, -5:].mean(axis=1)
+    np.testing.assert_allclose(image_score(prob, 5).numpy(), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="top-K"):
+        image_score(prob, 97)
+
+
+def test_default_preset_is_at_least_four_times_cheaper_than_the_paper():
+    paper = count_flops(random_model("paper"), 256, 256)
+    default = count_flops(random_model("default"), 256, 256)
+    assert 40 < paper < 50  # the authors' network is about 46 GFLOP at 256x256
+    assert default <= 12 and default * 4 <= paper
+    assert count_flops(random_model("default"), 128, 128) < default / 3  # ~area
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_network_runs_on_cuda_like_on_cpu():
+    model = random_model().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        cpu = model(x).logits
+        gpu = model.cuda()(x.cuda()).logits.cpu()
+    torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)

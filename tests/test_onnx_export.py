@@ -1,0 +1,118 @@
+"""ONNX export of the contract graph: ONNX Runtime vs PyTorch, metadata, dynamic batch, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from skimage import data
+from skimage.transform import resize
+from torch import nn
+
+from slsg.contract import (
+    INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, Calibration, ModelCard,
+)
+from slsg_train.export import ExportError, InferenceGraph, calibrate, export_onnx
+from slsg_train.models import SLSG, preset, top_k_for_size
+
+HEIGHT, WIDTH = 64, 96  # non-square on purpose
+
+
+@pytest.fixture(scope="module")
+def model() -> SLSG:
+    """Default preset with ImageNet encoder and a head re-initialised so the map varies a lot
+    (the authors' N(0, 0.02) init gives an almost constant 0.5 map that would hide mismatches)."""
+    torch.manual_seed(0)
+    net = SLSG(preset("default"))
+    for m in net.head_modules():
+        for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
+            nn.init.normal_(conv.weight, 0.0, 0.05)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def card() -> ModelCard:
+    return ModelCard(
+        name="pushpins", category="pushpins", backbone="efficientnet_lite0", input_height=HEIGHT,
+        input_width=WIDTH, top_k=top_k_for_size(HEIGHT, WIDTH),
+        calibration=Calibration(raw_threshold=0.8, score_min=0.5, score_max=1.0), project_version="test",
+    )
+
+
+def real_image() -> np.ndarray:
+    return (resize(data.chelsea(), (HEIGHT, WIDTH), anti_aliasing=True) * 255).round().astype(np.uint8)
+
+
+def test_calibrate_equals_contract_normalise():
+    raw = torch.linspace(-0.2, 1.2, 141, dtype=torch.float64)
+    for cal in (Calibration(), Calibration(raw_threshold=0.3, score_min=0.1, score_max=0.9),
+                Calibration(raw_threshold=0.05, score_min=0.2)):  # threshold below score_min
+        np.testing.assert_allclose(calibrate(raw, cal).numpy(), cal.normalise(raw.numpy()), atol=1e-12)
+
+
+def test_export_round_trip_matches_pytorch(model, card, tmp_path):
+    path = tmp_path / "pushpins" / "1" / "model.onnx"
+    result = export_onnx(model, card, path, verify_images=[real_image()])
+    assert result.path == path and path.is_file()
+    assert result.max_map_diff <= 1e-4 and result.max_score_diff <= 1e-4
+    assert result.checked_images == 1 + 3 + 1
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # no temp or external-data files
+
+    onnx_model = onnx.load(str(path))
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in onnx_model.graph.initializer)
+    meta = {p.key: p.value for p in onnx_model.metadata_props}
+    assert ModelCard.from_json(meta[MODEL_CARD_KEY]) == card
+    dims = [d.dim_param or d.dim_value for d in onnx_model.graph.input[0].type.tensor_type.shape.dim]
+    assert onnx_model.graph.input[0].name == INPUT_IMAGE and dims == ["batch", HEIGHT, WIDTH, 3]
+
+    # Our own comparison on a new batch size (dynamic batch), incl. a real photo.
+    rng = np.random.default_rng(7)
+    batch = np.concatenate([real_image()[None], rng.integers(0, 256, (4, HEIGHT, WIDTH, 3), dtype=np.uint8)])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_map, onnx_score = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: batch})
+    with torch.no_grad():
+        torch_map, _ = InferenceGraph(model, card.top_k, card.calibration)(torch.from_numpy(batch))
+    assert onnx_map.shape == (5, 1, HEIGHT, WIDTH) and onnx_score.shape == (5, 1)
+    assert onnx_map.dtype == onnx_score.dtype == np.float32
+    assert torch_map.std() > 0.05  # a map with structure, so the comparison means something
+    np.testing.assert_allclose(onnx_map, torch_map.numpy(), atol=1e-4)
+    # The score is the contract's calibration of the top-K mean of the map.
+    raw = np.sort(onnx_map.reshape(5, -1), axis=1)[:, -card.top_k:].mean(axis=1)
+    np.testing.assert_allclose(onnx_score[:, 0], card.calibration.normalise(raw), atol=1e-5)
+    assert (onnx_score < 0.5).any() and (onnx_score > 0.5).any()  # both branches of the calibration
+
+
+def test_dynamo_exporter_gives_the_same_graph(model, card, tmp_path):
+    result = export_onnx(model, card, tmp_path / "model.onnx", dynamo=True)
+    assert result.max_map_diff <= 1e-4 and result.max_score_diff <= 1e-4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert session.run([OUTPUT_SCORE], {INPUT_IMAGE: real_image()[None].repeat(2, 0)})[0].shape == (2, 1)
+
+
+def test_mismatch_beyond_tolerance_writes_nothing(model, card, tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous version")
+    first = export_onnx(model, card, tmp_path / "probe.onnx")
+    worst = max(first.max_map_diff, first.max_score_diff)
+    assert worst > 0  # ONNX Runtime's kernels never match PyTorch's bit for bit on this network
+    with pytest.raises(ExportError, match=r"differs from PyTorch by .*> tolerance"):
+        export_onnx(model, card, path, tolerance=worst / 2)
+    assert path.read_bytes() == b"previous version"  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "probe.onnx"]
+
+
+def test_bad_verify_image_fails_before_writing(model, card, tmp_path):
+    path = tmp_path / "model.onnx"
+    with pytest.raises(ExportError, match=r"verify image 1: expected a uint8 array of shape \(64, 96, 3\)"):
+        export_onnx(model, card, path, verify_images=[real_image(), np.zeros((96, 64, 3), np.uint8)])
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_card_size_must_suit_the_network(model, card, tmp_path):
+    bad = ModelCard.from_json(card.to_json())
+    bad.input_width = 100
+    with pytest.raises(ValueError, match="multiples of 32"):
+        export_onnx(model, bad, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,53 @@
+"""`slsg evaluate`: LOCO metrics (image AUROC, AU-sPRO, pixel AUROC), report and figures for a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="RUN_DIR/checkpoint.pt; with --all-categories a folder holding <category>/checkpoint.pt")
+    p.add_argument("--data", required=True, help="data set root (MVTec LOCO AD layout)")
+    p.add_argument("--category", default=None, help="category to evaluate (default: the checkpoint's)")
+    p.add_argument("--out", required=True, help="output folder (metrics.json, report.md, figures)")
+    p.add_argument("--maps-dir", default=None, help="also write float32 TIFF maps in the official layout here")
+    p.add_argument("--all-categories", action="store_true", help="evaluate every category folder under --data")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from slsg_train.checkpoint import CheckpointError
+    from slsg_train.data.loco import DataSetError, LocoCategory, list_categories
+    from slsg_train.evaluation.report import render_summary_table
+    from slsg_train.evaluation.runner import evaluate_category
+    from slsg_train.inference import load_model
+
+    try:
+        if args.all_categories:
+            jobs = [(Path(args.checkpoint) / c / "checkpoint.pt", c, Path(args.out) / c) for c in list_categories(args.data)]
+            jobs = [j for j in jobs if j[0].is_file()]
+            if not jobs:
+                raise CheckpointError(f"no <category>/checkpoint.pt under {args.checkpoint} for the categories in {args.data}")
+        else:
+            jobs = [(Path(args.checkpoint), args.category, Path(args.out))]
+        results = []
+        for ckpt, category, out in jobs:
+            loaded = load_model(ckpt, args.device)
+            result = evaluate_category(loaded, LocoCategory(args.data, category or loaded.category), out,
+                                       args.maps_dir, args.device, args.batch_size)
+            results.append(result.metrics)
+            print((out / "report.md").read_text().split("\n## Figures")[0])
+            print(f"\nwritten to {out} in {result.metrics['evaluation_seconds']:.1f} s")
+    except (CheckpointError, DataSetError, ValueError) as exc:
+        print(f"slsg evaluate: {exc}", file=sys.stderr)
+        return 2
+    if args.all_categories:
+        table = render_summary_table(results)
+        Path(args.out, "summary.md").write_text(table + "\n")
+        print(table)
+    return 0

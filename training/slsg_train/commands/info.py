@@ -1,0 +1,33 @@
+"""`slsg info`: a checkpoint's configuration, size and cost."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from slsg_train.inference import load_model
+    from slsg_train.models import count_flops, count_parameters
+
+    loaded = load_model(args.checkpoint)
+    h, w = loaded.image_size
+    info = {
+        "checkpoint": loaded.payload["path"], "category": loaded.category, "stage": loaded.payload["stage"],
+        "step": loaded.payload["step"], "backbone": loaded.payload["backbone"], "image_size": [h, w],
+        "top_k": loaded.top_k, "parameters": count_parameters(loaded.model),
+        "gflop_per_image": round(count_flops(loaded.model, h, w), 3),
+        "calibration": loaded.payload.get("calibration"), "data_hash": loaded.payload.get("data_hash"),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>16}: {value}")
+    return 0

@@ -1,0 +1,138 @@
+"""Evaluate a checkpoint on a category's test split with the LOCO metrics, and write the report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from slsg_train.data.loco import LocoCategory, TestSample
+from slsg_train.evaluation.report import (
+    HeatmapItem, plot_heatmap_grid, plot_roc_curves, plot_score_histograms, plot_spro_curves, render_report_md,
+    write_metrics_json, write_tiff_map,
+)
+from slsg_train.inference import LoadedModel, predict
+from slsg_train.metrics import ImageMaps, PixelROC, SPROByType, image_auroc_by_type
+from slsg_train.training.dataset import resize_rgb
+
+THUMBNAIL = 192  # px, longest side of the images kept for the heat-map grid
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, Any]
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+
+
+def upsample_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Model-size probability map -> the original image size (H, W), bilinear, float32."""
+    h, w = size
+    if amap.shape == (h, w):
+        return amap.astype(np.float32)
+    return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = THUMBNAIL / max(h, w)
+    return resize_rgb(image, (max(1, round(h * scale)), max(1, round(w * scale)))) if scale < 1 else image
+
+
+def _image_maps(sample: TestSample, amap: np.ndarray) -> ImageMaps:
+    defects = []
+    for mask in sample.masks:
+        region = mask.load()
+        defects.append((region, mask.defect.saturation_area(int(region.sum()))))
+    return ImageMaps(anomaly_map=amap, defects=defects, anomaly_type=sample.anomaly_type,
+                     name=f"{sample.anomaly_type}/{sample.index}")
+
+
+def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str | Path,
+                      maps_dir: str | Path | None = None, device: str = "cpu", batch_size: int = 8) -> EvaluationResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = category.test_samples()
+    if not samples:
+        raise ValueError(f"{category.path / 'test'} holds no test images")
+    spro, pixel = SPROByType(), PixelROC()
+    scores, types, thumbs = [], [], []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(samples), desc=f"evaluate {category.name}", unit="img", dynamic_ncols=True)
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        originals = [s.load_image() for s in batch]
+        maps, raw = predict(loaded.model, [resize_rgb(im, loaded.image_size) for im in originals], loaded.top_k,
+                            device, batch_size)
+        for sample, image, amap, score in zip(batch, originals, maps, raw):
+            full = upsample_map(amap, sample.size)
+            image_maps = _image_maps(sample, full)
+            spro.add(image_maps)
+            pixel.add_image(image_maps)
+            if maps_dir is not None:
+                write_tiff_map(maps_dir, category.name, sample.anomaly_type, sample.index, full)
+            scores.append(float(score))
+            types.append(sample.anomaly_type)
+            thumbs.append(HeatmapItem(_thumbnail(image), amap, float(score), sample.anomaly_type,
+                                      f"{sample.anomaly_type}/{sample.index}"))
+        bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    metrics = _metrics(loaded, category, scores, types, spro, pixel, seconds)
+    files = _write_outputs(out_dir, metrics, scores, types, spro, thumbs)
+    return EvaluationResult(metrics, out_dir, files)
+
+
+def _decision_rates(scores: np.ndarray, types: np.ndarray, threshold: float) -> dict[str, float]:
+    """Share of each test type's images at or above the threshold (FPR for good, recall for the others)."""
+    return {t: float((scores[types == t] >= threshold).mean()) for t in sorted(set(types.tolist()))}
+
+
+def _metrics(loaded: LoadedModel, category: LocoCategory, scores: list[float], types: list[str],
+             spro: SPROByType, pixel: PixelROC, seconds: float) -> dict[str, Any]:
+    s, t = np.asarray(scores), np.asarray(types, dtype=object)
+    cal = loaded.calibration
+    threshold: dict[str, Any] = {}
+    if cal is not None:
+        threshold = {"raw": cal.raw_threshold, "target_fpr": cal.target_fpr, "pixel": cal.pixel_threshold,
+                     "calibration_images": cal.num_images,
+                     "flagged_share_by_type": _decision_rates(s, t, cal.raw_threshold)}
+    return {
+        "category": category.name,
+        "image_auroc": image_auroc_by_type(s, t.tolist()),
+        "pixel_auroc": pixel.auroc(),
+        "au_spro": spro.result(),
+        "threshold": threshold,
+        "counts": {k: int((t == k).sum()) for k in sorted(set(types))},
+        "checkpoint": {"path": loaded.payload["path"], "step": loaded.payload["step"],
+                       "backbone": loaded.payload["backbone"], "image_size": list(loaded.image_size)},
+        "evaluation_seconds": round(seconds, 2),
+    }
+
+
+def _write_outputs(out_dir: Path, metrics: dict, scores: list[float], types: list[str], spro: SPROByType,
+                   thumbs: list[HeatmapItem]) -> list[Path]:
+    raw_threshold = metrics["threshold"].get("raw")
+    files = [write_metrics_json(out_dir / "metrics.json", metrics)]
+    report = out_dir / "report.md"
+    report.write_text(render_report_md(metrics) + _figure_links())
+    files.append(report)
+    files.append(plot_roc_curves(scores, types, out_dir / "roc_curves.png"))
+    files.append(plot_score_histograms(scores, types, out_dir / "score_histograms.png", threshold=raw_threshold))
+    curves = {name: (c.curve()[0], c.curve()[1]) for name, c in spro.curves().items()}
+    if curves:
+        files.append(plot_spro_curves(curves, out_dir / "spro_curves.png"))
+    files.append(plot_heatmap_grid(thumbs, out_dir / "heatmaps.png", n=min(8, max(1, len(thumbs) // 2))))
+    (out_dir / "scores.json").write_text(json.dumps([{"type": t, "score": s} for s, t in zip(scores, types)]))
+    return files
+
+
+def _figure_links() -> str:
+    return ("\n\n## Figures\n\n![ROC curves](roc_curves.png)\n\n![Score histograms](score_histograms.png)\n\n"
+            "![sPRO curves](spro_curves.png)\n\n![Highest and lowest scoring test images](heatmaps.png)\n")

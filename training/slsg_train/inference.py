@@ -1,0 +1,56 @@
+"""PyTorch inference for evaluation and calibration: uint8 frames at model size -> maps and raw scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slsg.contract import Calibration
+from slsg_train.checkpoint import build_model, load_checkpoint_payload
+from slsg_train.training.dataset import to_tensor
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    payload: dict[str, Any]
+    image_size: tuple[int, int]
+    top_k: int
+    calibration: Calibration | None
+
+    @property
+    def category(self) -> str:
+        return self.payload["category"]
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    payload = load_checkpoint_payload(checkpoint)
+    model = build_model(payload["model_config"])
+    model.load_state_dict(payload["model_state"])
+    model.to(device).eval()
+    cal = Calibration(**payload["calibration"]) if payload.get("calibration") else None
+    return LoadedModel(model, payload, tuple(payload["image_size"]), int(payload["top_k"]), cal)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: list[np.ndarray], top_k: int, device: torch.device | str = "cpu",
+            batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly-probability maps [N, H, W] and raw image scores [N] (mean of the top-K pixels)."""
+    from slsg_train.models import anomaly_probability, image_score
+
+    was_training = model.training
+    model.eval()
+    maps, scores = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([to_tensor(im) for im in images[start:start + batch_size]]).to(device)
+        prob = anomaly_probability(model(x).logits)
+        maps.append(prob[:, 0].float().cpu().numpy())
+        scores.append(image_score(prob, top_k).float().cpu().numpy())
+    model.train(was_training)
+    if not maps:
+        return np.zeros((0, 0, 0), np.float32), np.zeros((0,), np.float32)
+    return np.concatenate(maps), np.concatenate(scores)

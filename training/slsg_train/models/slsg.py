@@ -1,0 +1,231 @@
+"""The SLSG network (Yang et al., "SLSG: Industrial Image Anomaly Detection by Learning Better
+Feature Embeddings and One-Class Classification", arXiv 2305.00398) and its image scoring.
+
+A frozen ImageNet encoder gives skip features (shallow to deep); large-kernel spatial attention
+refines the skips, the self-attentive graph block reasons over the deepest map, an auxiliary
+head classifies the graph output directly and lends its 32-channel map to two decoder stages,
+and a U-Net decoder produces 2-class (normal / anomalous) logits. Output logits = decoder
+logits + auxiliary logits, as in the authors' code. Nothing here knows about training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import create_backbone
+from .blocks import ConvBNReLU, DecoderStage, SpatialAttention, resize_to
+from .graph import SelfAttentiveGraph
+
+INPUT_MULTIPLE = 32  # input height and width must be multiples of this
+REFERENCE_TOP_K, REFERENCE_SIZE = 100, 256  # the paper: mean of the top 100 pixels at 256x256
+
+
+@dataclass
+class SLSGConfig:
+    """Network configuration; the defaults reproduce the paper (ResNet-18, authors' widths).
+
+    Decoder tuples run deep -> shallow, one entry per skip feature of the backbone
+    (all features but the deepest, which goes through the graph block).
+    """
+
+    backbone: str = "resnet18"
+    backbone_weights: str | None = "imagenet"  # "imagenet", None (random) or a state-dict path
+    allow_download: bool = False
+    freeze_encoder: bool = True
+    # large-kernel spatial attention on the skips (not on the stem skip, as the authors)
+    attention_kernel: int = 3
+    attention_dilation: int = 3
+    stem_attention: bool = False
+    # self-attentive graph block on the deepest feature map
+    graph_k: int = 9
+    graph_dilation: int = 3
+    graph_key_channels: int | None = None  # None: half the deepest feature's channels
+    graph_groups: int = 4
+    graph_position_bias: float = -1.0
+    # auxiliary head: conv widths on the graph output; its last map also feeds the decoder
+    aux_channels: tuple[int, int] = (256, 32)
+    aux_decoder_stages: tuple[int, ...] = (1, 2)
+    # U-Net decoder (deep -> shallow): width after each upsampling conv, after the fusion convs,
+    # number of fusion convs; then the full-resolution segmentation head widths
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32)
+    decoder_block_channels: tuple[int, ...] = (256, 128, 64, 64)
+    decoder_block_convs: tuple[int, ...] = (2, 2, 2, 1)
+    head_channels: tuple[int, ...] = (32, 16)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SLSGConfig":
+        """Inverse of ``to_dict`` (JSON turns tuples into lists); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SLSGConfig fields: {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+PRESETS: dict[str, SLSGConfig] = {
+    # The authors' network: ResNet-18 (max-pool skipped), graph on layer4 (512 ch, stride 16).
+    "paper": SLSGConfig(),
+    # EfficientNet-Lite0 (ImageNet weights offline), graph on its 112-ch stride-16 map, decoder
+    # widths scaled down to its channels: 10.1 GFLOP per 256x256 image against the paper's 46.1.
+    "default": SLSGConfig(
+        backbone="efficientnet_lite0",
+        aux_channels=(128, 32),
+        decoder_channels=(128, 64, 48, 32),
+        decoder_block_channels=(128, 64, 48, 48),
+        decoder_block_convs=(2, 2, 2, 1),
+        head_channels=(32, 16),
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> SLSGConfig:
+    """A copy of ``PRESETS[name]`` with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown SLSG preset {name!r}; available: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+class SLSGOutput(NamedTuple):
+    logits: Tensor  # [B, 2, H, W]: decoder + auxiliary logits
+    aux_logits: Tensor  # [B, 2, H, W]: auxiliary head alone (trained with its own loss term)
+
+
+def check_input_size(height: int, width: int) -> None:
+    if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE or height <= 0 or width <= 0:
+        raise ValueError(f"SLSG input height and width must be positive multiples of {INPUT_MULTIPLE}, got {height}x{width}")
+
+
+def init_trained_weights(module: nn.Module) -> None:
+    """The authors' initialisation of the trained parts: conv N(0, 0.02), BN weight N(1, 0.02)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class SLSG(nn.Module):
+    """SLSG: ImageNet-normalised float [B, 3, H, W] (H, W multiples of 32) -> :class:`SLSGOutput`."""
+
+    def __init__(self, config: SLSGConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or SLSGConfig()
+        self.encoder = create_backbone(config.backbone, config.backbone_weights, config.allow_download)
+        channels, strides = self.encoder.channels, self.encoder.strides
+        skips = list(zip(channels[:-1], strides[:-1]))[::-1]  # deep -> shallow
+        self._check_decoder_config(len(skips))
+        deep, aux = channels[-1], config.aux_channels
+
+        self.skip_attention = nn.ModuleList(
+            SpatialAttention(c, config.attention_kernel, config.attention_dilation)
+            if i > 0 or config.stem_attention else nn.Identity()
+            for i, c in enumerate(channels[:-1])
+        )  # shallow -> deep, index 0 is the stem
+        self.graph = SelfAttentiveGraph(
+            deep, config.graph_k, config.graph_dilation, config.graph_key_channels,
+            config.graph_groups, config.graph_position_bias,
+        )
+        self.aux_features = nn.Sequential(ConvBNReLU(deep, aux[0]), ConvBNReLU(aux[0], aux[1]))
+        self.aux_classifier = nn.Sequential(ConvBNReLU(aux[1], aux[1]), nn.Conv2d(aux[1], 2, 3, padding=1))
+        self.decoder = self._build_decoder(deep, strides[-1], skips)
+        head = [config.decoder_block_channels[-1], *config.head_channels]
+        self.segmentation_head = nn.Sequential(
+            *[ConvBNReLU(a, b) for a, b in zip(head[:-1], head[1:])], nn.Conv2d(head[-1], 2, 3, padding=1)
+        )
+        for part in self.head_modules():
+            init_trained_weights(part)
+        if config.freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def _check_decoder_config(self, num_skips: int) -> None:
+        c = self.config
+        lengths = {
+            "decoder_channels": len(c.decoder_channels),
+            "decoder_block_channels": len(c.decoder_block_channels),
+            "decoder_block_convs": len(c.decoder_block_convs),
+        }
+        bad = {k: n for k, n in lengths.items() if n != num_skips}
+        if bad:
+            raise ValueError(
+                f"backbone {c.backbone!r} has {num_skips} skip features, so the decoder needs {num_skips} "
+                f"stages; config has {bad}"
+            )
+        if any(not 0 <= s < num_skips for s in c.aux_decoder_stages):
+            raise ValueError(f"aux_decoder_stages {c.aux_decoder_stages} must lie in [0, {num_skips})")
+
+    def _build_decoder(self, in_channels: int, in_stride: int, skips: list[tuple[int, int]]) -> nn.ModuleList:
+        c, stages = self.config, nn.ModuleList()
+        for i, (skip_channels, skip_stride) in enumerate(skips):
+            stages.append(DecoderStage(
+                in_channels, c.decoder_channels[i], skip_channels, c.decoder_block_channels[i],
+                num_convs=c.decoder_block_convs[i],
+                extra_channels=c.aux_channels[1] if i in c.aux_decoder_stages else 0,
+                upsample=skip_stride != in_stride,
+            ))
+            in_channels, in_stride = c.decoder_block_channels[i], skip_stride
+        return stages
+
+    def head_modules(self) -> list[nn.Module]:
+        """The trained (non-encoder) parts."""
+        return [self.skip_attention, self.graph, self.aux_features, self.aux_classifier,
+                self.decoder, self.segmentation_head]
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        return self.encoder.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        for part in self.head_modules():
+            yield from part.parameters()
+
+    def train(self, mode: bool = True) -> "SLSG":
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.encoder.eval()  # a frozen encoder keeps its ImageNet BN statistics
+        return self
+
+    def forward(self, x: Tensor) -> SLSGOutput:
+        height, width = x.shape[-2:]
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            check_input_size(int(height), int(width))
+        features = self.encoder(x)  # shallow -> deep
+        deep = self.graph(features[-1])
+        aux = self.aux_features(deep)
+        aux_logits = resize_to(self.aux_classifier(aux), (height, width))
+        skips = [attend(f) for attend, f in zip(self.skip_attention, features[:-1])][::-1]
+        y = deep
+        for stage, skip in zip(self.decoder, skips):
+            y = stage(y, skip, aux)
+        logits = self.segmentation_head(resize_to(y, (height, width))) + aux_logits
+        return SLSGOutput(logits, aux_logits)
+
+
+def anomaly_probability(logits: Tensor) -> Tensor:
+    """[B, 2, H, W] logits -> [B, 1, H, W] softmax probability of the anomalous class."""
+    return torch.softmax(logits, dim=1)[:, 1:2]
+
+
+def top_k_for_size(height: int, width: int) -> int:
+    """K of the top-K image score: the paper's 100 at 256x256, scaled with the area, at least 1."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    return max(1, round(REFERENCE_TOP_K * height * width / REFERENCE_SIZE**2))
+
+
+def image_score(prob_map: Tensor, k: int) -> Tensor:
+    """Mean of the ``k`` largest pixels of each [B, 1, H, W] probability map -> [B]."""
+    pixels = prob_map.flatten(1)
+    if not 1 <= k <= pixels.shape[1]:
+        raise ValueError(f"top-K must lie in [1, {pixels.shape[1]}] for a {tuple(prob_map.shape[-2:])} map, got {k}")
+    return pixels.topk(k, dim=1).values.mean(dim=1)

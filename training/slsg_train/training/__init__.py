@@ -1,0 +1,1 @@
+"""Training: configuration, batches with simulated anomalies, generative pre-training, the SLSG loop."""

@@ -1,0 +1,41 @@
+"""Calibration: the image-score threshold for a target false-positive rate on normal images."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slsg.contract import Calibration
+from slsg_train.inference import predict
+
+
+def threshold_for_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
+    """Smallest threshold t with (#normal scores >= t) / n <= target_fpr.
+
+    With n scores at most floor(target_fpr * n) may reach the threshold, so t is just
+    above the (floor(target_fpr * n) + 1)-th highest score.
+    """
+    if not 0 <= target_fpr < 1:
+        raise ValueError(f"target false-positive rate {target_fpr} must be in [0, 1)")
+    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
+    if scores.size == 0:
+        raise ValueError("calibration needs at least one normal image")
+    allowed = int(np.floor(target_fpr * scores.size))
+    return float(np.nextafter(np.float32(scores[allowed]), np.float32(np.inf)))
+
+
+def calibration_from_scores(normal_scores: np.ndarray, target_fpr: float) -> tuple[Calibration, dict]:
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    thr = threshold_for_fpr(scores, target_fpr)
+    stats = {"num_images": int(scores.size), "min": float(scores.min()), "max": float(scores.max()),
+             "mean": float(scores.mean()), "std": float(scores.std())}
+    cal = Calibration(raw_threshold=thr, score_min=float(scores.min()), score_max=1.0, target_fpr=target_fpr,
+                      pixel_threshold=thr, num_images=int(scores.size))
+    return cal, stats
+
+
+@torch.no_grad()
+def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr: float,
+                        device: torch.device | str = "cpu") -> tuple[Calibration, dict]:
+    _, scores = predict(model, images, top_k, device)
+    return calibration_from_scores(scores, target_fpr)

@@ -1,0 +1,91 @@
+"""Training configuration as data. Defaults reproduce the authors' settings (SLSG.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class PretrainConfig:
+    """Generative pre-training of the encoder: restore images from masked / shuffled-patch copies."""
+
+    steps: int = 1000
+    lr_encoder: float = 1e-4
+    lr_decoder: float = 1e-3
+    patch_size: int = 16          # at 256 px; scaled with the image size
+    mask_ratio: float = 0.3       # share of patches blanked out
+    shuffle_ratio: float = 0.2    # share of patches permuted among themselves
+    freeze_encoder_after: bool = True  # stage 2 keeps the pre-trained encoder frozen (authors)
+
+
+@dataclass
+class LossConfig:
+    focal_weight: float = 0.4
+    focal_gamma: float = 4.0
+    l1_weight: float = 0.6
+    aux_l1_weight: float = 0.3
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.04
+    momentum: float = 0.9
+    weight_decay: float = 3e-5
+    # cosine annealing over all steps (authors); warm-up keeps early BN statistics sane at lr 0.04
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    category: str = ""
+    preset: str = "default"                  # "default" (EfficientNet-Lite0) or "paper" (ResNet-18)
+    backbone: str | None = None              # overrides the preset's backbone
+    backbone_weights: str | None = "imagenet"
+    allow_download: bool = False             # resnet18 "imagenet" weights via torch.hub when online
+    image_size: tuple[int, int] = (256, 256)  # (H, W), multiples of 32
+    steps: int = 3500
+    batch_size: int = 4                      # normal images per step; as many simulated copies are added
+    seed: int = 0
+    colour_jitter: float = 0.1
+    workers: int = 2
+    device: str = "auto"
+    checkpoint_every: int = 250
+    log_every: int = 10
+    anomaly_source: str | None = None        # DTD folder for textures; None = built-in textures
+    calibration_fpr: float = 0.01
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    simulation: dict[str, Any] = field(default_factory=dict)  # SimulationConfig.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        nested = {"pretrain": PretrainConfig, "loss": LossConfig, "optim": OptimConfig}
+        for key, kind in nested.items():
+            if isinstance(data.get(key), dict):
+                data[key] = kind(**data[key])
+        if "image_size" in data:
+            data["image_size"] = tuple(data["image_size"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown training settings: {sorted(unknown)}")
+        return cls(**data)
+
+
+def parse_image_size(text: str | int) -> tuple[int, int]:
+    """'256' -> (256, 256); '320x256' (WxH) -> (256, 320). Both sides must be multiples of 32."""
+    text = str(text).lower()
+    if "x" in text:
+        w, h = (int(v) for v in text.split("x", 1))
+    else:
+        w = h = int(text)
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise ValueError(f"image size {text!r}: both sides must be positive multiples of 32")
+    return h, w
