@@ -4,13 +4,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
-# Small CPU demo by default; override e.g. `make run STEPS=3000 IMAGE_SIZE=256`.
+# `make run`: a small CPU demo by default; override e.g. `make run STEPS=1000 IMAGE_SIZE=256`.
+SLSG       := $(VENV)/bin/slsg
 DATA       ?= data/synthetic
 CATEGORY   ?= tray
 IMAGE_SIZE ?= 128
 STEPS      ?= 300
 PRETRAIN   ?= 100
 RUN_DIR    ?= runs/$(CATEGORY)
+REPOSITORY ?= model_repository
+HOST       ?= 127.0.0.1
+PORT       ?= 8080
 
 .PHONY: setup run test clean
 
@@ -27,12 +31,26 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: data -> model (only if the repository has none) -> gateway on the embedded backend.
 run: setup
-	$(VENV)/bin/slsg synth $(DATA) --image-size 256
-	$(VENV)/bin/slsg train --data $(DATA) --category $(CATEGORY) --out $(RUN_DIR) \
-	    --image-size $(IMAGE_SIZE) --steps $(STEPS) --pretrain-steps $(PRETRAIN)
-	$(VENV)/bin/slsg evaluate --checkpoint $(RUN_DIR)/checkpoint.pt --data $(DATA) --category $(CATEGORY) \
-	    --out $(RUN_DIR)/eval
+	@test -d $(DATA)/$(CATEGORY) || $(SLSG) synth $(DATA) --image-size 256
+	@if ls $(REPOSITORY)/$(CATEGORY)/*/model.onnx >/dev/null 2>&1; then \
+	    echo "model $(CATEGORY) already in $(REPOSITORY); skipping training (delete it to retrain)"; \
+	else \
+	    $(SLSG) train --data $(DATA) --category $(CATEGORY) --out $(RUN_DIR) --image-size $(IMAGE_SIZE) \
+	        --steps $(STEPS) --pretrain-steps $(PRETRAIN) && \
+	    $(SLSG) evaluate --checkpoint $(RUN_DIR)/checkpoint.pt --data $(DATA) --out $(RUN_DIR)/eval && \
+	    $(SLSG) export --checkpoint $(RUN_DIR)/checkpoint.pt --repository $(REPOSITORY) --name $(CATEGORY) \
+	        --cpu-config || exit 1; \
+	fi
+	@echo
+	@echo "Gateway starting on http://$(HOST):$(PORT) (docs at /docs). Once it is up, try:"
+	@echo
+	@echo "  curl -s -X POST -H 'Content-Type: image/png' -H 'X-Line-Id: line-1' \\"
+	@echo "       --data-binary @$$(ls $(DATA)/$(CATEGORY)/test/logical_anomalies/*.png | head -1) \\"
+	@echo "       http://$(HOST):$(PORT)/v1/models/$(CATEGORY)/inspect"
+	@echo
+	$(SLSG) serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
 
 test: setup
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m pytest -q -rs --durations=15

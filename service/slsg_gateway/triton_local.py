@@ -236,7 +236,7 @@ class ShadowRepository:
             pending, wanted = 0, set()
             for src in sorted(p for p in self.source.iterdir() if p.is_dir()):
                 try:
-                    pending += self._sync_model(src.name, wanted, strict)
+                    pending += self._sync_model(src.name, wanted)
                 except (ConfigError, OSError) as exc:
                     if strict:
                         raise
@@ -247,23 +247,22 @@ class ShadowRepository:
                 shutil.rmtree(stale, ignore_errors=True)
             return pending
 
-    def _sync_model(self, name: str, wanted: set[str], strict: bool) -> int:
+    def _sync_model(self, name: str, wanted: set[str]) -> int:
         src = self.source / name
         versions = list_versions(self.source, name)
         if not versions:
             return 0
+        wanted.add(name)  # from here on, a failure keeps the shadow as it was
         config_text = self._config_text(src / CONFIG_FILENAME, name)
         settled = [v for v in versions if time.time() - _newest_mtime(src / str(v)) >= self.settle_s]
-        if not settled:
-            return len(versions)
-        wanted.add(name)
         target = self.models / name
         if not target.is_dir():  # publish a new model whole: config and versions in one rename
-            stage = Path(tempfile.mkdtemp(dir=self._staging, prefix=f"{name}."))
-            (stage / CONFIG_FILENAME).write_text(config_text, encoding="utf-8")
-            for v in settled:
-                self._mirror_version(src / str(v), stage / str(v))
-            os.rename(stage, target)
+            if settled:
+                stage = Path(tempfile.mkdtemp(dir=self._staging, prefix=f"{name}."))
+                (stage / CONFIG_FILENAME).write_text(config_text, encoding="utf-8")
+                for v in settled:
+                    self._mirror_version(src / str(v), stage / str(v))
+                os.rename(stage, target)
             return len(versions) - len(settled)
         self._update_config(target / CONFIG_FILENAME, config_text)
         present = {int(p.name) for p in target.iterdir() if p.is_dir() and p.name.isdigit()}
@@ -289,8 +288,9 @@ class ShadowRepository:
     def _update_config(self, target: Path, text: str) -> None:
         if target.is_file() and target.read_text(encoding="utf-8") == text:
             return
-        tmp = Path(tempfile.mkstemp(dir=self._staging, suffix=".pbtxt")[1])
-        tmp.write_text(text, encoding="utf-8")
+        fd, tmp = tempfile.mkstemp(dir=self._staging, suffix=".pbtxt")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
         os.replace(tmp, target)
 
     def _mirror_version(self, src: Path, dest: Path) -> None:
@@ -327,20 +327,38 @@ class ShadowRepository:
             self._thread = None
 
     def _run(self, interval: float) -> None:
+        last_error = ""
         while not self._stop.wait(interval):
             try:
                 self.sync()
-            except Exception:  # a vanished folder mid-scan etc.: try again next pass
-                LOG.exception("shadow repository sync failed; retrying")
+                last_error = ""
+            except Exception as exc:  # e.g. a folder vanished mid-scan: retry next pass, log once
+                if str(exc) != last_error:
+                    LOG.warning("shadow repository sync failed (retrying every %.1f s): %s", interval, exc)
+                last_error = str(exc)
 
 
 # ---------------------------------------------------------------------------------------------
 # The server
 
 
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    """Wait until the killed stubs (re-parented to init once the server died) have been reaped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.02)
+    LOG.warning("processes of group %d still present %.0f s after SIGKILL", pgid, timeout)
+
+
 class LocalTriton:
     """``tritonserver`` over a production repository, on CPU. A context manager.
 
+    ``exit_timeout_s``: how long Triton waits on shutdown for in-flight requests and open client
+    connections (keep-alive HTTP clients hold it for the whole timeout).
     ``log_path``: where the server log goes; ``None`` = ``<work_dir>/tritonserver.log``,
     ``"-"`` = this process's stderr. ``work_dir=None`` uses a temporary directory that
     ``stop()`` removes. ``kill()`` is a hard kill for fault tests; ``start()`` works again after it.
@@ -351,9 +369,11 @@ class LocalTriton:
                  work_dir: str | os.PathLike[str] | None = None, startup_timeout: float = 120.0,
                  log_path: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1",
                  intra_op_threads: int = 1, sync_interval: float = 0.5, log_verbose: int = 0,
-                 exit_timeout_s: int = 10):
+                 exit_timeout_s: int = 5):
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}")
+        if load_models and model_control_mode != "explicit":
+            raise ValueError("load_models (--load-model) needs model_control_mode 'explicit'")
         self.repository = Path(repository)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.model_control_mode = model_control_mode
@@ -443,6 +463,8 @@ class LocalTriton:
     def _prepare_work_dir(self) -> None:
         if self.work_dir is None:
             if self._requested_work_dir is not None:
+                if self._requested_work_dir.resolve().is_relative_to(self.repository.resolve()):
+                    raise ValueError(f"work dir {self._requested_work_dir} must lie outside the model repository")
                 self.work_dir = self._requested_work_dir
                 self.work_dir.mkdir(parents=True, exist_ok=True)
             else:
@@ -538,6 +560,7 @@ class LocalTriton:
             except (ProcessLookupError, PermissionError):
                 pass
             self.process.wait()
+            _wait_group_gone(self.process.pid, timeout=5.0)
         if self.shadow is not None:
             self.shadow.stop()
         if self._log_file is not None:

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the shadow repository goes (default: a temp dir removed on exit)")
     parser.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads per model instance")
     parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("--exit-timeout", type=int, default=5,
+                        help="seconds Triton waits on shutdown for in-flight requests and open connections")
     parser.add_argument("--log-file", default="-", help="server log file (default: this terminal)")
     parser.add_argument("--log-verbose", action="count", default=0, help="Triton verbose log (repeat for more)")
 
@@ -43,21 +45,21 @@ def _stop_on_signals(stop: threading.Event, ready: threading.Event) -> dict[int,
 
 
 def run(args: argparse.Namespace) -> int:
-    from slsg.triton_config import ConfigError
     from slsg_gateway.triton_local import LocalTriton, TritonStartError
 
     stop, ready = threading.Event(), threading.Event()
     previous = _stop_on_signals(stop, ready)
     try:
-        server = LocalTriton(
-            args.repository, args.http_port, args.grpc_port, args.metrics_port,
-            model_control_mode=args.model_control_mode, load_models=args.load_model, work_dir=args.work_dir,
-            startup_timeout=args.startup_timeout, log_path=args.log_file, host=args.host,
-            intra_op_threads=args.intra_op_threads, log_verbose=args.log_verbose,
-        )
         try:
+            server = LocalTriton(
+                args.repository, args.http_port, args.grpc_port, args.metrics_port,
+                model_control_mode=args.model_control_mode, load_models=args.load_model, work_dir=args.work_dir,
+                startup_timeout=args.startup_timeout, log_path=args.log_file, host=args.host,
+                intra_op_threads=args.intra_op_threads, log_verbose=args.log_verbose,
+                exit_timeout_s=args.exit_timeout,
+            )
             server.start()
-        except (OSError, ConfigError, TritonStartError) as exc:
+        except (OSError, ValueError, TritonStartError) as exc:  # ValueError includes ConfigError
             print(f"slsg triton: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # start() has already shut the half-started server down
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         ready.set()
         print(f"slsg triton: ready (pid {server.process.pid}): HTTP {server.http_url}, gRPC {server.grpc_url}, "
-              f"metrics {server.metrics_url}; shadow repository {server.shadow_repository}", file=sys.stderr, flush=True)
+              f"metrics {server.metrics_url}; shadow repository {server.shadow_repository}",
+              file=sys.stderr, flush=True)
         try:
             while not stop.wait(0.5):
                 if not server.is_running():

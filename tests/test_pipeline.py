@@ -1,0 +1,123 @@
+"""The training side end to end on tiny synthetic data: train -> evaluate -> calibrate -> export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from slsg.contract import MODEL_CARD_KEY, ModelCard, list_versions
+from slsg.triton_config import load_config
+
+SLSG = str(Path(sys.executable).parent / "slsg")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def slsg(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([SLSG, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"slsg {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    data, run = root / "data", root / "run"
+    slsg("synth", str(data), "--categories", "tray", "--image-size", "96x64", "--train", "8", "--validation", "4",
+         "--test-good", "3", "--test-logical", "3", "--test-structural", "3")
+    slsg("train", "--data", str(data), "--category", "tray", "--out", str(run), "--image-size", "64",
+         "--steps", "3", "--pretrain-steps", "0", "--batch-size", "2", "--workers", "0")
+    return {"root": root, "data": data, "run": run, "checkpoint": run / "checkpoint.pt"}
+
+
+def test_evaluate_writes_metrics_report_figures_and_official_maps(trained):
+    out, maps = trained["run"] / "eval", trained["root"] / "maps"
+    proc = slsg("evaluate", "--checkpoint", str(trained["checkpoint"]), "--data", str(trained["data"]),
+                "--out", str(out), "--maps-dir", str(maps))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["category"] == "tray"
+    assert metrics["counts"] == {"good": 3, "logical_anomalies": 3, "structural_anomalies": 3}
+    for key in ("logical", "structural", "mean"):
+        assert 0.0 <= metrics["image_auroc"][key] <= 1.0
+    assert set(metrics["au_spro"]) == {"0.05", "0.1", "0.3", "1.0"}
+    assert 0.0 <= metrics["pixel_auroc"] <= 1.0
+    assert metrics["threshold"]["raw"] > 0
+    report = (out / "report.md").read_text()
+    assert f"{metrics['image_auroc']['mean']:.3f}" in report and "structural" in proc.stdout
+    for name in ("roc_curves.png", "score_histograms.png", "spro_curves.png", "heatmaps.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.width > 200
+    tiffs = sorted((maps / "tray" / "test").rglob("*.tiff"))
+    assert len(tiffs) == 9
+    amap = tifffile.imread(tiffs[0])
+    assert amap.dtype == np.float32 and amap.shape == (64, 96)  # the original (H, W), not the model's 64x64
+
+
+def test_calibrate_changes_the_threshold_with_the_target_rate(trained, tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(trained["checkpoint"].read_bytes())
+    before = torch.load(ckpt, weights_only=False)["calibration"]["raw_threshold"]
+    slsg("calibrate", "--checkpoint", str(ckpt), "--fpr", "0.5")
+    after = torch.load(ckpt, weights_only=False)["calibration"]
+    assert after["target_fpr"] == 0.5 and after["raw_threshold"] <= before
+
+
+def test_export_writes_a_verified_versioned_model(trained, tmp_path):
+    repo = tmp_path / "repo"
+    slsg("evaluate", "--checkpoint", str(trained["checkpoint"]), "--data", str(trained["data"]),
+         "--out", str(trained["run"] / "eval"))
+    proc = slsg("export", "--checkpoint", str(trained["checkpoint"]), "--repository", str(repo), "--name", "tray")
+    assert "verified against PyTorch" in proc.stdout
+    slsg("export", "--checkpoint", str(trained["checkpoint"]), "--repository", str(repo), "--name", "tray")
+    assert list_versions(repo, "tray") == [1, 2]
+    cfg = load_config(repo / "tray" / "config.pbtxt")
+    assert cfg.max_batch_size == 8 and cfg.input[0].dims == [64, 64, 3]
+
+    sess = ort.InferenceSession(str(repo / "tray" / "2" / "model.onnx"), providers=["CPUExecutionProvider"])
+    card = ModelCard.from_json(sess.get_modelmeta().custom_metadata_map[MODEL_CARD_KEY])
+    assert card.category == "tray" and card.metrics["category"] == "tray" and card.training_data_hash
+    frames = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    amap, score = sess.run(None, {"image": frames})
+    assert amap.shape == (3, 1, 64, 64) and score.shape == (3, 1)
+    assert np.all((score >= 0) & (score <= 1)) and np.all((amap >= 0) & (amap <= 1))
+
+
+def test_export_refuses_to_overwrite_a_version_and_keeps_it(trained, tmp_path):
+    repo = tmp_path / "repo"
+    slsg("export", "--checkpoint", str(trained["checkpoint"]), "--repository", str(repo), "--name", "tray")
+    model = repo / "tray" / "1" / "model.onnx"
+    before = model.read_bytes()
+    proc = slsg("export", "--checkpoint", str(trained["checkpoint"]), "--repository", str(repo), "--name", "tray",
+                "--version", "1", check=False)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert model.read_bytes() == before
+
+
+def test_export_rejects_bad_names_and_uncalibrated_checkpoints(trained, tmp_path):
+    proc = slsg("export", "--checkpoint", str(trained["checkpoint"]), "--repository", str(tmp_path),
+                "--name", "../evil", check=False)
+    assert proc.returncode == 2 and "invalid model name" in proc.stderr
+    payload = torch.load(trained["checkpoint"], weights_only=False)
+    payload["calibration"], payload["stage"] = None, "train"
+    uncalibrated = tmp_path / "uncalibrated.pt"
+    torch.save(payload, uncalibrated)
+    proc = slsg("export", "--checkpoint", str(uncalibrated), "--repository", str(tmp_path / "repo"),
+                "--name", "tray", check=False)
+    assert proc.returncode == 2 and "no calibration" in proc.stderr
+    assert not (tmp_path / "repo").exists()
+
+
+def test_info_prints_size_and_cost(trained):
+    info = json.loads(slsg("info", "--checkpoint", str(trained["checkpoint"]), "--json").stdout)
+    assert info["backbone"] == "efficientnet_lite0" and info["image_size"] == [64, 64]
+    assert info["parameters"]["total"] > info["parameters"]["trainable"] > 0 and info["gflop_per_image"] > 0
