@@ -16,7 +16,7 @@ REPOSITORY ?= model_repository
 HOST       ?= 127.0.0.1
 PORT       ?= 8080
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean prometheus
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -52,7 +52,17 @@ run: setup
 	@echo
 	$(SLSG) serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
 
-test: setup
+# promtool/prometheus for the ops tests: Debian's package (CI runs as root).
+PROMETHEUS_PKG := $(shell command -v promtool >/dev/null 2>&1 || echo missing)
+
+prometheus:
+ifeq ($(PROMETHEUS_PKG),missing)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else echo "promtool not found and cannot apt-get install prometheus: the ops tests will be skipped"; fi
+endif
+
+test: setup prometheus
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m pytest -q -rs --durations=15
 
 clean:

@@ -121,3 +121,14 @@ def test_info_prints_size_and_cost(trained):
     info = json.loads(slsg("info", "--checkpoint", str(trained["checkpoint"]), "--json").stdout)
     assert info["backbone"] == "efficientnet_lite0" and info["image_size"] == [64, 64]
     assert info["parameters"]["total"] > info["parameters"]["trainable"] > 0 and info["gflop_per_image"] > 0
+
+
+def test_evaluate_all_categories_prints_a_summary_with_a_mean_row(trained, tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "tray").mkdir(parents=True)
+    (runs / "tray" / "checkpoint.pt").symlink_to(trained["checkpoint"])
+    proc = slsg("evaluate", "--all-categories", "--checkpoint", str(runs), "--data", str(trained["data"]),
+                "--out", str(tmp_path / "eval"))
+    summary = (tmp_path / "eval" / "summary.md").read_text()
+    assert "tray" in summary and "mean" in summary.lower() and summary.strip() in proc.stdout
+    assert (tmp_path / "eval" / "tray" / "metrics.json").is_file()

@@ -29,7 +29,7 @@ def _split_list(value: Any) -> Any:
 class Settings(BaseSettings):
     """Everything the gateway can be told; defaults serve ``./model_repository`` in-process."""
 
-    model_config = SettingsConfigDict(env_prefix="SLSG_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SLSG_", extra="ignore", env_ignore_empty=True)
 
     # where and how to serve
     host: str = "127.0.0.1"
