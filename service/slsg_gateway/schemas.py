@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorBody(BaseModel):
@@ -75,11 +75,22 @@ class ModelVersionInfo(BaseModel):
     name: str
     versions: list[int] = Field(description="versions present in the repository")
     served_version: int | None = Field(description="version answering requests, if loaded")
+    pinned_version: int | None = Field(
+        default=None, description="version pinned by a rollback (load with a version); null: the newest serves")
     ready: bool
     input_height: int | None = None
     input_width: int | None = None
     max_batch_size: int | None = None
     card: dict[str, Any] | None = None
+
+
+class LoadRequest(BaseModel):
+    """Body of ``POST /v1/models/{name}/load``; without a body the newest version serves."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field must not silently unpin
+
+    version: int = Field(ge=1, description="serve exactly this version (a rollback) until the next load "
+                                           "without a version")
 
 
 class ModelList(BaseModel):

@@ -22,6 +22,7 @@ class ServedModel:
     input_height: int | None = None
     input_width: int | None = None
     max_batch_size: int = 0  # 0: the backend imposes no limit
+    pinned_version: int | None = None  # set by a rollback (load of a given version); None: newest serves
 
     def card_dict(self) -> dict | None:
         return asdict(self.card) if self.card is not None else None
@@ -61,8 +62,12 @@ class Backend(abc.ABC):
         """Run ``images`` (uint8 [N, H, W, 3] at the model's input size) through the served version."""
 
     @abc.abstractmethod
-    async def load(self, name: str) -> ServedModel:
-        """(Re)load ``name`` from the repository, newest version; on failure the old version stays."""
+    async def load(self, name: str, version: int | None = None) -> ServedModel:
+        """(Re)load ``name`` from the repository; on failure the old version stays.
+
+        ``version=None`` serves the newest version (and ends a pin); a number pins that version
+        (a rollback) until the next load without one.
+        """
 
     @abc.abstractmethod
     async def unload(self, name: str) -> None: ...

@@ -1,6 +1,7 @@
 """In-process ONNX Runtime backend over a Triton-layout model repository.
 
-Serves the newest version of every model found. A reload builds the new session off the event
+Serves the newest version of every model found, or the version a rollback pinned (kept in
+memory: a restarted gateway serves the newest again). A reload builds the new session off the event
 loop and swaps it in atomically: requests already running keep their reference to the old
 session, so nothing in flight is dropped, and a failed load leaves the old version serving.
 """
@@ -59,6 +60,14 @@ def open_contract_session(path: Path, version: int, threads: int = 0) -> _Sessio
     return _Session(version, session, card, int(height), int(width))
 
 
+def _is_model_name(name: str) -> bool:
+    try:
+        validate_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 class EmbeddedBackend(Backend):
     name = "embedded"
 
@@ -67,6 +76,7 @@ class EmbeddedBackend(Backend):
         self.root = Path(settings.repository)
         self._sessions: dict[str, _Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._pinned: dict[str, int] = {}  # rollbacks: name -> version served instead of the newest
         self._pool = ThreadPoolExecutor(max(1, settings.max_concurrent_batches), thread_name_prefix="ort")
 
     async def start(self) -> None:
@@ -89,7 +99,7 @@ class EmbeddedBackend(Backend):
         if current is None:
             return ServedModel(name, versions, None, False)
         return ServedModel(name, versions, current.version, True, current.card, current.input_height,
-                           current.input_width, self.settings.max_batch_size)
+                           current.input_width, self.settings.max_batch_size, self._pinned.get(name))
 
     async def list_models(self) -> list[ServedModel]:
         names = set(list_models(self.root)) | set(self._sessions)
@@ -97,7 +107,8 @@ class EmbeddedBackend(Backend):
 
     async def get_model(self, name: str) -> ServedModel:
         if name not in self._sessions:
-            if list_versions(self.root, name):
+            # validate before touching the file system: a request path may name anything ('..', 300 chars)
+            if _is_model_name(name) and list_versions(self.root, name):
                 raise ModelNotReady(f"model {name!r} is in the repository but not loaded")
             raise ModelNotFound(f"unknown model {name!r}")
         return self._describe(name)
@@ -113,7 +124,7 @@ class EmbeddedBackend(Backend):
             self._pool, lambda: current.session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: images}))
         return InferenceOutput(current.version, maps[:, 0].astype(np.float32), scores.reshape(-1))
 
-    async def load(self, name: str) -> ServedModel:
+    async def load(self, name: str, version: int | None = None) -> ServedModel:
         try:
             validate_model_name(name)
         except ValueError as exc:
@@ -121,26 +132,37 @@ class EmbeddedBackend(Backend):
         versions = list_versions(self.root, name)
         if not versions:
             raise ModelNotFound(f"no servable version of {name!r} under {self.root}")
+        if version is not None and version not in versions:
+            raise ModelNotFound(f"version {version} of {name!r} is not under {self.root / name} "
+                                f"(servable versions: {versions})")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            version = versions[-1]
-            path = model_path(self.root, name, version)
-            loop = asyncio.get_running_loop()
-            try:
-                fresh = await loop.run_in_executor(
-                    None, open_contract_session, path, version, self.settings.ort_threads)
-                # one warm-up run so the first real request does not pay for allocation
-                probe = np.zeros((1, fresh.input_height, fresh.input_width, 3), np.uint8)
-                await loop.run_in_executor(None, fresh.session.run, None, {INPUT_IMAGE: probe})
-            except Exception as exc:  # any failure: keep serving what we had
-                kept = self._sessions.get(name)
-                keep = f"; still serving version {kept.version}" if kept else ""
-                raise LoadFailed(f"loading {name!r} version {version} from {path} failed: {exc}{keep}") from exc
-            self._sessions[name] = fresh
-            log.info("serving %s version %d", name, version)
+            wanted = versions[-1] if version is None else version
+            self._sessions[name] = await self._open(name, wanted)
+            if version is None:
+                self._pinned.pop(name, None)
+            else:
+                self._pinned[name] = version
+            log.info("serving %s version %d%s", name, wanted, " (pinned)" if version is not None else "")
             return self._describe(name)
 
+    async def _open(self, name: str, version: int) -> _Session:
+        """A warmed-up session for ``version``; LoadFailed (old version kept) on any failure."""
+        path = model_path(self.root, name, version)
+        loop = asyncio.get_running_loop()
+        try:
+            fresh = await loop.run_in_executor(None, open_contract_session, path, version, self.settings.ort_threads)
+            # one warm-up run so the first real request does not pay for allocation
+            probe = np.zeros((1, fresh.input_height, fresh.input_width, 3), np.uint8)
+            await loop.run_in_executor(None, fresh.session.run, None, {INPUT_IMAGE: probe})
+        except Exception as exc:  # any failure: keep serving what we had
+            kept = self._sessions.get(name)
+            keep = f"; still serving version {kept.version}" if kept else ""
+            raise LoadFailed(f"loading {name!r} version {version} from {path} failed: {exc}{keep}") from exc
+        return fresh
+
     async def unload(self, name: str) -> None:
+        self._pinned.pop(name, None)
         if self._sessions.pop(name, None) is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
 

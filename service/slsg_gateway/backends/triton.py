@@ -3,13 +3,18 @@
 Input size, batching limit and the model card come from Triton's model configuration (the card
 JSON is the string parameter ``slsg.model_card``). Load/unload use Triton's repository API
 (explicit model control); Triton itself keeps the old version serving while a new one loads
-and when a load fails. Connection trouble and timeouts become 503 + Retry-After; the gRPC
+and when a load fails. A rollback pins one version by loading the served configuration with
+``version_policy { specific { versions: [N] } }`` as a config override; unpinning loads it with
+the repository's policy again (a plain load would not: Triton keeps an override until the model's
+folder changes). Connection trouble and timeouts become 503 + Retry-After; the gRPC
 channel reconnects on its own (short backoff), so the gateway recovers when Triton returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import time
 from typing import Any, Awaitable
@@ -24,6 +29,8 @@ from slsg_gateway.settings import Settings
 log = logging.getLogger(__name__)
 _UNAVAILABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED")
 _REFRESH_MIN_INTERVAL_S = 0.5  # unknown-model lookups must not hammer Triton's repository index
+# `slsg export` writes this policy; restored on unpin when the gateway never saw the model's own one
+_REPOSITORY_POLICY = {"latest": {"num_versions": 2}}
 
 
 def _int(value: Any) -> int:
@@ -47,8 +54,10 @@ def parse_model_config(name: str, config: dict, versions: tuple[int, ...], ready
     if height is None and card is not None:
         height, width = card.input_height, card.input_width
     served = max(ready) if ready else None
+    specific = config.get("version_policy", {}).get("specific", {}).get("versions", [])
+    pinned = max(_int(v) for v in specific) if specific else None
     return ServedModel(name, versions, served, served is not None and height is not None, card, height, width,
-                       _int(config.get("max_batch_size", 0)))
+                       _int(config.get("max_batch_size", 0)), pinned)
 
 
 class TritonBackend(Backend):
@@ -61,6 +70,8 @@ class TritonBackend(Backend):
         self._client: Any = None
         self._models: dict[str, ServedModel] = {}
         self._last_refresh = 0.0
+        self._pinned: dict[str, int] = {}  # rollbacks this gateway made: name -> pinned version
+        self._policies: dict[str, dict] = {}  # version policy seen before a pin, restored on unpin
 
     # -- plumbing -------------------------------------------------------------------------------
     def _make_client(self) -> Any:
@@ -138,6 +149,8 @@ class TritonBackend(Backend):
             if ready:
                 config = await self._call(f"config of {name}", self._config(name))
                 models[name] = parse_model_config(name, config, tuple(sorted(versions)), tuple(ready))
+                if name in self._pinned:  # Triton may report the policy of the version it kept, not the pin
+                    models[name] = dataclasses.replace(models[name], pinned_version=self._pinned[name])
             else:
                 models[name] = ServedModel(name, tuple(sorted(versions)), None, False)
         self._models = models
@@ -184,9 +197,37 @@ class TritonBackend(Backend):
         return InferenceOutput(int(version or 0), maps[:, 0].astype(np.float32),
                                result.as_numpy(OUTPUT_SCORE).reshape(-1).astype(np.float32))
 
-    async def load(self, name: str) -> ServedModel:
+    async def load(self, name: str, version: int | None = None) -> ServedModel:
+        if version is not None:
+            await self._load_with_policy(name, {"specific": {"versions": [version]}})
+            self._pinned[name] = version
+        else:
+            await self._load_newest(name)
+        model = (await self.refresh()).get(name)
+        if model is None:
+            raise LoadFailed(f"Triton reports {name!r} loaded but it is not in the repository index")
+        if version is not None and model.served_version != version:
+            raise LoadFailed(f"Triton loaded {name!r} but serves version {model.served_version}, not {version}")
+        return model
+
+    async def _load_newest(self, name: str) -> None:
+        """Serve the newest version: a plain repository load, unless a pin (config override) must be lifted.
+
+        A plain load would keep a pin: Triton re-reads config.pbtxt only when the model's folder changed.
+        """
+        if name not in self._pinned and not await self._pinned_in_triton(name):
+            await self._load_call(name)
+            model = (await self.refresh()).get(name)
+            if model is None or not model.ready or model.served_version >= max(model.versions):
+                return
+            # a newer version Triton knows is not served: a pin made by an earlier gateway process
+        await self._load_with_policy(name, self._policies.get(name, _REPOSITORY_POLICY))
+        self._pinned.pop(name, None)
+
+    async def _load_call(self, name: str, config: str | None = None) -> None:
+        """Triton's repository ``load`` (optionally with a JSON config override); LoadFailed keeps the old version."""
         try:
-            await asyncio.wait_for(self._client.load_model(name), max(self.timeout_s, 60.0))
+            await asyncio.wait_for(self._client.load_model(name, config=config), max(self.timeout_s, 60.0))
         except Exception as exc:
             error = self._translate(exc, f"load of {name}")
             if isinstance(error, BackendUnavailable):
@@ -194,10 +235,34 @@ class TritonBackend(Backend):
             kept = self._models.get(name)
             keep = f"; still serving version {kept.served_version}" if kept and kept.ready else ""
             raise LoadFailed(f"Triton could not load {name!r}: {error.message}{keep}") from exc
-        model = (await self.refresh()).get(name)
-        if model is None:
-            raise LoadFailed(f"Triton reports {name!r} loaded but it is not in the repository index")
-        return model
+
+    async def _current_config(self, name: str) -> dict | None:
+        """The configuration Triton serves ``name`` with, or None when no version is loaded."""
+        try:
+            config = await self._call(f"config of {name}", self._config(name))
+        except (ModelNotReady, ModelNotFound):
+            return None
+        except GatewayError as exc:
+            if exc.code == "backend_error":  # Triton's answer for a model it does not serve
+                return None
+            raise
+        return dict(config.get("config", config))
+
+    async def _pinned_in_triton(self, name: str) -> bool:
+        config = await self._current_config(name)
+        return config is not None and "specific" in config.get("version_policy", {})
+
+    async def _load_with_policy(self, name: str, policy: dict) -> None:
+        """Reload ``name`` with its served configuration and another version policy (a config override)."""
+        config = await self._current_config(name)
+        if config is None:
+            raise LoadFailed(f"{name!r} has no loaded version in Triton to take its configuration from; "
+                             f"load it without a version first")
+        current = config.get("version_policy") or {}
+        if current and "specific" not in current:
+            self._policies[name] = current  # the repository's policy, restored on unpin
+        config["version_policy"] = policy
+        await self._load_call(name, json.dumps(config))
 
     async def unload(self, name: str) -> None:
         if name not in self._models:
@@ -205,6 +270,7 @@ class TritonBackend(Backend):
             if name not in self._models:
                 raise ModelNotFound(f"unknown model {name!r}")
         await self._call(f"unload of {name}", self._client.unload_model(name))
+        self._pinned.pop(name, None)
         await self.refresh()
 
     async def reachable(self) -> bool:

@@ -1,12 +1,12 @@
-"""Model listing and administration (load = reload the newest version, unload)."""
+"""Model listing and administration: load (the newest version, or pin one: a rollback), unload."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Body, Depends
 
 from slsg_gateway.api.deps import GatewayState, get_state, require_admin_key
 from slsg_gateway.backends.base import ServedModel
-from slsg_gateway.schemas import ErrorResponse, ModelList, ModelVersionInfo
+from slsg_gateway.schemas import ErrorResponse, LoadRequest, ModelList, ModelVersionInfo
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 _ADMIN_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 503)}
@@ -14,7 +14,8 @@ _ADMIN_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422,
 
 def model_info(model: ServedModel) -> ModelVersionInfo:
     return ModelVersionInfo(
-        name=model.name, versions=list(model.versions), served_version=model.served_version, ready=model.ready,
+        name=model.name, versions=list(model.versions), served_version=model.served_version,
+        pinned_version=model.pinned_version, ready=model.ready,
         input_height=model.input_height, input_width=model.input_width,
         max_batch_size=model.max_batch_size or None, card=model.card_dict())
 
@@ -26,9 +27,12 @@ async def list_models(state: GatewayState = Depends(get_state)) -> ModelList:
 
 
 @router.post("/{name}/load", response_model=ModelVersionInfo, responses=_ADMIN_ERRORS,
-             dependencies=[Depends(require_admin_key)], summary="Load or reload the newest version")
-async def load_model(name: str, state: GatewayState = Depends(get_state)) -> ModelVersionInfo:
-    model = await state.backend.load(name)
+             dependencies=[Depends(require_admin_key)], summary="Serve the newest version, or pin one (rollback)")
+async def load_model(name: str, body: LoadRequest | None = Body(default=None),
+                     state: GatewayState = Depends(get_state)) -> ModelVersionInfo:
+    """Without a body: (re)load and serve the newest version, ending any pin. With ``{"version": N}``:
+    serve version N until the next load without a version. On failure the served version stays."""
+    model = await state.backend.load(name, body.version if body else None)
     state.metrics.set_served_version(name, model.served_version)
     return model_info(model)
 
