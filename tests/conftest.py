@@ -7,7 +7,10 @@ fixtures elsewhere can also ``from conftest import free_ports``.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,16 @@ from slsg.contract import ModelCard, model_path
 from slsg.triton_config import write_config
 
 TOY_MODEL = "toy"
+SLSG_BIN = str(Path(sys.executable).parent / "slsg")  # the real console script of this environment
+
+
+def run_slsg(*args: str | Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``slsg ARGS`` as a user would (one thread per process: tests share two cores)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([SLSG_BIN, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"slsg {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 def free_ports(count: int = 1) -> list[int]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +15,9 @@ from PIL import Image
 from slsg.contract import MODEL_CARD_KEY, ModelCard, list_versions
 from slsg.triton_config import load_config
 
-SLSG = str(Path(sys.executable).parent / "slsg")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+from conftest import run_slsg as slsg
 
 
-def slsg(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([SLSG, *args], capture_output=True, text=True, env=ENV, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"slsg {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")

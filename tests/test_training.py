@@ -10,18 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-BIN = Path(sys.executable).parent
-SLSG = str(BIN / "slsg")
+from conftest import SLSG_BIN as SLSG, run_slsg as slsg
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--category", "tray", "--image-size", "64", "--batch-size", "2", "--workers", "0",
         "--checkpoint-every", "100", "--log-every", "1"]
 
 
-def slsg(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([SLSG, *args], capture_output=True, text=True, env=ENV, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"slsg {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")
