@@ -26,7 +26,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch 2.13.0 (what pip finds on CPU machines); on a GPU host install a CUDA build instead.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[train,serve,triton,dev]'
+	$(PIP) install -q -e '.[train,serve,triton,bench,dev]'
 	@rm -f $(VENV)/.installed-*; touch $@
 
 setup: $(STAMP)

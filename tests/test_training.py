@@ -78,3 +78,14 @@ def test_resume_without_checkpoint_names_the_missing_file(tiny_data, tmp_path):
     proc = slsg("train", "--data", str(tiny_data), "--category", "tray", "--out", str(tmp_path / "empty"),
                 "--resume", check=False)
     assert proc.returncode == 2 and "checkpoint.pt" in proc.stderr
+
+
+def test_bench_pipeline_reports_both_variants(tiny_data):
+    import json
+
+    proc = slsg("bench", "pipeline", "--data", str(tiny_data), "--category", "tray", "--image-size", "64",
+                "--steps", "2", "--warmup", "1", "--batch-size", "2", "--workers", "1", "--threads", "1", "--json")
+    report = json.loads(proc.stdout)
+    assert report["step_s_live_simulation"] > 0 and report["step_s_pregenerated"] > 0
+    assert report["ratio"] == report["step_s_live_simulation"] / report["step_s_pregenerated"]
+    assert "simulation in workers" in proc.stderr  # the table goes to stderr with --json
