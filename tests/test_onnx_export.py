@@ -116,3 +116,18 @@ def test_card_size_must_suit_the_network(model, card, tmp_path):
     with pytest.raises(ValueError, match="multiples of 32"):
         export_onnx(model, bad, tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_float64_reference_graph_agrees_with_float32(model, card):
+    """The verification's tie-break reference: the same graph in float64 (k-NN near-ties settled)."""
+    import copy
+
+    graph = InferenceGraph(model, card.top_k, card.calibration).eval()
+    frames = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, card.input_height, card.input_width, 3),
+                                                                dtype=np.uint8))
+    with torch.no_grad():
+        map32, score32 = graph(frames)
+        map64, score64 = copy.deepcopy(graph).double()(frames)
+    assert map64.dtype == torch.float64 and score64.shape == score32.shape
+    torch.testing.assert_close(map64.float(), map32, atol=1e-4, rtol=0)
+    torch.testing.assert_close(score64.float(), score32, atol=1e-4, rtol=0)

@@ -14,6 +14,7 @@ a temporary name in the target folder and renamed only on success).
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import warnings
@@ -70,7 +71,8 @@ class InferenceGraph(nn.Module):
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         # (x/255 - mean)/std == (x - 255*mean)/(255*std): one subtraction and one division.
-        x = (image.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        # the buffers' dtype (float32 when exported; float64 for the verification reference)
+        x = ((image.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) / self.std).contiguous()
         prob = anomaly_probability(self.model(x).logits)
         raw = image_score(prob, self.top_k).unsqueeze(1)  # [N, 1]
         return prob, calibrate(raw, self.calibration)
@@ -124,23 +126,40 @@ def _verify_batches(card: ModelCard, verify_images: list[np.ndarray]) -> list[np
     return batches
 
 
-def verify_onnx(path: Path, graph: InferenceGraph, batches: list[np.ndarray]) -> tuple[float, float]:
-    """Max abs differences (anomaly_map, score) between ONNX Runtime and PyTorch over ``batches``."""
+def _max_diffs(onnx_out: list[np.ndarray], reference: tuple[Tensor, Tensor], size: int) -> tuple[float, float]:
+    (onnx_map, onnx_score), (torch_map, torch_score) = onnx_out, reference
+    if onnx_map.shape != tuple(torch_map.shape) or onnx_score.shape != tuple(torch_score.shape):
+        raise ExportError(
+            f"ONNX output shapes {onnx_map.shape}, {onnx_score.shape} differ from PyTorch's "
+            f"{tuple(torch_map.shape)}, {tuple(torch_score.shape)} for a batch of {size}"
+        )
+    return (float(np.abs(onnx_map - torch_map.double().numpy()).max()),
+            float(np.abs(onnx_score - torch_score.double().numpy()).max()))
+
+
+def verify_onnx(path: Path, graph: InferenceGraph, batches: list[np.ndarray],
+                tolerance: float = DEFAULT_TOLERANCE) -> tuple[float, float]:
+    """Max abs differences (anomaly_map, score) between ONNX Runtime and PyTorch over ``batches``.
+
+    The graph block's k-NN picks neighbours by ``topk`` over similarities, so a near-tie can
+    resolve differently under two float32 kernel libraries and move a patch of the map by up to
+    ~4e-3 (seen on a trained model: one node of 256 flipped). Where float32 PyTorch and ONNX Runtime
+    differ by more than ``tolerance``, the batch is re-run in float64 PyTorch, which settles the
+    near-tie, and ONNX Runtime must agree with that within ``tolerance``.
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference64: InferenceGraph | None = None
     diff_map = diff_score = 0.0
     for batch in batches:
-        onnx_map, onnx_score = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: batch})
+        onnx_out = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: batch})
         with torch.no_grad():
-            torch_map, torch_score = graph(torch.from_numpy(batch))
-        if onnx_map.shape != tuple(torch_map.shape) or onnx_score.shape != tuple(torch_score.shape):
-            raise ExportError(
-                f"ONNX output shapes {onnx_map.shape}, {onnx_score.shape} differ from PyTorch's "
-                f"{tuple(torch_map.shape)}, {tuple(torch_score.shape)} for a batch of {len(batch)}"
-            )
-        diff_map = max(diff_map, float(np.abs(onnx_map - torch_map.numpy()).max()))
-        diff_score = max(diff_score, float(np.abs(onnx_score - torch_score.numpy()).max()))
+            diffs = _max_diffs(onnx_out, graph(torch.from_numpy(batch)), len(batch))
+            if not max(diffs) <= tolerance:
+                reference64 = reference64 or copy.deepcopy(graph).double()
+                diffs = min(diffs, _max_diffs(onnx_out, reference64(torch.from_numpy(batch)), len(batch)), key=max)
+        diff_map, diff_score = max(diff_map, diffs[0]), max(diff_score, diffs[1])
     return diff_map, diff_score
 
 
@@ -174,7 +193,7 @@ def export_onnx(
         batches = _verify_batches(card, verify_images)
         try:
             _write_onnx(graph, card, tmp, opset, dynamo)
-            diff_map, diff_score = verify_onnx(tmp, graph, batches)
+            diff_map, diff_score = verify_onnx(tmp, graph, batches, tolerance)
         except ExportError:
             raise
         except Exception as exc:
