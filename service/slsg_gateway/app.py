@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     backend = create_backend(settings)
     metrics = GatewayMetrics(settings.lines)
     batcher = MicroBatcher(backend, metrics, window_ms=settings.batch_window_ms, max_batch=settings.max_batch_size,
-                           max_queue=settings.max_queue, max_concurrent=settings.max_concurrent_batches,
+                           max_queue=settings.max_queue, max_concurrent=settings.concurrent_batches(),
                            retry_after_s=settings.retry_after_s)
     pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     app.state.gateway = GatewayState(settings, backend, metrics, batcher,

@@ -77,7 +77,7 @@ class EmbeddedBackend(Backend):
         self._sessions: dict[str, _Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._pinned: dict[str, int] = {}  # rollbacks: name -> version served instead of the newest
-        self._pool = ThreadPoolExecutor(max(1, settings.max_concurrent_batches), thread_name_prefix="ort")
+        self._pool = ThreadPoolExecutor(settings.concurrent_batches(), thread_name_prefix="ort")
 
     async def start(self) -> None:
         if not self.root.is_dir():
