@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,12 +47,48 @@ class GatewayBenchConfig:
     threads: int = 1
     iterations: int = 20  # bare-model and decode timings
     max_batch_size: int = 8  # the gateway's micro-batch limit; also the bare model's batched run
+    separate_process: bool = True  # gateway in its own `slsg serve` process, as in production
 
 
-def resident_memory_mb() -> float | None:
-    """This process's resident set size in MiB (Linux /proc), None where unavailable."""
+@contextmanager
+def serve_subprocess(settings_env: dict[str, str], timeout_s: float = 60.0):
+    """A real `slsg serve` on a free loopback port; yields (base url, pid); stopped with SIGTERM."""
+    import httpx
+
+    from slsg_gateway.server import free_port
+
+    port = free_port()
+    slsg = Path(sys.executable).parent / "slsg"
+    env = {**os.environ, **settings_env, "SLSG_HOST": "127.0.0.1", "SLSG_PORT": str(port)}
+    proc = subprocess.Popen([str(slsg), "serve", "--log-level", "warning"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
     try:
-        with open("/proc/self/statm", encoding="ascii") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"slsg serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slsg serve not ready on {url} after {timeout_s:.0f} s")
+            time.sleep(0.2)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def resident_memory_mb(pid: int | None = None) -> float | None:
+    """Resident set size in MiB of this process (or ``pid``), from Linux /proc; None where unavailable."""
+    try:
+        with open(f"/proc/{pid or 'self'}/statm", encoding="ascii") as f:
             pages = int(f.read().split()[1])
     except (OSError, ValueError, IndexError):
         return None
@@ -159,17 +198,30 @@ def run_gateway_bench(cfg: GatewayBenchConfig) -> dict[str, Any]:
     decode = bench_decode(jpeg, input_size, cfg.iterations, settings.max_pixels)
     bare = bench_bare_model(path, pixels, cfg.threads, cfg.iterations, cfg.max_batch_size)
     levels = []
-    with BackgroundGateway(settings) as gateway:
-        url = f"{gateway.url}/v1/models/{cfg.name}/inspect"
-        rss_start = resident_memory_mb()
+    if cfg.separate_process:
+        server = serve_subprocess({"SLSG_REPOSITORY": str(cfg.repository), "SLSG_ORT_THREADS": str(cfg.threads),
+                                   "SLSG_MAX_BATCH_SIZE": str(cfg.max_batch_size)})
+    else:
+        server = _in_process(BackgroundGateway(settings))
+    with server as (base_url, pid):
+        url = f"{base_url}/v1/models/{cfg.name}/inspect"
+        rss_start = resident_memory_mb(pid)
         for concurrency in tqdm(cfg.concurrency, desc="bench gateway", unit="level", leave=False):
             levels.append(drive(url, jpeg, concurrency, cfg.requests, warmup=cfg.warmup if concurrency == 1 else 1))
-        memory = soak_memory(url, jpeg, max(cfg.concurrency), cfg.memory_requests)
+        memory = soak_memory(url, jpeg, max(cfg.concurrency), cfg.memory_requests, pid=pid)
     memory["rss_mb_after_start"] = _round(rss_start)
+    memory["process"] = "gateway subprocess" if cfg.separate_process else "bench process (gateway + client)"
     return _gateway_report(cfg, env, version, input_size, len(jpeg), decode, bare, levels, memory)
 
 
-def soak_memory(url: str, jpeg: bytes, concurrency: int, requests: int, samples: int = 5) -> dict[str, Any]:
+@contextmanager
+def _in_process(gateway):
+    with gateway:
+        yield gateway.url, None
+
+
+def soak_memory(url: str, jpeg: bytes, concurrency: int, requests: int, samples: int = 5,
+                pid: int | None = None) -> dict[str, Any]:
     """Resident memory before and after each of ``samples`` equal slices of ``requests`` requests.
 
     The curve tells a plateau (allocator arenas and pools filling up, growth in the first slices
@@ -178,12 +230,12 @@ def soak_memory(url: str, jpeg: bytes, concurrency: int, requests: int, samples:
     from tqdm import tqdm
 
     slices = [requests // samples + (i < requests % samples) for i in range(samples)] if requests else []
-    rss = [resident_memory_mb()]
+    rss = [resident_memory_mb(pid)]
     failures = 0
     with tqdm(total=requests, desc="memory soak", unit="req", leave=False) as bar:
         for size in (s for s in slices if s):
             failures += drive(url, jpeg, concurrency, size)["failures"]
-            rss.append(resident_memory_mb())
+            rss.append(resident_memory_mb(pid))
             bar.update(size)
     known = None not in rss and len(rss) > 1
     half = rss[len(rss) // 2] if known else None

@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gateway.add_argument("--memory-requests", type=int, default=200,
                          help="requests between the two memory readings (the target is set for 10,000)")
     gateway.add_argument("--iterations", type=int, default=20, help="timed calls of the bare model and the decode")
+    gateway.add_argument("--in-process", action="store_true",
+                         help="run the gateway in this process (default: its own `slsg serve` process, as deployed)")
 
     triton = sub.add_parser("triton", help="local Triton (gRPC, Python backend) vs in-process ONNX Runtime")
     _common(triton)
@@ -119,7 +121,8 @@ def _gateway(args: argparse.Namespace):
     from slsg.bench.gateway import GatewayBenchConfig, gateway_tables, run_gateway_bench
 
     cfg = GatewayBenchConfig(args.repository, args.name, args.frame_size, args.concurrency, args.requests,
-                             memory_requests=args.memory_requests, threads=args.threads, iterations=args.iterations)
+                             memory_requests=args.memory_requests, threads=args.threads, iterations=args.iterations,
+                             separate_process=not args.in_process)
     return run_gateway_bench(cfg), gateway_tables
 
 
