@@ -19,17 +19,14 @@ def run(args: argparse.Namespace) -> int:
     from slsg_train.checkpoint import CheckpointError, save_checkpoint
     from slsg_train.data.loco import DataSetError, LocoCategory
     from slsg_train.inference import load_model
-    from slsg_train.training.calibration import calibrate_threshold
+    from slsg_train.training.calibration import calibrate_threshold, split_for_calibration
     from slsg_train.training.dataset import load_resized
 
     try:
         loaded = load_model(args.checkpoint, args.device)
         payload = loaded.payload
         category = LocoCategory(args.data or payload["data_root"], payload["category"])
-        paths = category.validation_paths
-        if not paths:  # the trainer held out the last tenth of train in this case
-            train = category.train_paths
-            paths = train[-max(2, len(train) // 10):]
+        _, paths = split_for_calibration(category)
         cal, stats = calibrate_threshold(loaded.model, load_resized(paths, loaded.image_size), loaded.top_k,
                                          args.fpr, args.device)
     except (CheckpointError, DataSetError, ValueError) as exc:

@@ -9,6 +9,16 @@ from slsg.contract import Calibration
 from slsg_train.inference import predict
 
 
+def split_for_calibration(category) -> tuple[list, list]:
+    """(training images, calibration images) of a LocoCategory: validation/good when the data set has
+    it, else the last tenth of train/good (at least 2), which training then never sees."""
+    train, calib = list(category.train_paths), list(category.validation_paths)
+    if not calib:
+        n_hold = max(2, len(train) // 10)
+        train, calib = train[:-n_hold], train[-n_hold:]
+    return train, calib
+
+
 def threshold_for_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
     """Smallest threshold t with (#normal scores >= t) / n <= target_fpr.
 

@@ -81,6 +81,20 @@ class SimulatedAnomalyDataset(Dataset):
         return to_tensor(normal), to_tensor(sim.image), mask
 
 
+class NormalImageDataset(Dataset):
+    """Item ``g`` -> one colour-jittered normal image tensor (generative pre-training); depends only on (seed, g)."""
+
+    def __init__(self, images: Sequence[np.ndarray], seed: int, jitter: float = 0.1):
+        self.images, self.seed, self.jitter = list(images), seed, jitter
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, g: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, 7, int(g)])
+        return to_tensor(colour_jitter(self.images[rng.integers(len(self.images))], self.jitter, rng))
+
+
 def collate_pairs(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack B normal + B simulated images -> images [2B,3,H,W], masks [2B,1,H,W] (normal masks are zero)."""
     normal, simulated, masks = zip(*items)

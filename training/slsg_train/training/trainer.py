@@ -27,9 +27,11 @@ from tqdm import tqdm
 from slsg import __version__
 from slsg_train.checkpoint import load_checkpoint_payload, normalisation, save_checkpoint
 from slsg_train.data.loco import LocoCategory
-from slsg_train.training.calibration import calibrate_threshold
+from slsg_train.training.calibration import calibrate_threshold, split_for_calibration
 from slsg_train.training.config import TrainConfig
-from slsg_train.training.dataset import SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized, to_tensor
+from slsg_train.training.dataset import (
+    NormalImageDataset, SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized,
+)
 from slsg_train.training.losses import slsg_loss
 from slsg_train.training.pretrain import RestorationDecoder, RestorationModel, corrupt_patches, restoration_loss
 
@@ -144,15 +146,6 @@ class TrainingRun:
         with self.log_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def _split_images(self) -> tuple[list[Path], list[Path]]:
-        """Training images and calibration images (validation/good, else a held-out tenth of train)."""
-        train = list(self.category.train_paths)
-        calib = list(self.category.validation_paths)
-        if not calib:
-            n_hold = max(2, len(train) // 10)
-            train, calib = train[:-n_hold], train[-n_hold:]
-        return train, calib
-
     def _loader(self, dataset, start: int, stop: int, collate) -> DataLoader:
         sampler = StepBatchSampler(start, stop, self.cfg.batch_size, self.env.rank, self.env.world_size)
         workers = self.cfg.workers
@@ -185,7 +178,7 @@ class TrainingRun:
         cfg = self.cfg
         h, w = cfg.image_size
         self.top_k = top_k_for_size(h, w)
-        train_paths, calib_paths = self._split_images()
+        train_paths, calib_paths = split_for_calibration(self.category)
         self.data_hash = self.category.data_hash()
         images = load_resized(train_paths, cfg.image_size)
         sim_cfg = SimulationConfig.from_dict(cfg.simulation) if cfg.simulation else SimulationConfig()
@@ -256,7 +249,7 @@ class TrainingRun:
         ])
         if payload and "optimizer" in payload:
             opt.load_state_dict(payload["optimizer"])
-        dataset = _NormalImages(images, cfg.seed, cfg.colour_jitter)
+        dataset = NormalImageDataset(images, cfg.seed, cfg.colour_jitter)
         loader = self._loader(dataset, start, self._stop(pcfg.steps), torch.stack)
         gen = torch.Generator()
         encoder.train()
@@ -329,16 +322,3 @@ class TrainingRun:
         average_buffers(model)
         return step >= cfg.steps
 
-
-class _NormalImages(torch.utils.data.Dataset):
-    def __init__(self, images: list[np.ndarray], seed: int, jitter: float):
-        self.images, self.seed, self.jitter = images, seed, jitter
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, g: int) -> torch.Tensor:
-        from slsg_train.training.dataset import colour_jitter
-
-        rng = np.random.default_rng([self.seed, 7, int(g)])
-        return to_tensor(colour_jitter(self.images[rng.integers(len(self.images))], self.jitter, rng))
