@@ -125,7 +125,7 @@ def _write_outputs(out_dir: Path, metrics: dict, scores: list[float], types: lis
     files.append(report)
     files.append(plot_roc_curves(scores, types, out_dir / "roc_curves.png"))
     files.append(plot_score_histograms(scores, types, out_dir / "score_histograms.png", threshold=raw_threshold))
-    curves = {name: (c.curve()[0], c.curve()[1]) for name, c in spro.curves().items()}
+    curves = {name: c.curve()[:2] for name, c in spro.curves().items()}  # (fpr, mean sPRO)
     if curves:
         files.append(plot_spro_curves(curves, out_dir / "spro_curves.png"))
     files.append(plot_heatmap_grid(thumbs, out_dir / "heatmaps.png", n=min(8, max(1, len(thumbs) // 2))))
