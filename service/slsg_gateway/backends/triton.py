@@ -71,6 +71,10 @@ class TritonBackend(Backend):
         self._models: dict[str, ServedModel] = {}
         self._last_refresh = 0.0
         self._pinned: dict[str, int] = {}  # rollbacks this gateway made: name -> pinned version
+        # the version requests name explicitly once a load by this gateway has returned: from then on
+        # traffic is on the loaded version, not on whichever version Triton still holds (cleared while
+        # a load runs, so requests never name a version that load may drop)
+        self._route: dict[str, int] = {}
         self._policies: dict[str, dict] = {}  # version policy seen before a pin, restored on unpin
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -190,7 +194,15 @@ class TritonBackend(Backend):
         tensor = module.InferInput(INPUT_IMAGE, list(images.shape), "UINT8")
         tensor.set_data_from_numpy(np.ascontiguousarray(images))
         outputs = [module.InferRequestedOutput(OUTPUT_ANOMALY_MAP), module.InferRequestedOutput(OUTPUT_SCORE)]
-        result = await self._call(f"inference of {name}", self._client.infer(name, [tensor], outputs=outputs))
+        route = self._route.get(name)
+        try:
+            result = await self._call(f"inference of {name}", self._client.infer(
+                name, [tensor], model_version=str(route or ""), outputs=outputs))
+        except GatewayError:
+            if route is None or self._route.get(name) != route:
+                raise
+            self._route.pop(name, None)  # the version went away (loaded elsewhere): let Triton choose
+            result = await self._call(f"inference of {name}", self._client.infer(name, [tensor], outputs=outputs))
         response = result.get_response()
         version = response.model_version if self._grpc else response.get("model_version", "0")
         maps = result.as_numpy(OUTPUT_ANOMALY_MAP)
@@ -198,6 +210,7 @@ class TritonBackend(Backend):
                                result.as_numpy(OUTPUT_SCORE).reshape(-1).astype(np.float32))
 
     async def load(self, name: str, version: int | None = None) -> ServedModel:
+        self._route.pop(name, None)
         if version is not None:
             await self._load_with_policy(name, {"specific": {"versions": [version]}})
             self._pinned[name] = version
@@ -208,6 +221,8 @@ class TritonBackend(Backend):
             raise LoadFailed(f"Triton reports {name!r} loaded but it is not in the repository index")
         if version is not None and model.served_version != version:
             raise LoadFailed(f"Triton loaded {name!r} but serves version {model.served_version}, not {version}")
+        if model.served_version is not None:
+            self._route[name] = model.served_version
         return model
 
     async def _load_newest(self, name: str) -> None:
@@ -271,6 +286,7 @@ class TritonBackend(Backend):
                 raise ModelNotFound(f"unknown model {name!r}")
         await self._call(f"unload of {name}", self._client.unload_model(name))
         self._pinned.pop(name, None)
+        self._route.pop(name, None)
         await self.refresh()
 
     async def reachable(self) -> bool:
