@@ -4,8 +4,9 @@ The MLOps flow of docs/redeploy.md: `slsg export` version N+1 while cameras keep
 ``POST /v1/models/{name}/load`` moves traffic to it, ``POST .../load {"version": N}`` rolls back
 (a pin), a load without a body serves the newest again. Runs on the real local Triton (explicit
 model control) behind the gateway's triton backend, and on the embedded ONNX Runtime backend.
-Every request must succeed, and every request sent after a load returned must be answered by
-the version that load reported, with that version's own score (checked against ONNX Runtime).
+Every request must succeed, and every request sent after a load returned (and answered before the
+next load began) must be answered by the version that load reported, with that version's own score
+(checked against ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class Answer:
     status: int
     version: int | None
     score: float | None
+    answered: float = 0.0  # time.monotonic() when the answer arrived
 
 
 class Cameras:
@@ -105,7 +107,7 @@ class Cameras:
             sent = time.monotonic()
             r = await self.client.post(f"/v1/models/{MODEL}/inspect", content=self.frame, headers=PNG)
             body = r.json() if r.status_code == 200 else {}
-            self.answers.append(Answer(sent, r.status_code, body.get("version"), body.get("score")))
+            self.answers.append(Answer(sent, r.status_code, body.get("version"), body.get("score"), time.monotonic()))
 
     async def wait_for(self, more: int) -> None:
         """Until ``more`` further answers arrived (traffic keeps flowing meanwhile)."""
@@ -148,9 +150,10 @@ async def redeploy_and_roll_back(url: str, trained: Trained, repository: Path,
     assert listed["served_version"] == 2 and listed["pinned_version"] is None and 2 in listed["versions"]
     assert [a.status for a in answers if a.status != 200] == [], "failed requests during the redeploy"
     assert {a.version for a in answers if a.sent < switches[0][0]} == {1}, "an export alone must not move traffic"
-    # between one load's return and the next load's call, only the loaded version answers
+    # a request sent after one load returned and answered before the next load was called is served
+    # by the loaded version (one still queued when the next load starts belongs to that next switch)
     for (_, start, version), (end, _, _) in zip(switches, switches[1:] + [(float("inf"), None, None)]):
-        served = {a.version for a in answers if start < a.sent < end}
+        served = {a.version for a in answers if start < a.sent and a.answered < end}
         assert served == {version}, f"requests sent after the load of v{version} were answered by {served}"
     return answers
 
