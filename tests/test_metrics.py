@@ -9,7 +9,7 @@ import pytest
 
 from slsg_train.metrics import (
     AU_SPRO_LIMITS, ImageMaps, PixelROC, SPROCurve, au_spro, au_spro_by_type, au_spro_error_bound, auroc,
-    image_auroc_by_type, pixel_auroc, roc_curve, saturation_area, spro_curve,
+    image_auroc_by_defect, image_auroc_by_type, pixel_auroc, roc_curve, saturation_area, spro_curve,
 )
 from slsg_train.metrics.buckets import bucket_floor, float32_keys, score_buckets
 
@@ -133,6 +133,19 @@ def test_image_auroc_by_type_absent_type_and_mvtec_ad_types():
     assert mvtec == pytest.approx({"crack": 0.5, "scratch": 1.0, "mean": 0.75, "all": 0.75})
     with pytest.raises(ValueError, match="'good'"):
         image_auroc_by_type([0.1, 0.2], ["crack", "scratch"])
+
+
+def test_image_auroc_by_defect_counts_two_defect_images_for_both():
+    scores = [0.1, 0.2, 0.3, 0.9, 0.15, 0.25]
+    defects = [[], [], [], ["missing_part"], ["missing_part", "scratch"], ["scratch"]]
+    result = image_auroc_by_defect(scores, defects)
+    # missing_part: 0.9 beats 3 goods, 0.15 beats 1 -> 4/6; scratch: 0.15 beats 1, 0.25 beats 2 -> 3/6
+    assert result == {"missing_part": {"auroc": pytest.approx(4 / 6), "count": 2},
+                      "scratch": {"auroc": pytest.approx(3 / 6), "count": 2}}
+    with pytest.raises(ValueError, match="good test images"):
+        image_auroc_by_defect([0.1, 0.2], [["a"], ["b"]])
+    with pytest.raises(ValueError, match="differ in length"):
+        image_auroc_by_defect([0.1], [[], ["a"]])
 
 
 # ---------------------------------------------------------------- buckets

@@ -45,6 +45,14 @@ def test_evaluate_writes_metrics_report_figures_and_official_maps(trained):
     assert metrics["threshold"]["raw"] > 0
     report = (out / "report.md").read_text()
     assert f"{metrics['image_auroc']['mean']:.3f}" in report and "structural" in proc.stdout
+    scores = json.loads((out / "scores.json").read_text())
+    assert len(scores) == 9 and {s["image"] for s in scores} >= {"good/000", "logical_anomalies/000"}
+    by_defect = metrics["image_auroc_by_defect"]
+    named = {d for s in scores for d in s["defects"]}
+    assert set(by_defect) == named and all(not s["defects"] for s in scores if s["type"] == "good")
+    assert sum(v["count"] for v in by_defect.values()) >= 6  # 6 anomalous images, some with two defects
+    for name, value in by_defect.items():
+        assert 0.0 <= value["auroc"] <= 1.0 and f"| {name} |" in report
     for name in ("roc_curves.png", "score_histograms.png", "spro_curves.png", "heatmaps.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.width > 200
@@ -123,3 +131,32 @@ def test_evaluate_all_categories_prints_a_summary_with_a_mean_row(trained, tmp_p
     summary = (tmp_path / "eval" / "summary.md").read_text()
     assert "tray" in summary and "mean" in summary.lower() and summary.strip() in proc.stdout
     assert (tmp_path / "eval" / "tray" / "metrics.json").is_file()
+
+
+def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
+    settings = tmp_path / "tray.yaml"
+    settings.write_text("steps: 50\noptim:\n  lr: 0.01\nsimulation:\n  logical_probability: 0.0\n"
+                        "  logical_grids: [[2, 3]]\n")
+    run = tmp_path / "run"
+    slsg("train", "--data", str(trained["data"]), "--category", "tray", "--out", str(run), "--image-size", "64",
+         "--steps", "2", "--pretrain-steps", "0", "--batch-size", "2", "--workers", "0", "--config", str(settings))
+    config = torch.load(run / "checkpoint.pt", weights_only=False)["train_config"]
+    assert config["steps"] == 2  # the flag beat the file
+    assert config["optim"]["lr"] == 0.01 and config["optim"]["momentum"] == 0.9  # merged, not replaced
+    assert config["simulation"]["logical_probability"] == 0.0
+    assert config["simulation"]["logical_grids"] == [[2, 3]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"simulation": {"logical_probabilty": 0.5}}', "logical_probabilty"),
+    ('{"stepz": 5}', "stepz"),
+    ("[1, 2]", "expected a mapping"),
+    ("{not json", "cannot parse"),
+])
+def test_train_rejects_a_bad_settings_file_by_name(trained, tmp_path, text, message):
+    settings = tmp_path / "bad.json"
+    settings.write_text(text)
+    proc = slsg("train", "--data", str(trained["data"]), "--category", "tray", "--out", str(tmp_path / "run"),
+                "--steps", "1", "--pretrain-steps", "0", "--config", str(settings), check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-_DEFAULTS = {"steps": 3500, "pretrain_steps": 1000, "batch_size": 4, "lr": 0.04, "workers": 2,
-             "checkpoint_every": 250, "log_every": 10, "device": "auto", "seed": 0}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data set root (MVTec LOCO AD layout)")
     p.add_argument("--category", required=True, help="category folder under --data")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, train_log.jsonl)")
-    p.add_argument("--preset", default="default", help="'default' (EfficientNet-Lite0) or 'paper' (ResNet-18)")
+    p.add_argument("--config", default=None,
+                   help="JSON or YAML file of training settings (TrainConfig fields, nested: simulation, optim, "
+                        "loss, pretrain); flags given on the command line win")
+    p.add_argument("--preset", default=None, help="'default' (EfficientNet-Lite0) or 'paper' (ResNet-18)")
     p.add_argument("--backbone", default=None, help="override the preset's backbone (efficientnet_lite0, resnet18)")
-    p.add_argument("--backbone-weights", default="imagenet",
+    p.add_argument("--backbone-weights", default=None,
                    help="'imagenet' (bundled / official weights), a .pth path, or 'none' for random init")
     p.add_argument("--allow-download", action="store_true",
                    help="let --backbone-weights imagenet fetch the official resnet18 file when online")
-    p.add_argument("--image-size", default="256", help="model input, '256' or 'WxH'; multiples of 32")
-    p.add_argument("--steps", type=int, help=f"detector training steps (default {_DEFAULTS['steps']})")
-    p.add_argument("--pretrain-steps", type=int, help=f"generative pre-training steps, 0 to skip (default {_DEFAULTS['pretrain_steps']})")
+    p.add_argument("--image-size", default=None, help="model input, '256' or 'WxH'; multiples of 32 (default 256)")
+    p.add_argument("--steps", type=int, help=f"detector training steps (default 3500)")
+    p.add_argument("--pretrain-steps", type=int, help=f"generative pre-training steps, 0 to skip (default 1000)")
     p.add_argument("--batch-size", type=int, help="normal images per step; as many simulated ones are added (default 4)")
     p.add_argument("--lr", type=float, help="SGD learning rate (default 0.04)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
@@ -29,40 +28,77 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anomaly-source", default=None, help="DTD texture folder for structural simulation (default: built-in textures)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 250)")
     p.add_argument("--log-every", type=int, help="steps between log lines (default 10)")
-    p.add_argument("--calibration-fpr", type=float, default=0.01, help="target false-positive rate of the threshold")
+    p.add_argument("--calibration-fpr", type=float, help="target false-positive rate of the threshold (default 0.01)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--until-step", type=int, default=None,
                    help="stop after this step of the current stage (checkpoint saved; continue later with --resume)")
 
 
-def _value(args: argparse.Namespace, name: str):
-    value = getattr(args, name)
-    return _DEFAULTS[name] if value is None else value
+def _flag_settings(args: argparse.Namespace) -> dict:
+    """The settings given as flags (None = not given), in TrainConfig's nested form."""
+    from slsg_train.training.config import parse_image_size
+
+    flat = {name: getattr(args, name) for name in (
+        "preset", "backbone", "steps", "batch_size", "seed", "workers", "device", "checkpoint_every",
+        "log_every", "anomaly_source", "calibration_fpr")}
+    settings = {k: v for k, v in flat.items() if v is not None}
+    if args.allow_download:
+        settings["allow_download"] = True
+    if args.backbone_weights is not None:
+        settings["backbone_weights"] = None if args.backbone_weights in ("none", "None", "") else args.backbone_weights
+    if args.image_size is not None:
+        settings["image_size"] = parse_image_size(args.image_size)
+    if args.pretrain_steps is not None:
+        settings["pretrain"] = {"steps": args.pretrain_steps}
+    if args.lr is not None:
+        settings["optim"] = {"lr": args.lr}
+    return settings
+
+
+def load_settings_file(path: str) -> dict:
+    """A JSON or YAML mapping of training settings; errors name the file and the problem."""
+    import json
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
+        raise ValueError(f"--config {path}: cannot parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def merge_settings(base: dict, overrides: dict) -> dict:
+    """``base`` updated by ``overrides``, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge_settings(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
     import sys
 
     from slsg_train.checkpoint import CheckpointError
     from slsg_train.data.loco import DataSetError
     from slsg_train.models import BackboneWeightsError
-    from slsg_train.training.config import PretrainConfig, TrainConfig, parse_image_size
+    from slsg_train.training.config import TrainConfig
     from slsg_train.training.trainer import TrainingRun
 
     try:
-        weights = None if args.backbone_weights in ("none", "None", "") else args.backbone_weights
-        cfg = TrainConfig(
-            category=args.category, preset=args.preset, backbone=args.backbone, backbone_weights=weights,
-            allow_download=args.allow_download,
-            image_size=parse_image_size(args.image_size), steps=_value(args, "steps"),
-            batch_size=_value(args, "batch_size"), seed=_value(args, "seed"), workers=_value(args, "workers"),
-            device=_value(args, "device"), checkpoint_every=_value(args, "checkpoint_every"),
-            log_every=_value(args, "log_every"), anomaly_source=args.anomaly_source,
-            calibration_fpr=args.calibration_fpr,
-            pretrain=PretrainConfig(steps=_value(args, "pretrain_steps")),
-        )
-        cfg.optim = dataclasses.replace(cfg.optim, lr=_value(args, "lr"))
+        settings = TrainConfig().to_dict()
+        if args.config:
+            settings = merge_settings(settings, load_settings_file(args.config))
+        settings = merge_settings(settings, _flag_settings(args))
+        settings["category"] = args.category
+        cfg = TrainConfig.from_dict(settings)
         # on --resume, only the options given explicitly change the stored configuration
         overrides = {k: getattr(args, k) for k in ("steps", "workers", "device", "checkpoint_every", "log_every")
                      if getattr(args, k) is not None}

@@ -101,6 +101,11 @@ def render_report_md(metrics: Mapping[str, Any]) -> str:
              *(_fmt(spro.get(limit, {}).get(row)) for limit in SPRO_LIMIT_KEYS)] for row in TYPE_ROWS]
     parts = [f"# Evaluation: {metrics['category']}", "", _table(header, rows), "",
              f"Pixel AUROC (all test pixels): {_fmt(metrics['pixel_auroc'])}"]
+    by_defect = metrics.get("image_auroc_by_defect")
+    if by_defect:
+        parts += ["", "## Image AUROC by defect (each against the good images)", "",
+                  _table(["defect", "images", "image AUROC"],
+                         [[name, str(v["count"]), _fmt(v["auroc"])] for name, v in by_defect.items()])]
     for section in ("threshold", "counts"):
         if metrics[section]:
             parts += ["", f"## {section.capitalize()}", ""]

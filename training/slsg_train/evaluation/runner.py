@@ -18,7 +18,7 @@ from slsg_train.evaluation.report import (
     write_metrics_json, write_tiff_map,
 )
 from slsg_train.inference import LoadedModel, predict
-from slsg_train.metrics import ImageMaps, PixelROC, SPROByType, image_auroc_by_type
+from slsg_train.metrics import ImageMaps, PixelROC, SPROByType, image_auroc_by_defect, image_auroc_by_type
 from slsg_train.training.dataset import resize_rgb
 
 THUMBNAIL = 192  # px, longest side of the images kept for the heat-map grid
@@ -62,7 +62,7 @@ def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str 
     if not samples:
         raise ValueError(f"{category.path / 'test'} holds no test images")
     spro, pixel = SPROByType(), PixelROC()
-    scores, types, thumbs = [], [], []
+    scores, types, defects, names, thumbs = [], [], [], [], []
     t0 = time.perf_counter()
     bar = tqdm(total=len(samples), desc=f"evaluate {category.name}", unit="img", dynamic_ncols=True)
     for start in range(0, len(samples), batch_size):
@@ -79,13 +79,19 @@ def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str 
                 write_tiff_map(maps_dir, category.name, sample.anomaly_type, sample.index, full)
             scores.append(float(score))
             types.append(sample.anomaly_type)
+            defects.append(sorted({m.defect.defect_name for m in sample.masks}))
+            names.append(f"{sample.anomaly_type}/{sample.index}")
             thumbs.append(HeatmapItem(_thumbnail(image), amap, float(score), sample.anomaly_type,
                                       f"{sample.anomaly_type}/{sample.index}"))
         bar.update(len(batch))
     bar.close()
     seconds = time.perf_counter() - t0
     metrics = _metrics(loaded, category, scores, types, spro, pixel, seconds)
+    if any(defects):
+        metrics["image_auroc_by_defect"] = image_auroc_by_defect(scores, defects)
     files = _write_outputs(out_dir, metrics, scores, types, spro, thumbs)
+    _write_scores(out_dir / "scores.json", scores, types, names, defects)
+    files.append(out_dir / "scores.json")
     return EvaluationResult(metrics, out_dir, files)
 
 
@@ -129,8 +135,14 @@ def _write_outputs(out_dir: Path, metrics: dict, scores: list[float], types: lis
     if curves:
         files.append(plot_spro_curves(curves, out_dir / "spro_curves.png"))
     files.append(plot_heatmap_grid(thumbs, out_dir / "heatmaps.png", n=min(8, max(1, len(thumbs) // 2))))
-    (out_dir / "scores.json").write_text(json.dumps([{"type": t, "score": s} for s, t in zip(scores, types)]))
     return files
+
+
+def _write_scores(path: Path, scores: list[float], types: list[str], names: list[str],
+                  defects: list[list[str]]) -> None:
+    """One entry per test image: which image, its type and defects, its raw score."""
+    rows = [{"image": n, "type": t, "defects": d, "score": s} for s, t, n, d in zip(scores, types, names, defects)]
+    path.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")
 
 
 def _figure_links() -> str:

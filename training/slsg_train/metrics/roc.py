@@ -107,3 +107,23 @@ def image_auroc_by_type(scores: Sequence[float] | np.ndarray, anomaly_types: Seq
     if any(t not in LOCO_TYPE_KEYS for t in anomalous):
         result["all"] = auroc(s, ~good)
     return result
+
+
+def image_auroc_by_defect(scores: Sequence[float] | np.ndarray,
+                          defects: Sequence[Sequence[str]]) -> dict[str, dict[str, float | int]]:
+    """Image AUROC of each defect name against the good images (those with no defect), and its count.
+
+    ``defects[i]`` names the defects of image ``i`` (its ground-truth mask files); an image with
+    two defects counts for both. This is the breakdown that says *which* rule a model misses.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.size != len(defects):
+        raise ValueError(f"scores and defects differ in length: {s.size} vs {len(defects)}")
+    good = np.array([not names for names in defects], dtype=bool)
+    if not good.any():
+        raise ValueError("image AUROC by defect needs good test images (images without defects) as negatives")
+    result: dict[str, dict[str, float | int]] = {}
+    for name in sorted({n for names in defects for n in names}):
+        has = np.array([name in names for names in defects], dtype=bool)
+        result[name] = {"auroc": auroc(s[good | has], has[good | has]), "count": int(has.sum())}
+    return result
