@@ -206,3 +206,54 @@ def test_network_runs_on_cuda_like_on_cpu():
         cpu = model(x).logits
         gpu = model.cuda()(x.cuda()).logits.cpu()
     torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- global branch (ours)
+
+
+def _scenes(rng: np.random.Generator, n: int, colour: tuple[int, int, int]) -> list[np.ndarray]:
+    """Grey frames with a coloured square that moves about: a 'product' whose look is global."""
+    out = []
+    for _ in range(n):
+        im = np.full((64, 64, 3), 110, np.uint8) + rng.integers(0, 12, (64, 64, 3), dtype=np.uint8)
+        y, x = rng.integers(8, 32, 2)
+        im[y:y + 24, x:x + 24] = colour
+        out.append(im)
+    return out
+
+
+def test_global_branch_is_off_by_default_and_neutral_until_fitted():
+    assert random_model().global_branch is None and PRESETS["paper"].global_branch is False
+    model = random_model(global_branch=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        assert out.global_distance is None  # unfitted: the paper's score alone
+        local = image_score(anomaly_probability(out.logits), 8)
+        assert torch.equal(model.score_images(out, 8), local)
+        model.train()
+        assert model(x).global_distance is None  # never computed in training
+    assert not any(p.requires_grad for p in model.global_branch.parameters())
+
+
+def test_fitted_global_branch_flags_a_global_change_the_map_cannot_see():
+    from slsg_train.inference import predict
+    from slsg_train.training.calibration import fit_global_branch
+    from slsg_train.training.dataset import to_tensor
+
+    rng = np.random.default_rng(0)
+    model = SLSG(preset("default", global_branch=True))  # ImageNet weights: the branch's features are real
+    normal, calib = _scenes(rng, 24, (200, 60, 40)), _scenes(rng, 8, (200, 60, 40))
+    wrong_colour = _scenes(rng, 6, (40, 60, 200))
+    fit = fit_global_branch(model, normal, calib, top_k=8)
+    assert fit["feature_dim"] == model.global_branch.dim == 2 * (40 + 112) and bool(model.global_branch.fitted)
+    with torch.no_grad():
+        out = model.eval()(torch.stack([to_tensor(im) for im in calib + wrong_colour]))
+    distance = out.global_distance.numpy()
+    assert distance[8:].min() > distance[:8].max()  # every wrong-colour scene is farther than every normal one
+    _, scores = predict(model, calib + wrong_colour, 8)
+    combined = model.score_images(out, 8).numpy()
+    np.testing.assert_allclose(scores, combined, atol=1e-6)
+    local = image_score(anomaly_probability(out.logits), 8).numpy()
+    assert np.all(combined >= local - 1e-7)  # max(local, global): the paper's score is a floor
+    assert combined[8:].min() > np.median(combined[:8])

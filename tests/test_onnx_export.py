@@ -131,3 +131,28 @@ def test_float64_reference_graph_agrees_with_float32(model, card):
     assert map64.dtype == torch.float64 and score64.shape == score32.shape
     torch.testing.assert_close(map64.float(), map32, atol=1e-4, rtol=0)
     torch.testing.assert_close(score64.float(), score32, atol=1e-4, rtol=0)
+
+
+def test_global_branch_exports_and_matches_pytorch(card, tmp_path):
+    from slsg_train.training.calibration import fit_global_branch
+
+    torch.manual_seed(0)
+    net = SLSG(preset("default", global_branch=True))
+    rng = np.random.default_rng(3)
+    photo = real_image()
+    normal = [np.clip(photo.astype(int) + rng.integers(-20, 21, photo.shape), 0, 255).astype(np.uint8)
+              for _ in range(8)]
+    with pytest.raises(ExportError, match="global branch was never fitted"):
+        export_onnx(net, card, tmp_path / "unfitted.onnx")
+    assert not (tmp_path / "unfitted.onnx").exists()
+    fit_global_branch(net, normal[:5], normal[5:], card.top_k)
+    result = export_onnx(net.eval(), card, tmp_path / "model.onnx", verify_images=[photo])
+    assert result.max_score_diff <= 1e-4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    odd = rng.integers(0, 256, (2, HEIGHT, WIDTH, 3), dtype=np.uint8)  # far from the photo: global outliers
+    onnx_score = session.run([OUTPUT_SCORE], {INPUT_IMAGE: np.concatenate([photo[None], odd])})[0][:, 0]
+    with torch.no_grad():
+        _, torch_score = InferenceGraph(net, card.top_k, card.calibration)(
+            torch.from_numpy(np.concatenate([photo[None], odd])))
+    np.testing.assert_allclose(onnx_score, torch_score[:, 0].numpy(), atol=1e-4)
+    assert onnx_score[1:].min() > onnx_score[0]  # the global distance raised the outliers

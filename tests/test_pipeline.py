@@ -139,12 +139,19 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
                         "  logical_grids: [[2, 3]]\n")
     run = tmp_path / "run"
     slsg("train", "--data", str(trained["data"]), "--category", "tray", "--out", str(run), "--image-size", "64",
-         "--steps", "2", "--pretrain-steps", "0", "--batch-size", "2", "--workers", "0", "--config", str(settings))
-    config = torch.load(run / "checkpoint.pt", weights_only=False)["train_config"]
+         "--steps", "2", "--pretrain-steps", "0", "--batch-size", "2", "--workers", "0", "--config", str(settings),
+         "--global-branch")
+    payload = torch.load(run / "checkpoint.pt", weights_only=False)
+    config = payload["train_config"]
     assert config["steps"] == 2  # the flag beat the file
     assert config["optim"]["lr"] == 0.01 and config["optim"]["momentum"] == 0.9  # merged, not replaced
     assert config["simulation"]["logical_probability"] == 0.0
     assert config["simulation"]["logical_grids"] == [[2, 3]]
+    # --global-branch: built, fitted after training and before calibration, logged
+    assert config["model"] == {"global_branch": True} and payload["model_config"]["global_branch"] is True
+    assert bool(payload["model_state"]["global_branch.fitted"])
+    events = [json.loads(line)["event"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert events.index("global_branch") < events.index("calibrated")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'imagenet' (bundled / official weights), a .pth path, or 'none' for random init")
     p.add_argument("--allow-download", action="store_true",
                    help="let --backbone-weights imagenet fetch the official resnet18 file when online")
+    p.add_argument("--global-branch", action="store_true",
+                   help="add the global check (pooled-feature distance to the normal images; not in the paper) "
+                        "for products whose rules span the whole image")
     p.add_argument("--image-size", default=None, help="model input, '256' or 'WxH'; multiples of 32 (default 256)")
     p.add_argument("--steps", type=int, help=f"detector training steps (default 3500)")
     p.add_argument("--pretrain-steps", type=int, help=f"generative pre-training steps, 0 to skip (default 1000)")
@@ -52,6 +55,8 @@ def _flag_settings(args: argparse.Namespace) -> dict:
         settings["pretrain"] = {"steps": args.pretrain_steps}
     if args.lr is not None:
         settings["optim"] = {"lr": args.lr}
+    if args.global_branch:
+        settings["model"] = {"global_branch": True}
     return settings
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .backbones import create_backbone
 from .blocks import ConvBNReLU, DecoderStage, SpatialAttention, resize_to
+from .global_branch import GlobalFeatureBranch
 from .graph import SelfAttentiveGraph
 
 INPUT_MULTIPLE = 32  # input height and width must be multiples of this
@@ -56,6 +57,12 @@ class SLSGConfig:
     decoder_block_channels: tuple[int, ...] = (256, 128, 64, 64)
     decoder_block_convs: tuple[int, ...] = (2, 2, 2, 1)
     head_channels: tuple[int, ...] = (32, 16)
+    # optional global check (not in the paper): Mahalanobis distance of pooled ImageNet features of
+    # the last ``global_levels`` stages; the image score is max(local, weighted global), see global_branch.py
+    global_branch: bool = False
+    global_levels: int = 2
+    global_weight: float = 1.0
+    global_shrinkage: float = 0.1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,12 +97,16 @@ def preset(name: str, **overrides: Any) -> SLSGConfig:
     """A copy of ``PRESETS[name]`` with ``overrides`` applied."""
     if name not in PRESETS:
         raise ValueError(f"unknown SLSG preset {name!r}; available: {', '.join(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(SLSGConfig)})
+    if unknown:
+        raise ValueError(f"unknown model setting(s) {unknown}; known: {sorted(f.name for f in fields(SLSGConfig))}")
     return replace(PRESETS[name], **overrides)
 
 
 class SLSGOutput(NamedTuple):
     logits: Tensor  # [B, 2, H, W]: decoder + auxiliary logits
     aux_logits: Tensor  # [B, 2, H, W]: auxiliary head alone (trained with its own loss term)
+    global_distance: Tensor | None = None  # [B]: only in eval mode with a fitted global branch
 
 
 def check_input_size(height: int, width: int) -> None:
@@ -145,6 +156,10 @@ class SLSG(nn.Module):
         )
         for part in self.head_modules():
             init_trained_weights(part)
+        self.global_branch = GlobalFeatureBranch(
+            config.backbone, config.backbone_weights, config.allow_download, config.global_levels,
+            config.global_weight, config.global_shrinkage,
+        ) if config.global_branch else None
         if config.freeze_encoder:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
@@ -208,7 +223,24 @@ class SLSG(nn.Module):
         for stage, skip in zip(self.decoder, skips):
             y = stage(y, skip, aux)
         logits = self.segmentation_head(resize_to(y, (height, width))) + aux_logits
-        return SLSGOutput(logits, aux_logits)
+        return SLSGOutput(logits, aux_logits, self._global_distance(x))
+
+    def _global_distance(self, x: Tensor) -> Tensor | None:
+        branch = self.global_branch
+        if branch is None or self.training:
+            return None  # training never needs it: the branch is fitted afterwards, in closed form
+        exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()  # export checks it is fitted
+        if not exporting and not bool(branch.fitted):
+            return None
+        return branch(x)
+
+    def score_images(self, output: SLSGOutput, k: int) -> Tensor:
+        """Image scores [B]: the paper's mean of the top-K map pixels, or with a fitted global
+        branch the larger of that and the global distance on the same scale."""
+        local = image_score(anomaly_probability(output.logits), k)
+        if output.global_distance is None:
+            return local
+        return self.global_branch.combine(local, output.global_distance)
 
 
 def anomaly_probability(logits: Tensor) -> Tensor:

@@ -49,3 +49,25 @@ def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr:
                         device: torch.device | str = "cpu") -> tuple[Calibration, dict]:
     _, scores = predict(model, images, top_k, device)
     return calibration_from_scores(scores, target_fpr)
+
+
+@torch.no_grad()
+def fit_global_branch(model, train_images: list[np.ndarray], calib_images: list[np.ndarray], top_k: int,
+                      device: torch.device | str = "cpu", batch_size: int = 16) -> dict:
+    """Fit the model's global branch in closed form: the Gaussian of the training images' pooled
+    features, then both scores' scales on the calibration images. Call before calibrating."""
+    from slsg_train.training.dataset import to_tensor
+
+    branch = model.global_branch
+    branch.fitted.fill_(False)
+    _, local = predict(model, calib_images, top_k, device)  # unfitted: the paper's local scores
+
+    def batches(images: list[np.ndarray]):
+        for i in range(0, len(images), batch_size):
+            yield torch.stack([to_tensor(im) for im in images[i:i + batch_size]]).to(device)
+
+    branch.fit_normal(torch.cat([branch.features(x) for x in batches(train_images)]).double().cpu().numpy())
+    distances = torch.cat([branch(x) for x in batches(calib_images)]).double().cpu().numpy()
+    branch.fit_scale(distances, local)
+    return {"feature_dim": branch.dim, "train_images": len(train_images), "calibration_images": len(calib_images),
+            "distance_mean": float(distances.mean()), "distance_std": float(distances.std())}

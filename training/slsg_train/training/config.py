@@ -59,6 +59,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     simulation: dict[str, Any] = field(default_factory=dict)  # SimulationConfig.to_dict()
+    model: dict[str, Any] = field(default_factory=dict)       # SLSGConfig fields over the preset's
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from slsg import __version__
 from slsg_train.checkpoint import load_checkpoint_payload, normalisation, save_checkpoint
 from slsg_train.data.loco import LocoCategory
-from slsg_train.training.calibration import calibrate_threshold, split_for_calibration
+from slsg_train.training.calibration import calibrate_threshold, fit_global_branch, split_for_calibration
 from slsg_train.training.config import TrainConfig
 from slsg_train.training.dataset import (
     NormalImageDataset, SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized,
@@ -72,7 +72,7 @@ def build_model_config(cfg: TrainConfig) -> dict[str, Any]:
         changes["backbone"] = cfg.backbone
     if cfg.pretrain.steps > 0:
         changes["freeze_encoder"] = cfg.pretrain.freeze_encoder_after
-    return preset(cfg.preset, **changes).to_dict()
+    return preset(cfg.preset, **{**changes, **cfg.model}).to_dict()
 
 
 def set_encoder_trainable(model, trainable: bool) -> None:
@@ -223,8 +223,11 @@ class TrainingRun:
                 return self.ckpt_path
 
         if self.env.is_main:
-            calibration, stats = calibrate_threshold(model, load_resized(calib_paths, cfg.image_size), self.top_k,
-                                                     cfg.calibration_fpr, self.device)
+            calib_images = load_resized(calib_paths, cfg.image_size)
+            if model.global_branch is not None:
+                fit = fit_global_branch(model, images, calib_images, self.top_k, self.device)
+                self.log("global_branch", **fit)
+            calibration, stats = calibrate_threshold(model, calib_images, self.top_k, cfg.calibration_fpr, self.device)
             save_checkpoint(self.ckpt_path, self._payload(model, "done", cfg.steps, calibration=dataclasses.asdict(calibration),
                                                           calibration_stats=stats))
             self.log("calibrated", calibration=dataclasses.asdict(calibration), stats=stats)
