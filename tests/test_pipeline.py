@@ -167,3 +167,20 @@ def test_train_rejects_a_bad_settings_file_by_name(trained, tmp_path, text, mess
                 "--steps", "1", "--pretrain-steps", "0", "--config", str(settings), check=False)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_calibrate_adds_and_removes_the_global_branch_without_retraining(trained, tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(trained["checkpoint"].read_bytes())
+    before = torch.load(ckpt, weights_only=False)
+    slsg("calibrate", "--checkpoint", str(ckpt), "--global-branch", "on")
+    on = torch.load(ckpt, weights_only=False)
+    assert on["model_config"]["global_branch"] is True and bool(on["model_state"]["global_branch.fitted"])
+    shared = [k for k in before["model_state"] if not k.startswith("global_branch.")]
+    assert all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in shared)  # SLSG weights kept
+    proc = slsg("evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--out", str(tmp_path / "eval"))
+    assert "structural" in proc.stdout
+    slsg("calibrate", "--checkpoint", str(ckpt), "--global-branch", "off")
+    off = torch.load(ckpt, weights_only=False)
+    assert off["model_config"]["global_branch"] is False and not any(k.startswith("global_branch.") for k in off["model_state"])
+    assert off["calibration"]["raw_threshold"] == pytest.approx(before["calibration"]["raw_threshold"])

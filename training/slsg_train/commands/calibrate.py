@@ -9,6 +9,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
     p.add_argument("--data", default=None, help="data set root (default: the one the run was trained on)")
     p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on normal images (default 0.01)")
+    p.add_argument("--global-branch", choices=("on", "off"), default=None,
+                   help="add (and fit) or remove the global check before calibrating; closed form, no retraining")
     p.add_argument("--device", default="cpu")
 
 
@@ -19,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from slsg_train.checkpoint import CheckpointError, save_checkpoint
     from slsg_train.data.loco import DataSetError, LocoCategory
     from slsg_train.inference import load_model
+    from slsg_train.models import BackboneWeightsError
     from slsg_train.training.calibration import calibrate_threshold, split_for_calibration
     from slsg_train.training.dataset import load_resized
 
@@ -26,15 +29,43 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model(args.checkpoint, args.device)
         payload = loaded.payload
         category = LocoCategory(args.data or payload["data_root"], payload["category"])
-        _, paths = split_for_calibration(category)
-        cal, stats = calibrate_threshold(loaded.model, load_resized(paths, loaded.image_size), loaded.top_k,
-                                         args.fpr, args.device)
-    except (CheckpointError, DataSetError, ValueError) as exc:
+        train_paths, paths = split_for_calibration(category)
+        calib_images = load_resized(paths, loaded.image_size)
+        model = loaded.model
+        if args.global_branch is not None:
+            model = _switch_global_branch(loaded, args.global_branch == "on", train_paths, calib_images, args.device)
+        cal, stats = calibrate_threshold(model, calib_images, loaded.top_k, args.fpr, args.device)
+    except (CheckpointError, DataSetError, BackboneWeightsError, ValueError) as exc:
         print(f"slsg calibrate: {exc}", file=sys.stderr)
         return 2
+    payload["model_state"] = model.state_dict()
     payload["calibration"], payload["calibration_stats"] = dataclasses.asdict(cal), stats
     path = payload.pop("path")
     save_checkpoint(path, {k: v for k, v in payload.items() if k != "format"})
     print(f"raw threshold {cal.raw_threshold:.5f} for FPR {args.fpr:.2%} on {stats['num_images']} normal images "
           f"(scores {stats['min']:.4f}..{stats['max']:.4f}); saved to {path}")
     return 0
+
+
+def _switch_global_branch(loaded, enabled: bool, train_paths, calib_images, device: str):
+    """The checkpoint's network with the global branch added and fitted (its encoder with the
+    backbone's ImageNet weights, not the pre-trained encoder's) or removed; the SLSG weights are kept."""
+    import dataclasses
+
+    from slsg_train.models import SLSG, SLSGConfig
+    from slsg_train.training.calibration import fit_global_branch
+    from slsg_train.training.dataset import load_resized
+
+    config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), global_branch=enabled)
+    model = SLSG(dataclasses.replace(config, global_branch=False, backbone_weights=None))  # no weights to fetch
+    model.load_state_dict({k: v for k, v in loaded.model.state_dict().items() if not k.startswith("global_branch.")})
+    model.config = config
+    if enabled:
+        from slsg_train.models.global_branch import GlobalFeatureBranch
+
+        model.global_branch = GlobalFeatureBranch(config.backbone, config.backbone_weights, config.allow_download,
+                                                  config.global_levels, config.global_weight, config.global_shrinkage)
+        model.to(device)
+        fit_global_branch(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device)
+    loaded.payload["model_config"] = config.to_dict()
+    return model.eval()
