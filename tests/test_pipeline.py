@@ -173,8 +173,12 @@ def test_calibrate_adds_and_removes_the_global_branch_without_retraining(trained
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(trained["checkpoint"].read_bytes())
     before = torch.load(ckpt, weights_only=False)
+    info_before = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
     slsg("calibrate", "--checkpoint", str(ckpt), "--global-branch", "on")
     on = torch.load(ckpt, weights_only=False)
+    info_on = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
+    assert not info_before["global_branch"] and info_on["global_branch"]
+    assert info_on["gflop_per_image"] > info_before["gflop_per_image"]  # the branch's encoder is counted
     assert on["model_config"]["global_branch"] is True and bool(on["model_state"]["global_branch.fitted"])
     shared = [k for k in before["model_state"] if not k.startswith("global_branch.")]
     assert all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in shared)  # SLSG weights kept
