@@ -15,7 +15,7 @@ from slsg.contract import (
     INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, Calibration, ModelCard,
 )
 from slsg_train.export import ExportError, InferenceGraph, calibrate, export_onnx
-from slsg_train.models import SLSG, preset, top_k_for_size
+from slsg_train.models import SLSG, SelfAttentiveGraph, preset, top_k_for_size
 
 HEIGHT, WIDTH = 64, 96  # non-square on purpose
 
@@ -156,3 +156,67 @@ def test_global_branch_exports_and_matches_pytorch(card, tmp_path):
             torch.from_numpy(np.concatenate([photo[None], odd])))
     np.testing.assert_allclose(onnx_score, torch_score[:, 0].numpy(), atol=1e-4)
     assert onnx_score[1:].min() > onnx_score[0]  # the global distance raised the outliers
+
+
+def test_a_flipped_near_tie_is_recognised_and_nothing_else_is(model, card, tmp_path, monkeypatch):
+    """ONNX Runtime that picked another neighbour at a near-tie passes; the same flip beyond the margin fails."""
+    import copy
+
+    import slsg_train.export.onnx_export as onnx_export
+
+    frame = real_image()
+    graph = InferenceGraph(model, card.top_k, card.calibration).eval()
+    captured = {}
+    hook = model.graph.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        graph(torch.from_numpy(frame[None]))
+    hook.remove()
+    x = captured["x"]
+    ties = model.graph.near_ties(x, margin=float("inf"))
+    assert ties == sorted(ties, key=lambda t: t.gap) and all(t.gap >= 0 for t in ties)
+
+    # An "ONNX Runtime" that resolves one tie the other way: the flip baked into the exported graph.
+    nodes = x.shape[2] * x.shape[3]
+    with torch.no_grad():
+        plain_map, _ = graph(torch.from_numpy(frame[None]))
+        for tie in ties:  # the closest tie whose flip visibly moves the map
+            offset = torch.zeros(1, nodes, nodes)
+            offset[0, tie.node, tie.lower] = 2 * tie.gap + 1e-6
+            model.graph.similarity_offset = offset
+            flipped_map, _ = graph(torch.from_numpy(frame[None]))
+            if (flipped_map - plain_map).abs().max() > 1e-3:
+                break
+    path = tmp_path / "flipped.onnx"
+    try:
+        onnx_export._write_onnx(graph, card, path, 17, False)
+    finally:
+        model.graph.similarity_offset = None
+    ref = copy.deepcopy(graph)  # verify_onnx's float64 copy is made from the clean graph
+
+    monkeypatch.setattr(onnx_export, "NEAR_TIE_MARGIN", tie.gap * 10 + 1e-6)
+    check = onnx_export.verify_onnx(path, ref, [frame[None]], tolerance=1e-4)
+    assert check.near_tie_images == 1 and check.max_map_diff <= 1e-4
+
+    monkeypatch.setattr(onnx_export, "NEAR_TIE_MARGIN", tie.gap / 10)
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        onnx_export.verify_onnx(path, ref, [frame[None]], tolerance=1e-4)
+
+
+def test_near_ties_are_the_rank_pairs_that_change_the_choice():
+    block = SelfAttentiveGraph(16, k=3, dilation=2).eval()  # chosen ranks 0, 2, 4 of the 6 best
+    x = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():
+        ties = block.near_ties(x, margin=float("inf"))
+        # per node, pairs (r, r+1) of ranks 0..6 with exactly one side chosen: r = 0..4 (not 5-6) -> 5
+        assert len(ties) == 16 * 5
+        tie = ties[0]
+        qk = block.query_key(block.fc_in(x)).flatten(2)
+        before = block.neighbours(qk, 4, 4)[0, tie.node]
+        offset = torch.zeros(1, 16, 16)
+        offset[0, tie.node, tie.lower] = 2 * tie.gap + 1e-6
+        block.similarity_offset = offset
+        after = block.neighbours(qk, 4, 4)[0, tie.node]
+    assert tie.higher in before.tolist() or tie.lower in before.tolist()
+    assert before.tolist() != after.tolist()
+    with pytest.raises(ValueError, match="one image"):
+        block.near_ties(torch.randn(2, 16, 4, 4), 1e-5)

@@ -35,6 +35,7 @@ class ExportResult:
     card: ModelCard
     max_map_diff: float
     max_score_diff: float
+    near_tie_images: int = 0
 
 
 def _find_metrics(req: ExportRequest) -> dict:
@@ -100,4 +101,5 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         if created_dir and target.parent.exists():  # a failed export leaves no half-made version behind
             shutil.rmtree(target.parent)
         raise
-    return ExportResult(target, Path(config), version, card, float(check.max_map_diff), float(check.max_score_diff))
+    return ExportResult(target, Path(config), version, card, float(check.max_map_diff), float(check.max_score_diff),
+                        check.near_tie_images)

@@ -15,6 +15,7 @@ a temporary name in the target folder and renamed only on success).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -32,6 +33,10 @@ from slsg.contract import (
 from slsg_train.models.slsg import SLSG, anomaly_probability, check_input_size
 
 DEFAULT_TOLERANCE = 1e-4  # max abs difference ONNX Runtime vs PyTorch
+# Graph k-NN near-ties: candidate pairs ranked within this much of each other (float64) may be ranked
+# the other way by another float32 kernel library; the verification tries each such flip (closest first).
+NEAR_TIE_MARGIN = 1e-5
+MAX_NEAR_TIE_FLIPS = 32
 RANDOM_BATCHES = (1, 3)  # batch sizes checked with random images (the batch axis is dynamic)
 
 
@@ -46,6 +51,7 @@ class ExportCheck:
     max_score_diff: float
     checked_images: int  # random + real images compared
     opset: int
+    near_tie_images: int = 0  # images accepted under the near-tie rule (see verify_onnx)
 
 
 def calibrate(raw: Tensor, calibration: Calibration) -> Tensor:
@@ -127,41 +133,80 @@ def _verify_batches(card: ModelCard, verify_images: list[np.ndarray]) -> list[np
     return batches
 
 
-def _max_diffs(onnx_out: list[np.ndarray], reference: tuple[Tensor, Tensor], size: int) -> tuple[float, float]:
+def _image_diffs(onnx_out: list[np.ndarray], reference: tuple[Tensor, Tensor], size: int) -> np.ndarray:
+    """[N, 2]: per image, max |ORT - reference| of the anomaly map and of the score."""
     (onnx_map, onnx_score), (torch_map, torch_score) = onnx_out, reference
     if onnx_map.shape != tuple(torch_map.shape) or onnx_score.shape != tuple(torch_score.shape):
         raise ExportError(
             f"ONNX output shapes {onnx_map.shape}, {onnx_score.shape} differ from PyTorch's "
             f"{tuple(torch_map.shape)}, {tuple(torch_score.shape)} for a batch of {size}"
         )
-    return (float(np.abs(onnx_map - torch_map.double().numpy()).max()),
-            float(np.abs(onnx_score - torch_score.double().numpy()).max()))
+    map_diff = np.abs(onnx_map - torch_map.double().numpy()).reshape(size, -1).max(axis=1)
+    score_diff = np.abs(onnx_score - torch_score.double().numpy()).reshape(size, -1).max(axis=1)
+    return np.stack([map_diff, score_diff], axis=1)
+
+
+def _matches_a_near_tie_flip(reference64: InferenceGraph, onnx_out: list[np.ndarray], frame: np.ndarray,
+                             tolerance: float) -> bool:
+    """Whether ONNX Runtime's outputs for one ``frame`` equal (within ``tolerance``) the float64 graph's
+    with one near-tie of the graph's neighbour ranking resolved the other way."""
+    graph_block = reference64.model.graph
+    captured: dict[str, Tensor] = {}
+    hook = graph_block.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
+    try:
+        reference64(torch.from_numpy(frame[None]))
+    finally:
+        hook.remove()
+    x = captured["x"]
+    nodes = x.shape[2] * x.shape[3]
+    try:
+        for tie in graph_block.near_ties(x, NEAR_TIE_MARGIN)[:MAX_NEAR_TIE_FLIPS]:
+            offset = torch.zeros(1, nodes, nodes, dtype=x.dtype)
+            offset[0, tie.node, tie.lower] = 2 * tie.gap + 1e-12  # the lower candidate now ranks just above
+            graph_block.similarity_offset = offset
+            flipped = _image_diffs(onnx_out, reference64(torch.from_numpy(frame[None])), 1)
+            if flipped.max() <= tolerance:
+                return True
+    finally:
+        graph_block.similarity_offset = None
+    return False
 
 
 def verify_onnx(path: Path, graph: InferenceGraph, batches: list[np.ndarray],
-                tolerance: float = DEFAULT_TOLERANCE) -> tuple[float, float]:
-    """Max abs differences (anomaly_map, score) between ONNX Runtime and PyTorch over ``batches``.
+                tolerance: float = DEFAULT_TOLERANCE) -> ExportCheck:
+    """Compare ONNX Runtime with PyTorch over ``batches``, image by image; raise ExportError on a mismatch.
 
-    The graph block's k-NN picks neighbours by ``topk`` over similarities, so a near-tie can
-    resolve differently under two float32 kernel libraries and move a patch of the map by up to
-    ~4e-3 (seen on a trained model: one node of 256 flipped). Where float32 PyTorch and ONNX Runtime
-    differ by more than ``tolerance``, the batch is re-run in float64 PyTorch, which settles the
-    near-tie, and ONNX Runtime must agree with that within ``tolerance``.
+    The graph block picks neighbours by ranking similarities, and a trained model has candidate pairs
+    whose similarities differ by less than float32 rounding (~1e-6), so two kernel libraries may pick
+    another neighbour for a node and move a patch of the map (seen: up to ~4e-3). An image counts as
+    matching when ONNX Runtime agrees within ``tolerance`` with float32 PyTorch, or with float64
+    PyTorch (which settles ties float32 got wrong), or with float64 PyTorch after one near-tie
+    (gap < ``NEAR_TIE_MARGIN``) is resolved the other way: then the only difference is that choice.
     """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     reference64: InferenceGraph | None = None
-    diff_map = diff_score = 0.0
+    worst, near_ties = np.zeros(2), 0
     for batch in batches:
         onnx_out = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: batch})
         with torch.no_grad():
-            diffs = _max_diffs(onnx_out, graph(torch.from_numpy(batch)), len(batch))
-            if not max(diffs) <= tolerance:
+            diffs = _image_diffs(onnx_out, graph(torch.from_numpy(batch)), len(batch))
+            for i in np.flatnonzero(~(diffs.max(axis=1) <= tolerance)):  # also catches NaN
                 reference64 = reference64 or copy.deepcopy(graph).double()
-                diffs = min(diffs, _max_diffs(onnx_out, reference64(torch.from_numpy(batch)), len(batch)), key=max)
-        diff_map, diff_score = max(diff_map, diffs[0]), max(diff_score, diffs[1])
-    return diff_map, diff_score
+                one = [out[i:i + 1] for out in onnx_out]
+                diffs64 = _image_diffs(one, reference64(torch.from_numpy(batch[i:i + 1])), 1)[0]
+                if diffs64.max() <= tolerance:
+                    diffs[i] = diffs64
+                elif _matches_a_near_tie_flip(reference64, one, batch[i], tolerance):
+                    near_ties += 1
+                    diffs[i] = 0.0  # counted separately: the outputs match once that tie is flipped
+                else:
+                    raise ExportError(
+                        f"ONNX Runtime differs from PyTorch by {diffs[i].max():.3g} (anomaly_map {diffs[i, 0]:.3g}, "
+                        f"score {diffs[i, 1]:.3g}) > tolerance {tolerance:g}")
+        worst = np.maximum(worst, diffs.max(axis=0))
+    return ExportCheck(path, float(worst[0]), float(worst[1]), sum(len(b) for b in batches), 0, near_ties)
 
 
 def export_onnx(
@@ -198,20 +243,14 @@ def export_onnx(
         batches = _verify_batches(card, verify_images)
         try:
             _write_onnx(graph, card, tmp, opset, dynamo)
-            diff_map, diff_score = verify_onnx(tmp, graph, batches, tolerance)
-        except ExportError:
-            raise
+            check = verify_onnx(tmp, graph, batches, tolerance)
+        except ExportError as exc:
+            raise ExportError(f"{exc}; {path} was not written") from None
         except Exception as exc:
             raise ExportError(f"ONNX export of {path} failed: {type(exc).__name__}: {exc}") from exc
-        worst = max(diff_map, diff_score)
-        if not worst <= tolerance:  # also catches NaN
-            raise ExportError(
-                f"ONNX Runtime differs from PyTorch by {worst:.3g} (anomaly_map {diff_map:.3g}, "
-                f"score {diff_score:.3g}) > tolerance {tolerance:g}; {path} was not written"
-            )
         tmp.chmod(0o644)  # mkstemp makes 0600; a serving container may run as another user
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
         model.train(was_training)
-    return ExportCheck(path, diff_map, diff_score, sum(len(b) for b in batches), opset)
+    return dataclasses.replace(check, path=path, opset=opset)

@@ -16,6 +16,7 @@ Everything is tensor ops (topk + gather, no loops over nodes), so the block expo
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +59,15 @@ def effective_k_and_dilation(num_nodes: int, k: int, dilation: int) -> tuple[int
     """(k, dilation) that fit a graph of ``num_nodes``: k * dilation candidates must exist."""
     k_eff = max(1, min(k, num_nodes))
     return k_eff, max(1, min(dilation, num_nodes // k_eff))
+
+
+class NearTie(NamedTuple):
+    """Node ``node`` ranks candidate ``higher`` above ``lower`` by only ``gap``."""
+
+    node: int
+    higher: int
+    lower: int
+    gap: float
 
 
 def gather_nodes(nodes: Tensor, index: Tensor) -> Tensor:
@@ -109,17 +119,44 @@ class SelfAttentiveGraph(nn.Module):
         self.context_out = nn.Conv2d(channels, channels, 1)
         self.graph_conv = nn.Sequential(_conv_bn(2 * channels, 2 * channels, groups), nn.GELU())
         self.fc_out = _conv_bn(2 * channels, channels)
+        self.similarity_offset: Tensor | None = None  # [B, N, N], set only by export verification
+
+    def _similarity(self, query_key: Tensor, height: int, width: int) -> Tensor:
+        """[B, N, N]: cosine similarity of the query/key embedding plus the relative-position bias."""
+        unit = F.normalize(query_key, dim=1)
+        similarity = unit.transpose(1, 2) @ unit
+        if self.position_bias:
+            rel = torch.tensor(relative_position_similarity(height, width, self.channels), device=similarity.device)
+            similarity = similarity + self.position_bias * rel.to(similarity.dtype)
+        if self.similarity_offset is not None:  # export verification only: resolve a near-tie the other way
+            similarity = similarity + self.similarity_offset
+        return similarity
 
     def neighbours(self, query_key: Tensor, height: int, width: int) -> Tensor:
         """query_key [B, Ck, N] -> neighbour indices [B, N, k] (best first, every dilation-th)."""
-        unit = F.normalize(query_key, dim=1)
-        similarity = unit.transpose(1, 2) @ unit  # [B, N, N] cosine
-        if self.position_bias:
-            rel = torch.tensor(relative_position_similarity(height, width, self.channels), device=similarity.device)
-            similarity = similarity + self.position_bias * rel
+        similarity = self._similarity(query_key, height, width)
         k, dilation = effective_k_and_dilation(height * width, self.k, self.dilation)
         candidates = similarity.topk(k * dilation, dim=-1).indices  # [B, N, k*d]
         return candidates[..., ::dilation]
+
+    @torch.no_grad()
+    def near_ties(self, x: Tensor, margin: float) -> list[NearTie]:
+        """The rank pairs of block input ``x`` (one image) whose similarities differ by less than
+        ``margin`` and whose swap would change the chosen neighbours, closest first. Two float32
+        kernel libraries may rank such a pair either way."""
+        if x.shape[0] != 1:
+            raise ValueError(f"near_ties takes one image, got a batch of {x.shape[0]}")
+        _, _, h, w = x.shape
+        similarity = self._similarity(self.query_key(self.fc_in(x)).flatten(2), h, w)[0]
+        k, dilation = effective_k_and_dilation(h * w, self.k, self.dilation)
+        values, indices = similarity.topk(min(k * dilation + 1, h * w), dim=-1)
+        gaps = values[:, :-1] - values[:, 1:]  # [N, ranks - 1]: rank r vs r + 1
+        chosen = torch.zeros(values.shape[1], dtype=torch.bool)
+        chosen[: k * dilation : dilation] = True
+        matters = chosen[:-1] ^ chosen[1:]  # a swap changes the choice when exactly one side is chosen
+        ties = [NearTie(int(n), int(indices[n, r]), int(indices[n, r + 1]), float(gaps[n, r]))
+                for n, r in (gaps < margin).logical_and(matters).nonzero().tolist()]
+        return sorted(ties, key=lambda t: t.gap)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
