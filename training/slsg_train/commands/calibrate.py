@@ -60,12 +60,11 @@ def _switch_global_branch(loaded, enabled: bool, train_paths, calib_images, devi
     model = SLSG(dataclasses.replace(config, global_branch=False, backbone_weights=None))  # no weights to fetch
     model.load_state_dict({k: v for k, v in loaded.model.state_dict().items() if not k.startswith("global_branch.")})
     model.config = config
+    model.to(device)
     if enabled:
-        from slsg_train.models.global_branch import GlobalFeatureBranch
+        from slsg_train.models.slsg import build_global_branch
 
-        model.global_branch = GlobalFeatureBranch(config.backbone, config.backbone_weights, config.allow_download,
-                                                  config.global_levels, config.global_weight, config.global_shrinkage)
-        model.to(device)
+        model.global_branch = build_global_branch(config).to(device)
         fit_global_branch(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device)
     loaded.payload["model_config"] = config.to_dict()
     return model.eval()

@@ -10,7 +10,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, train_log.jsonl)")
     p.add_argument("--config", default=None,
                    help="JSON or YAML file of training settings (TrainConfig fields, nested: simulation, optim, "
-                        "loss, pretrain); flags given on the command line win")
+                        "loss, pretrain, model); flags given on the command line win")
     p.add_argument("--preset", default=None, help="'default' (EfficientNet-Lite0) or 'paper' (ResNet-18)")
     p.add_argument("--backbone", default=None, help="override the preset's backbone (efficientnet_lite0, resnet18)")
     p.add_argument("--backbone-weights", default=None,
@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add the global check (pooled-feature distance to the normal images; not in the paper) "
                         "for products whose rules span the whole image")
     p.add_argument("--image-size", default=None, help="model input, '256' or 'WxH'; multiples of 32 (default 256)")
-    p.add_argument("--steps", type=int, help=f"detector training steps (default 3500)")
-    p.add_argument("--pretrain-steps", type=int, help=f"generative pre-training steps, 0 to skip (default 1000)")
+    p.add_argument("--steps", type=int, help="detector training steps (default 3500)")
+    p.add_argument("--pretrain-steps", type=int, help="generative pre-training steps, 0 to skip (default 1000)")
     p.add_argument("--batch-size", type=int, help="normal images per step; as many simulated ones are added (default 4)")
     p.add_argument("--lr", type=float, help="SGD learning rate (default 0.04)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")

@@ -103,6 +103,12 @@ def preset(name: str, **overrides: Any) -> SLSGConfig:
     return replace(PRESETS[name], **overrides)
 
 
+def build_global_branch(config: SLSGConfig) -> GlobalFeatureBranch:
+    """The optional global branch as ``config`` describes it (its encoder with ``config.backbone_weights``)."""
+    return GlobalFeatureBranch(config.backbone, config.backbone_weights, config.allow_download, config.global_levels,
+                               config.global_weight, config.global_shrinkage)
+
+
 class SLSGOutput(NamedTuple):
     logits: Tensor  # [B, 2, H, W]: decoder + auxiliary logits
     aux_logits: Tensor  # [B, 2, H, W]: auxiliary head alone (trained with its own loss term)
@@ -156,10 +162,7 @@ class SLSG(nn.Module):
         )
         for part in self.head_modules():
             init_trained_weights(part)
-        self.global_branch = GlobalFeatureBranch(
-            config.backbone, config.backbone_weights, config.allow_download, config.global_levels,
-            config.global_weight, config.global_shrinkage,
-        ) if config.global_branch else None
+        self.global_branch = build_global_branch(config) if config.global_branch else None
         if config.freeze_encoder:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
