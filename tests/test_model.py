@@ -146,7 +146,9 @@ def test_parameter_groups_partition_the_model():
     model = random_model()
     enc, head = list(model.encoder_parameters()), list(model.head_parameters())
     assert {id(p) for p in enc}.isdisjoint({id(p) for p in head})
-    assert len(enc) + len(head) == len(list(model.parameters()))
+    reference = list(model.reference_encoder.parameters())  # the patch memory's frozen ImageNet encoder
+    assert len(enc) + len(head) + len(reference) == len(list(model.parameters()))
+    assert not any(p.requires_grad for p in reference)
     counts = count_parameters(model)
     assert counts["trainable"] == sum(p.numel() for p in head) < counts["total"]
 
@@ -224,6 +226,7 @@ def _scenes(rng: np.random.Generator, n: int, colour: tuple[int, int, int]) -> l
 
 def test_global_branch_is_off_by_default_and_neutral_until_fitted():
     assert random_model().global_branch is None and PRESETS["paper"].global_branch is False
+    assert PRESETS["paper"].patch_memory is False and random_model("paper").reference_encoder is None
     model = random_model(global_branch=True).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -238,15 +241,17 @@ def test_global_branch_is_off_by_default_and_neutral_until_fitted():
 
 def test_fitted_global_branch_flags_a_global_change_the_map_cannot_see():
     from slsg_train.inference import predict
-    from slsg_train.training.calibration import fit_global_branch
+    from slsg_train.training.calibration import fit_reference_checks
     from slsg_train.training.dataset import to_tensor
 
     rng = np.random.default_rng(0)
-    model = SLSG(preset("default", global_branch=True))  # ImageNet weights: the branch's features are real
+    # ImageNet weights: the branch's features are real
+    model = SLSG(preset("default", global_branch=True, patch_memory=False))
     normal, calib = _scenes(rng, 24, (200, 60, 40)), _scenes(rng, 8, (200, 60, 40))
     wrong_colour = _scenes(rng, 6, (40, 60, 200))
-    fit = fit_global_branch(model, normal, calib, top_k=8)
-    assert fit["feature_dim"] == model.global_branch.dim == 2 * (40 + 112) and bool(model.global_branch.fitted)
+    fit = fit_reference_checks(model, normal, calib, top_k=8)
+    assert fit["global_branch"]["feature_dim"] == model.global_branch.dim == 2 * (40 + 112)
+    assert bool(model.global_branch.fitted) and "patch_memory" not in fit
     with torch.no_grad():
         out = model.eval()(torch.stack([to_tensor(im) for im in calib + wrong_colour]))
     distance = out.global_distance.numpy()
@@ -257,3 +262,100 @@ def test_fitted_global_branch_flags_a_global_change_the_map_cannot_see():
     local = image_score(anomaly_probability(out.logits), 8).numpy()
     assert np.all(combined >= local - 1e-7)  # max(local, global): the paper's score is a floor
     assert combined[8:].min() > np.median(combined[:8])
+
+
+# --------------------------------------------------------------------------- patch memory (ours)
+
+
+def test_patch_memory_is_on_in_the_default_preset_and_neutral_until_fitted():
+    model = random_model().eval()
+    assert model.patch_memory is not None and model.global_branch is None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        assert out.patch_distance is None
+        assert torch.equal(model.anomaly_map(out), anomaly_probability(out.logits))
+        model.patch_memory.fitted.fill_(True)
+        out = model(x)
+        assert out.patch_distance.shape == (2, 1, 8, 8)  # stride 8: the shallower of the last two stages
+        assert model.anomaly_map(out).shape == (2, 1, 64, 64)
+        assert model.train()(x).patch_distance is None  # never computed in training
+
+
+def test_coreset_keeps_one_patch_of_every_kind_however_rare():
+    from slsg_train.models.patch_memory import coreset
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (6, 200))
+    sizes = [2000, 3, 1, 50, 7, 400]  # one common patch kind, several rare ones
+    points = np.concatenate([c + rng.normal(0, 0.01, (n, 200)) for c, n in zip(centres, sizes)])
+    kind = np.repeat(np.arange(6), sizes)
+    chosen = coreset(torch.from_numpy(points).float(), 6, progress=False).numpy()
+    assert sorted(kind[chosen]) == list(range(6))
+    assert coreset(torch.zeros(4, 8), 10, progress=False).tolist() == [0, 1, 2, 3]  # fewer than size: all
+
+
+def test_patch_memory_distance_is_the_nearest_memory_patch():
+    from slsg_train.models.patch_memory import PatchMemoryBranch
+
+    branch = PatchMemoryBranch([4, 3, 5], levels=2, size=16)
+    maps = [torch.randn(2, 4, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)]
+    patches = branch.patch_features(maps)
+    assert patches.shape == (2, 8, 4, 4)
+    train = patches[:1].permute(0, 2, 3, 1).reshape(-1, 8)
+    assert branch.fit_memory(train, progress=False) == 16
+    distance = branch(maps)
+    naive = torch.cdist(patches.permute(0, 2, 3, 1).reshape(-1, 8), branch.memory).min(1).values ** 2
+    torch.testing.assert_close(distance.flatten(), naive, atol=1e-4, rtol=1e-4)
+    assert distance[0].max() < 1e-4 < distance[1].min()  # every training patch is in a 16-patch memory
+    small = PatchMemoryBranch([4, 3, 5], levels=2, size=40)
+    assert small.fit_memory(train, progress=False) == 16  # fewer patches than memory: repeats fill it
+    torch.testing.assert_close(small(maps), distance, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        small.fit_memory(torch.zeros(5, 7), progress=False)
+
+
+def _scenes_with_stain(rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    images, where = [], []
+    for im in _scenes(rng, n, (200, 60, 40)):
+        y, x = (int(v) for v in rng.integers(4, 50, 2))
+        im[y:y + 10, x:x + 10] = (30, 160, 230)  # a small foreign stain
+        images.append(im)
+        where.append((y + 5, x + 5))
+    return images, where
+
+
+def test_fitted_patch_memory_scores_and_locates_a_local_defect():
+    from slsg_train.inference import predict
+    from slsg_train.models.patch_memory import resize_patches
+    from slsg_train.training.calibration import fit_reference_checks
+    from slsg_train.training.dataset import to_tensor
+
+    rng = np.random.default_rng(1)
+    model = SLSG(preset("default"))  # ImageNet weights; SLSG itself untrained: its map knows nothing
+    normal, calib = _scenes(rng, 24, (200, 60, 40)), _scenes(rng, 8, (200, 60, 40))
+    stained, centres = _scenes_with_stain(rng, 6)
+    fit = fit_reference_checks(model, normal, calib, top_k=8, progress=False)
+    assert fit["patch_memory"]["candidates"] == 24 * 8 * 8 and bool(model.patch_memory.fitted)
+    _, scores = predict(model, calib + stained, 8)
+    assert scores[8:].min() > scores[:8].max()  # every stained scene above every normal one
+    with torch.no_grad():
+        out = model.eval()(torch.stack([to_tensor(im) for im in stained]))
+        assert torch.all(model.anomaly_map(out) >= anomaly_probability(out.logits))  # the paper's map is a floor
+        distance = resize_patches(out.patch_distance, (64, 64))[:, 0].numpy()
+    for m, (y, x) in zip(distance, centres):
+        peak = np.unravel_index(m.argmax(), m.shape)
+        # within two stride-8 patches: the peak sits a few pixels down-right of the stain's centre
+        assert abs(peak[0] - y) <= 16 and abs(peak[1] - x) <= 16
+
+
+def test_old_checkpoints_with_the_encoder_inside_the_global_branch_still_load():
+    model = random_model(global_branch=True, patch_memory=False)
+    state = model.state_dict()
+    old = {(k.replace("reference_encoder.backbone.", "global_branch.encoder.") if k.startswith("reference_encoder.")
+            else k): v for k, v in state.items()}
+    assert any(k.startswith("global_branch.encoder.") for k in old)
+    fresh = random_model(global_branch=True, patch_memory=False)
+    fresh.load_state_dict(old)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k

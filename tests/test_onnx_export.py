@@ -25,7 +25,7 @@ def model() -> SLSG:
     """Default preset with ImageNet encoder and a head re-initialised so the map varies a lot
     (the authors' N(0, 0.02) init gives an almost constant 0.5 map that would hide mismatches)."""
     torch.manual_seed(0)
-    net = SLSG(preset("default"))
+    net = SLSG(preset("default", patch_memory=False))  # SLSG alone; the reference checks have their own test
     for m in net.head_modules():
         for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
             nn.init.normal_(conv.weight, 0.0, 0.05)
@@ -133,11 +133,11 @@ def test_float64_reference_graph_agrees_with_float32(model, card):
     torch.testing.assert_close(score64.float(), score32, atol=1e-4, rtol=0)
 
 
-def test_global_branch_exports_and_matches_pytorch(card, tmp_path):
-    from slsg_train.training.calibration import fit_global_branch
+def test_reference_checks_export_and_match_pytorch(card, tmp_path):
+    from slsg_train.training.calibration import fit_reference_checks
 
     torch.manual_seed(0)
-    net = SLSG(preset("default", global_branch=True))
+    net = SLSG(preset("default", global_branch=True))  # and the patch memory, on in the preset
     rng = np.random.default_rng(3)
     photo = real_image()
     normal = [np.clip(photo.astype(int) + rng.integers(-20, 21, photo.shape), 0, 255).astype(np.uint8)
@@ -145,17 +145,22 @@ def test_global_branch_exports_and_matches_pytorch(card, tmp_path):
     with pytest.raises(ExportError, match="global branch was never fitted"):
         export_onnx(net, card, tmp_path / "unfitted.onnx")
     assert not (tmp_path / "unfitted.onnx").exists()
-    fit_global_branch(net, normal[:5], normal[5:], card.top_k)
+    net.global_branch.fitted.fill_(True)
+    with pytest.raises(ExportError, match="patch memory was never fitted"):
+        export_onnx(net, card, tmp_path / "unfitted.onnx")
+    fit_reference_checks(net, normal[:5], normal[5:], card.top_k, progress=False)
     result = export_onnx(net.eval(), card, tmp_path / "model.onnx", verify_images=[photo])
-    assert result.max_score_diff <= 1e-4
+    assert result.max_score_diff <= 1e-4 and result.max_map_diff <= 1e-4
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    odd = rng.integers(0, 256, (2, HEIGHT, WIDTH, 3), dtype=np.uint8)  # far from the photo: global outliers
-    onnx_score = session.run([OUTPUT_SCORE], {INPUT_IMAGE: np.concatenate([photo[None], odd])})[0][:, 0]
+    odd = rng.integers(0, 256, (2, HEIGHT, WIDTH, 3), dtype=np.uint8)  # far from the photo: outliers
+    frames = np.concatenate([photo[None], odd])
+    onnx_map, onnx_score = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: frames})
     with torch.no_grad():
-        _, torch_score = InferenceGraph(net, card.top_k, card.calibration)(
-            torch.from_numpy(np.concatenate([photo[None], odd])))
-    np.testing.assert_allclose(onnx_score, torch_score[:, 0].numpy(), atol=1e-4)
-    assert onnx_score[1:].min() > onnx_score[0]  # the global distance raised the outliers
+        torch_map, torch_score = InferenceGraph(net, card.top_k, card.calibration)(torch.from_numpy(frames))
+    np.testing.assert_allclose(onnx_score[:, 0], torch_score[:, 0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(onnx_map, torch_map.numpy(), atol=1e-4)
+    assert onnx_score[1:, 0].min() > onnx_score[0, 0]  # the checks raised the outliers
+    assert onnx_map[1:].mean() > onnx_map[0].mean()  # and the patch memory raised their maps
 
 
 def test_a_flipped_near_tie_is_recognised_and_nothing_else_is(model, card, tmp_path, monkeypatch):

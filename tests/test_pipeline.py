@@ -147,11 +147,18 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
     assert config["optim"]["lr"] == 0.01 and config["optim"]["momentum"] == 0.9  # merged, not replaced
     assert config["simulation"]["logical_probability"] == 0.0
     assert config["simulation"]["logical_grids"] == [[2, 3]]
-    # --global-branch: built, fitted after training and before calibration, logged
+    # --global-branch (and the preset's patch memory): built, fitted after training and before
+    # calibration, logged; one frozen reference encoder serves both
     assert config["model"] == {"global_branch": True} and payload["model_config"]["global_branch"] is True
-    assert bool(payload["model_state"]["global_branch.fitted"])
-    events = [json.loads(line)["event"] for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert events.index("global_branch") < events.index("calibrated")
+    assert payload["model_config"]["patch_memory"] is True
+    state = payload["model_state"]
+    assert bool(state["global_branch.fitted"]) and bool(state["patch_memory.fitted"])
+    assert not any(k.startswith("global_branch.encoder") for k in state)
+    lines = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    events = [line["event"] for line in lines]
+    assert events.index("reference_checks") < events.index("calibrated")
+    fit = lines[events.index("reference_checks")]
+    assert fit["patch_memory"]["candidates"] == 8 * 8 * 8  # 8 training images, 8x8 patches at 64 px and fit["global_branch"]["feature_dim"] == 304
 
 
 @pytest.mark.parametrize("text, message", [
@@ -178,9 +185,10 @@ def test_calibrate_adds_and_removes_the_global_branch_without_retraining(trained
     on = torch.load(ckpt, weights_only=False)
     info_on = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
     assert not info_before["global_branch"] and info_on["global_branch"]
-    assert info_on["gflop_per_image"] > info_before["gflop_per_image"]  # the branch's encoder is counted
+    # the branch shares the patch memory's frozen encoder: no parameters of its own
+    assert info_on["parameters"] == info_before["parameters"]
     assert on["model_config"]["global_branch"] is True and bool(on["model_state"]["global_branch.fitted"])
-    shared = [k for k in before["model_state"] if not k.startswith("global_branch.")]
+    shared = [k for k in before["model_state"] if not k.startswith(("global_branch.", "patch_memory."))]
     assert all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in shared)  # SLSG weights kept
     proc = slsg("evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--out", str(tmp_path / "eval"))
     assert "structural" in proc.stdout
@@ -188,3 +196,22 @@ def test_calibrate_adds_and_removes_the_global_branch_without_retraining(trained
     off = torch.load(ckpt, weights_only=False)
     assert off["model_config"]["global_branch"] is False and not any(k.startswith("global_branch.") for k in off["model_state"])
     assert off["calibration"]["raw_threshold"] == pytest.approx(before["calibration"]["raw_threshold"])
+
+
+def test_calibrate_removes_and_restores_the_patch_memory(trained, tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(trained["checkpoint"].read_bytes())
+    before = torch.load(ckpt, weights_only=False)
+    assert before["model_config"]["patch_memory"] is True  # the default preset's
+    slsg("calibrate", "--checkpoint", str(ckpt), "--patch-memory", "off")
+    off = torch.load(ckpt, weights_only=False)
+    info_off = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
+    assert off["model_config"]["patch_memory"] is False and not info_off["patch_memory"]
+    assert not any(k.startswith(("patch_memory.", "reference_encoder.")) for k in off["model_state"])
+    slsg("calibrate", "--checkpoint", str(ckpt), "--patch-memory", "on")
+    on = torch.load(ckpt, weights_only=False)
+    info_on = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
+    assert info_on["patch_memory"] and info_on["gflop_per_image"] > info_off["gflop_per_image"]
+    for key, value in before["model_state"].items():  # same SLSG weights, same (deterministic) memory
+        assert torch.equal(value, on["model_state"][key]), key
+    assert on["calibration"]["raw_threshold"] == pytest.approx(before["calibration"]["raw_threshold"])

@@ -39,16 +39,14 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> Lo
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: list[np.ndarray], top_k: int, device: torch.device | str = "cpu",
             batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly-probability maps [N, H, W] and raw image scores [N] (mean of the top-K pixels)."""
-    from slsg_train.models import anomaly_probability
-
+    """Anomaly maps [N, H, W] and raw image scores [N] (mean of the top-K pixels), as the model scores."""
     was_training = model.training
     model.eval()
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
         x = torch.stack([to_tensor(im) for im in images[start:start + batch_size]]).to(device)
         out = model(x)
-        maps.append(anomaly_probability(out.logits)[:, 0].float().cpu().numpy())
+        maps.append(model.anomaly_map(out)[:, 0].float().cpu().numpy())
         scores.append(model.score_images(out, top_k).float().cpu().numpy())
     model.train(was_training)
     if not maps:

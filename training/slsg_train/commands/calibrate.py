@@ -10,7 +10,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="data set root (default: the one the run was trained on)")
     p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on normal images (default 0.01)")
     p.add_argument("--global-branch", choices=("on", "off"), default=None,
-                   help="add (and fit) or remove the global check before calibrating; closed form, no retraining")
+                   help="add or remove the global check before calibrating; closed form, no retraining")
+    p.add_argument("--patch-memory", choices=("on", "off"), default=None,
+                   help="add or remove the patch-memory check before calibrating; closed form, no retraining")
     p.add_argument("--device", default="cpu")
 
 
@@ -32,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
         train_paths, paths = split_for_calibration(category)
         calib_images = load_resized(paths, loaded.image_size)
         model = loaded.model
-        if args.global_branch is not None:
-            model = _switch_global_branch(loaded, args.global_branch == "on", train_paths, calib_images, args.device)
+        switches = {name: value == "on" for name, value in
+                    (("global_branch", args.global_branch), ("patch_memory", args.patch_memory)) if value is not None}
+        if switches:
+            model = _switch_reference_checks(loaded, switches, train_paths, calib_images, args.device)
         cal, stats = calibrate_threshold(model, calib_images, loaded.top_k, args.fpr, args.device)
     except (CheckpointError, DataSetError, BackboneWeightsError, ValueError) as exc:
         print(f"slsg calibrate: {exc}", file=sys.stderr)
@@ -47,24 +51,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _switch_global_branch(loaded, enabled: bool, train_paths, calib_images, device: str):
-    """The checkpoint's network with the global branch added and fitted (its encoder with the
-    backbone's ImageNet weights, not the pre-trained encoder's) or removed; the SLSG weights are kept."""
+def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, calib_images, device: str):
+    """The checkpoint's network with reference checks added or removed per ``switches`` and every
+    remaining one (re)fitted; the reference encoder gets the backbone's ImageNet weights, not the
+    pre-trained encoder's. The SLSG weights are kept."""
     import dataclasses
 
     from slsg_train.models import SLSG, SLSGConfig
-    from slsg_train.training.calibration import fit_global_branch
+    from slsg_train.models.slsg import REFERENCE_CHECK_PREFIXES, build_reference_checks
+    from slsg_train.training.calibration import fit_reference_checks
     from slsg_train.training.dataset import load_resized
 
-    config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), global_branch=enabled)
-    model = SLSG(dataclasses.replace(config, global_branch=False, backbone_weights=None))  # no weights to fetch
-    model.load_state_dict({k: v for k, v in loaded.model.state_dict().items() if not k.startswith("global_branch.")})
+    config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), **switches)
+    model = SLSG(dataclasses.replace(config, global_branch=False, patch_memory=False, backbone_weights=None))
+    model.load_state_dict({k: v for k, v in loaded.model.state_dict().items() if not k.startswith(REFERENCE_CHECK_PREFIXES)})
     model.config = config
+    model.reference_encoder, model.global_branch, model.patch_memory = build_reference_checks(config)
     model.to(device)
-    if enabled:
-        from slsg_train.models.slsg import build_global_branch
-
-        model.global_branch = build_global_branch(config).to(device)
-        fit_global_branch(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device)
+    fit_reference_checks(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device)
     loaded.payload["model_config"] = config.to_dict()
     return model.eval()
+

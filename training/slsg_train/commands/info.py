@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     info = {
         "checkpoint": loaded.payload["path"], "category": loaded.category, "stage": loaded.payload["stage"],
         "step": loaded.payload["step"], "backbone": loaded.payload["backbone"], "image_size": [h, w],
-        "top_k": loaded.top_k, "global_branch": loaded.model.global_branch is not None, "parameters": count_parameters(loaded.model),
+        "top_k": loaded.top_k, "global_branch": loaded.model.global_branch is not None,
+        "patch_memory": loaded.model.patch_memory is not None, "parameters": count_parameters(loaded.model),
         "gflop_per_image": round(count_flops(loaded.model, h, w), 3),
         "calibration": loaded.payload.get("calibration"), "data_hash": loaded.payload.get("data_hash"),
     }

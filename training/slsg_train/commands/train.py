@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--global-branch", action="store_true",
                    help="add the global check (pooled-feature distance to the normal images; not in the paper) "
                         "for products whose rules span the whole image")
+    p.add_argument("--patch-memory", choices=("on", "off"), default=None,
+                   help="the patch-memory check (each patch's distance to the normal patches, fused into the map; "
+                        "not in the paper). Default: the preset's (on in 'default', off in 'paper')")
     p.add_argument("--image-size", default=None, help="model input, '256' or 'WxH'; multiples of 32 (default 256)")
     p.add_argument("--steps", type=int, help="detector training steps (default 3500)")
     p.add_argument("--pretrain-steps", type=int, help="generative pre-training steps, 0 to skip (default 1000)")
@@ -55,8 +58,13 @@ def _flag_settings(args: argparse.Namespace) -> dict:
         settings["pretrain"] = {"steps": args.pretrain_steps}
     if args.lr is not None:
         settings["optim"] = {"lr": args.lr}
+    model = {}
     if args.global_branch:
-        settings["model"] = {"global_branch": True}
+        model["global_branch"] = True
+    if args.patch_memory is not None:
+        model["patch_memory"] = args.patch_memory == "on"
+    if model:
+        settings["model"] = model
     return settings
 
 

@@ -30,7 +30,7 @@ from slsg.contract import (
     IMAGENET_MEAN, IMAGENET_STD, INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE,
     Calibration, ModelCard,
 )
-from slsg_train.models.slsg import SLSG, anomaly_probability, check_input_size
+from slsg_train.models.slsg import SLSG, check_input_size
 
 DEFAULT_TOLERANCE = 1e-4  # max abs difference ONNX Runtime vs PyTorch
 # Graph k-NN near-ties: candidate pairs ranked within this much of each other (float64) may be ranked
@@ -80,7 +80,7 @@ class InferenceGraph(nn.Module):
         # the buffers' dtype (float32 when exported; float64 for the verification reference)
         x = ((image.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) / self.std).contiguous()
         out = self.model(x)
-        prob = anomaly_probability(out.logits)
+        prob = self.model.anomaly_map(out)
         raw = self.model.score_images(out, self.top_k).unsqueeze(1)  # [N, 1]
         return prob, calibrate(raw, self.calibration)
 
@@ -234,10 +234,11 @@ def export_onnx(
     path = Path(path)
     verify_images = list(verify_images or [])
     _check_inputs(card, verify_images)
-    branch = getattr(model, "global_branch", None)
-    if branch is not None and not bool(branch.fitted):
-        raise ExportError("the model's global branch was never fitted (training fits it before calibration); "
-                          "export a checkpoint of a finished run")
+    for name in ("global_branch", "patch_memory"):
+        check = getattr(model, name, None)
+        if check is not None and not bool(check.fitted):
+            raise ExportError(f"the model's {name.replace('_', ' ')} was never fitted (training fits it before "
+                              "calibration); export a checkpoint of a finished run")
     graph = InferenceGraph(model, card.top_k, card.calibration).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx.tmp", dir=path.parent)

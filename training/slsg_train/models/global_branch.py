@@ -7,9 +7,9 @@ splicing_connectors, are of this kind). This branch pools a frozen ImageNet enco
 over the whole image (mean and max per channel) and measures the Mahalanobis distance of that vector
 to the Gaussian of the training images, PaDiM-style but per image. Not in the paper; off by default.
 
-The distance is put on the local score's scale (both standardised on the calibration images, the
-local score in logit space) and the image score is the larger of the two, so the local score keeps
-its meaning and a clear global outlier can still raise an image above the threshold.
+The distance is put on the local score's scale (``reference.py``) and the image score is the larger
+of the two, so the local score keeps its meaning and a clear global outlier can still raise an image
+above the threshold. The features come from the frozen reference encoder the model owns.
 """
 
 from __future__ import annotations
@@ -18,47 +18,35 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .backbones import WeightsArg, create_backbone
-
-LOGIT_EPS = 1e-6  # local scores are probabilities; keep their logits finite
+from .reference import fitted_scale, on_local_scale, scale_buffer
 
 
 class GlobalFeatureBranch(nn.Module):
-    """Image [B, 3, H, W] (ImageNet-normalised) -> Mahalanobis distance [B] to the normal images."""
+    """The reference encoder's stage maps -> Mahalanobis distance [B] of the image to the normal images."""
 
-    def __init__(self, backbone: str, weights: WeightsArg, allow_download: bool = False, levels: int = 2,
-                 weight: float = 1.0, shrinkage: float = 0.1) -> None:
+    def __init__(self, channels: list[int], levels: int = 2, weight: float = 1.0, shrinkage: float = 0.1) -> None:
         super().__init__()
-        if levels < 1 or weight <= 0 or not 0 < shrinkage <= 1:
-            raise ValueError(f"global branch needs levels >= 1, weight > 0 and shrinkage in (0, 1]; "
+        if not 1 <= levels <= len(channels) or weight <= 0 or not 0 < shrinkage <= 1:
+            raise ValueError(f"global branch needs levels in [1, {len(channels)}], weight > 0 and shrinkage in (0, 1]; "
                              f"got {levels}, {weight}, {shrinkage}")
-        # Its own frozen copy: the SLSG encoder may have been re-trained by generative pre-training,
-        # and its pooled features separate normal from abnormal images less well than ImageNet's.
-        self.encoder = create_backbone(backbone, weights, allow_download).requires_grad_(False).eval()
         self.levels, self.weight, self.shrinkage = levels, weight, shrinkage
-        dim = 2 * sum(self.encoder.channels[-levels:])
+        dim = 2 * sum(channels[-levels:])
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("whitening", torch.eye(dim))  # W with W W^T = inverse covariance
-        # standardisation on the calibration images: distance mean/std, local-score logit mean/std
-        self.register_buffer("scale", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        self.register_buffer("scale", scale_buffer())
         self.register_buffer("fitted", torch.tensor(False))
-
-    def train(self, mode: bool = True) -> "GlobalFeatureBranch":
-        super().train(mode)
-        self.encoder.eval()  # frozen: keeps its ImageNet BatchNorm statistics
-        return self
 
     @property
     def dim(self) -> int:
         return self.mean.numel()
 
-    def features(self, x: Tensor) -> Tensor:
-        """[B, dim]: per-channel mean and max of the last ``levels`` encoder stages."""
-        maps = self.encoder(x)[-self.levels:]
+    def features(self, maps: list[Tensor]) -> Tensor:
+        """[B, dim]: per-channel mean and max of the last ``levels`` stage maps."""
+        maps = maps[-self.levels:]
         return torch.cat([m.mean(dim=(2, 3)) for m in maps] + [m.amax(dim=(2, 3)) for m in maps], dim=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ((self.features(x) - self.mean) @ self.whitening).norm(dim=1)
+    def forward(self, maps: list[Tensor]) -> Tensor:
+        return ((self.features(maps) - self.mean) @ self.whitening).norm(dim=1)
 
     @torch.no_grad()
     def fit_normal(self, features: np.ndarray) -> None:
@@ -78,20 +66,9 @@ class GlobalFeatureBranch(nn.Module):
     @torch.no_grad()
     def fit_scale(self, distances: np.ndarray, local_scores: np.ndarray) -> None:
         """Standardise both scores on the same normal (calibration) images; marks the branch fitted."""
-        d = np.asarray(distances, dtype=np.float64)
-        logits = _logit(np.asarray(local_scores, dtype=np.float64))
-        if d.size < 2 or d.size != logits.size:
-            raise ValueError(f"global branch scale needs >= 2 paired scores, got {d.size} and {logits.size}")
-        self.scale.copy_(torch.tensor([d.mean(), max(d.std(), 1e-6), logits.mean(), max(logits.std(), 1e-6)]))
+        self.scale.copy_(fitted_scale(distances, local_scores))
         self.fitted.fill_(True)
 
     def combine(self, local_score: Tensor, distance: Tensor) -> Tensor:
         """max(local score, distance mapped onto the local score's scale) -> [B]."""
-        d_mean, d_std, l_mean, l_std = self.scale.unbind()
-        z = (distance - d_mean) / d_std
-        return torch.maximum(local_score, torch.sigmoid(l_mean + l_std * self.weight * z))
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, LOGIT_EPS, 1 - LOGIT_EPS)
-    return np.log(p) - np.log1p(-p)
+        return torch.maximum(local_score, on_local_scale(distance, self.scale, self.weight))

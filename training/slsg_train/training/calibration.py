@@ -52,22 +52,47 @@ def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr:
 
 
 @torch.no_grad()
-def fit_global_branch(model, train_images: list[np.ndarray], calib_images: list[np.ndarray], top_k: int,
-                      device: torch.device | str = "cpu", batch_size: int = 16) -> dict:
-    """Fit the model's global branch in closed form: the Gaussian of the training images' pooled
-    features, then both scores' scales on the calibration images. Call before calibrating."""
+def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: list[np.ndarray], top_k: int,
+                         device: torch.device | str = "cpu", batch_size: int = 16, seed: int = 0,
+                         progress: bool = True) -> dict:
+    """Fit the model's reference checks in closed form; call before calibrating.
+
+    The patch memory first: its coreset of the training images' patches, then its scale against the
+    paper's local score on the calibration images. Then the global branch: the Gaussian of the
+    training images' pooled features, its scale against the (now patch-fused) local score.
+    """
+    from slsg_train.models import image_score
+    from slsg_train.models.patch_memory import resize_patches
     from slsg_train.training.dataset import to_tensor
 
-    branch = model.global_branch
-    branch.fitted.fill_(False)
-    _, local = predict(model, calib_images, top_k, device)  # unfitted: the paper's local scores
+    encoder, glob, patch = model.reference_encoder, model.global_branch, model.patch_memory
+    if encoder is None:
+        return {}
+    for check in (glob, patch):
+        if check is not None:
+            check.fitted.fill_(False)
+    model.eval()
 
-    def batches(images: list[np.ndarray]):
+    def reference_maps(images: list[np.ndarray]):
         for i in range(0, len(images), batch_size):
-            yield torch.stack([to_tensor(im) for im in images[i:i + batch_size]]).to(device)
+            yield encoder(torch.stack([to_tensor(im) for im in images[i:i + batch_size]]).to(device))
 
-    branch.fit_normal(torch.cat([branch.features(x) for x in batches(train_images)]).double().cpu().numpy())
-    distances = torch.cat([branch(x) for x in batches(calib_images)]).double().cpu().numpy()
-    branch.fit_scale(distances, local)
-    return {"feature_dim": branch.dim, "train_images": len(train_images), "calibration_images": len(calib_images),
-            "distance_mean": float(distances.mean()), "distance_std": float(distances.std())}
+    report: dict = {"train_images": len(train_images), "calibration_images": len(calib_images)}
+    if patch is not None:
+        feats = torch.cat([patch.patch_features(m).permute(0, 2, 3, 1).flatten(0, 2).cpu()
+                           for m in reference_maps(train_images)])
+        kept = patch.fit_memory(feats, seed, progress)
+        _, local = predict(model, calib_images, top_k, device)  # the paper's local scores
+        size = calib_images[0].shape[:2]
+        scores = torch.cat([image_score(resize_patches(patch(m), size), top_k) for m in reference_maps(calib_images)])
+        patch.fit_scale(scores.double().cpu().numpy(), local)
+        report["patch_memory"] = {"candidates": int(feats.shape[0]), "kept": kept, "feature_dim": patch.dim,
+                                  "distance_mean": float(patch.scale[0]), "distance_std": float(patch.scale[1])}
+    if glob is not None:
+        _, local = predict(model, calib_images, top_k, device)  # with the patch memory, when fitted above
+        glob.fit_normal(torch.cat([glob.features(m) for m in reference_maps(train_images)]).double().cpu().numpy())
+        distances = torch.cat([glob(m) for m in reference_maps(calib_images)]).double().cpu().numpy()
+        glob.fit_scale(distances, local)
+        report["global_branch"] = {"feature_dim": glob.dim, "distance_mean": float(distances.mean()),
+                                   "distance_std": float(distances.std())}
+    return report
