@@ -127,6 +127,19 @@ def test_bench_model_without_checkpoint_and_bad_input(toy_repository, capsys, tm
     assert str(tmp_path / "missing") in capsys.readouterr().err
 
 
+def test_bench_model_against_a_second_model_in_the_same_rounds(toy_repository, capsys) -> None:
+    report = run_json(capsys, "model", "--repository", str(toy_repository), "--name", "toy", "--threads", "1",
+                      "--iterations", "2", "--batch-sizes", "1", "--peak-size", "128", "--against", "toy:1")
+    assert set(report["results"]) == {"onnxruntime", "onnxruntime_against"}
+    assert report["results"]["onnxruntime_against"]["by_batch"]["1"]["batch_ms"]["n"] == 2
+    assert report["against"]["model"] == "toy:1" and report["against"]["path"].endswith("model.onnx")
+    assert positive(report["ratios"]["latency_vs_against_batch1"])
+    for bad, message in (("toy:one", "NAME:VERSION"), ("nothing", "nothing")):
+        assert main(["bench", "model", "--repository", str(toy_repository), "--name", "toy", "--iterations", "1",
+                     "--batch-sizes", "1", "--peak-size", "64", "--against", bad]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_bench_gateway_end_to_end(toy_repository, capsys) -> None:
     report = run_json(capsys, "gateway", "--repository", str(toy_repository), "--name", "toy", "--threads", "1",
                       "--frame-size", "640x512", "--concurrency", "1,2", "--requests", "6",

@@ -33,6 +33,7 @@ class ModelBenchConfig:
     warmup: int = 3
     batch_sizes: tuple[int, ...] = (1, 8)
     peak_size: int = 2048  # matmul side for the machine's peak
+    against: str | None = None  # "NAME[:VERSION]": a second exported model timed in the same rounds
 
 
 def resolve_model(repository: Path, name: str, version: int | None) -> tuple[int, Path]:
@@ -226,11 +227,15 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
             flop_source = "checkpoint_count_flops"
         except ImportError as exc:  # the serve-only install has no torch: ORT figures still stand
             torch_note = f"PyTorch eager skipped: {exc}"
+    against = _against_engine(cfg, input_size) if cfg.against else None
+    if against is not None:
+        engines.append(against[0])
     time_interleaved(engines, cfg.batch_sizes, input_size, cfg.iterations, cfg.warmup)
     peaks = {backend: measure_peak(cfg.threads, cfg.peak_size, backend=backend) for backend in BACKENDS}
     peak = max(peaks.values(), key=lambda p: p.gflops)
-    results = {e.name: _engine_results(e, gflop) for e in engines}
+    results = {e.name: _engine_results(e, against[1] if against and e is against[0] else gflop) for e in engines}
     ort = results["onnxruntime"]
+    other = results.get(AGAINST)
     eager = results.get("pytorch_eager")
     return {
         "benchmark": "model",
@@ -250,9 +255,29 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
                 ratio(ort["best_images_per_s"], eager["best_images_per_s"]) if eager else None,
             "ort_fraction_of_matmul_peak": ratio(ort["best_gflops_achieved"], peak.gflops),
             "eager_fraction_of_matmul_peak": ratio(eager["best_gflops_achieved"], peak.gflops) if eager else None,
+            "latency_vs_against_batch1": ratio(_latency(ort), _latency(other)) if other else None,
         },
+        "against": {"model": cfg.against, "path": str(against[2]), "gflop_per_image": round(against[1], 4)}
+        if against else None,
         "notes": [n for n in (torch_note,) if n],
     }
+
+
+AGAINST = "onnxruntime_against"  # the result key of the --against model
+
+
+def _against_engine(cfg: ModelBenchConfig, input_size: tuple[int, int]) -> tuple[Engine, float, Path]:
+    """(engine, GFLOP/image from its graph, path) of the ``--against`` model; same input size required."""
+    name, _, version = cfg.against.partition(":")
+    if version and not version.isdigit():
+        raise ValueError(f"--against takes NAME or NAME:VERSION, got {cfg.against!r}")
+    _, path = resolve_model(cfg.repository, name, int(version) if version else None)
+    session = open_session(path, cfg.threads)
+    if session_input_size(session) != tuple(input_size):
+        raise ValueError(f"--against {cfg.against} takes {session_input_size(session)} images, {cfg.name} takes "
+                         f"{tuple(input_size)}: not comparable")
+    run = ort_engine(session).run
+    return Engine(AGAINST, run), onnx_gflops(path), path
 
 
 def _latency(result: dict[str, Any] | None) -> float | None:
@@ -279,5 +304,7 @@ def model_tables(report: dict[str, Any]) -> list[Table]:
         ["ORT speed-up over eager, best throughput", ratios["ort_speedup_best_throughput"]],
         [f"ORT fraction of matmul peak ({peak['backend']})", ratios["ort_fraction_of_matmul_peak"]],
         [f"eager fraction of matmul peak ({peak['backend']})", ratios["eager_fraction_of_matmul_peak"]],
+        *([[f"ORT batch-1 latency / --against {report['against']['model']}", ratios["latency_vs_against_batch1"]]]
+          if report.get("against") else []),
     ])
     return [timing, summary]

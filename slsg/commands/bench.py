@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     model.add_argument("--batch-sizes", type=_int_list, default=(1, 8), help="comma-separated (default 1,8)")
     model.add_argument("--peak-size", type=int, default=2048, help="matrix side of the float32 matmul peak")
+    model.add_argument("--against", default=None, metavar="NAME[:VERSION]",
+                       help="a second model of the repository timed in the same interleaved rounds, e.g. the same "
+                            "checkpoint exported without the patch memory; reports the latency ratio")
 
     gateway = sub.add_parser("gateway", help="gateway end to end vs the bare model; decode; memory growth")
     _common(gateway)
@@ -113,7 +116,7 @@ def _model(args: argparse.Namespace):
     from slsg.bench.model import ModelBenchConfig, model_tables, run_model_bench
 
     cfg = ModelBenchConfig(args.repository, args.name, args.version, args.checkpoint, args.threads, args.iterations,
-                           args.warmup, args.batch_sizes, args.peak_size)
+                           args.warmup, args.batch_sizes, args.peak_size, args.against)
     return run_model_bench(cfg), model_tables
 
 

@@ -64,11 +64,11 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
 
     config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), **switches)
     model = SLSG(dataclasses.replace(config, global_branch=False, patch_memory=False, backbone_weights=None))
-    model.load_state_dict({k: v for k, v in loaded.model.state_dict().items() if not k.startswith(REFERENCE_CHECK_PREFIXES)})
+    state = loaded.model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(REFERENCE_CHECK_PREFIXES)})
     model.config = config
     model.reference_encoder, model.global_branch, model.patch_memory = build_reference_checks(config)
     model.to(device)
     fit_reference_checks(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device)
     loaded.payload["model_config"] = config.to_dict()
     return model.eval()
-

@@ -60,10 +60,12 @@ class PatchMemoryBranch(nn.Module):
         f = self.patch_features(maps)
         b, _, h, w = f.shape
         q = f.flatten(2).transpose(1, 2)  # [B, hw, dim]
-        # |q - m|^2 through one matrix product; squared, so float32 cancellation stays an absolute
-        # error far below the distances' spread (a square root would magnify it near zero)
-        d2 = (q * q).sum(-1, keepdim=True) - 2 * q @ self.memory.T + (self.memory * self.memory).sum(-1)
-        return d2.amin(dim=-1).clamp_min(0).reshape(b, 1, h, w)
+        # the nearest memory patch by one matrix product (|m|^2 - 2 q.m; |q|^2 is the same for every m),
+        # then its squared distance directly: the expanded form cancels terms ~3x the distance, so its
+        # float32 rounding would scale with them. A near-tie in the choice is harmless: either
+        # neighbour is about as far.
+        nearest = ((self.memory * self.memory).sum(-1) - 2 * q @ self.memory.T).argmin(dim=-1)  # [B, hw]
+        return ((q - self.memory[nearest]) ** 2).sum(-1).reshape(b, 1, h, w)
 
     def probability(self, distance: Tensor, size: tuple[int, int]) -> Tensor:
         """[B, 1, h, w] squared distances -> [B, 1, H, W] on the local map's probability scale."""

@@ -71,6 +71,7 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     for check in (glob, patch):
         if check is not None:
             check.fitted.fill_(False)
+    was_training = model.training
     model.eval()
 
     def reference_maps(images: list[np.ndarray]):
@@ -95,4 +96,5 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
         glob.fit_scale(distances, local)
         report["global_branch"] = {"feature_dim": glob.dim, "distance_mean": float(distances.mean()),
                                    "distance_std": float(distances.std())}
+    model.train(was_training)
     return report
