@@ -315,6 +315,21 @@ def test_patch_memory_distance_is_the_nearest_memory_patch():
         small.fit_memory(torch.zeros(5, 7), progress=False)
 
 
+def test_patch_grid_upsampling_puts_each_patch_on_its_receptive_field_centre():
+    from slsg_train.models.patch_memory import resize_patches
+
+    grid = torch.zeros(1, 1, 4, 6)
+    grid[0, 0, 2, 1] = 1.0  # one hot patch at row 2, column 1 of a stride-8 grid
+    up = resize_patches(grid, (32, 48))
+    assert up.shape == (1, 1, 32, 48)
+    assert np.unravel_index(int(up.argmax()), (32, 48)) == (16, 8)  # pixel (8 * 2, 8 * 1)
+    assert up[0, 0, 16, 8] == 1.0 and up[0, 0, 16, 12] == pytest.approx(0.5)  # bilinear in between
+    ramp = torch.arange(4.0).view(1, 1, 4, 1).expand(1, 1, 4, 6)
+    assert torch.equal(resize_patches(ramp, (32, 48))[0, 0, 24:, 0], torch.full((8,), 3.0))  # edge repeats
+    with pytest.raises(ValueError, match="whole stride"):
+        resize_patches(grid, (30, 48))
+
+
 def _scenes_with_stain(rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
     images, where = [], []
     for im in _scenes(rng, n, (200, 60, 40)):
@@ -345,8 +360,8 @@ def test_fitted_patch_memory_scores_and_locates_a_local_defect():
         distance = resize_patches(out.patch_distance, (64, 64))[:, 0].numpy()
     for m, (y, x) in zip(distance, centres):
         peak = np.unravel_index(m.argmax(), m.shape)
-        # within two stride-8 patches: the peak sits a few pixels down-right of the stain's centre
-        assert abs(peak[0] - y) <= 16 and abs(peak[1] - x) <= 16
+        # within a stride-8 patch and a half: the peak sits a few pixels down-right of the stain's centre
+        assert abs(peak[0] - y) <= 12 and abs(peak[1] - x) <= 12
 
 
 def test_old_checkpoints_with_the_encoder_inside_the_global_branch_still_load():
