@@ -32,7 +32,7 @@ PROJECTION_DIM = 128  # coreset selection compares random projections (Johnson-L
 class PatchMemoryBranch(nn.Module):
     """The reference encoder's stage maps -> squared distance [B, 1, h, w] of each patch to the memory."""
 
-    def __init__(self, channels: list[int], levels: int = 2, size: int = 1024, weight: float = 1.0) -> None:
+    def __init__(self, channels: list[int], levels: int = 2, size: int = 2048, weight: float = 1.0) -> None:
         super().__init__()
         if not 1 <= levels <= len(channels) or size < 1 or weight <= 0:
             raise ValueError(f"patch memory needs levels in [1, {len(channels)}], size >= 1 and weight > 0; "
