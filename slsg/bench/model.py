@@ -273,11 +273,11 @@ def _against_engine(cfg: ModelBenchConfig, input_size: tuple[int, int]) -> tuple
         raise ValueError(f"--against takes NAME or NAME:VERSION, got {cfg.against!r}")
     _, path = resolve_model(cfg.repository, name, int(version) if version else None)
     session = open_session(path, cfg.threads)
-    if session_input_size(session) != tuple(input_size):
-        raise ValueError(f"--against {cfg.against} takes {session_input_size(session)} images, {cfg.name} takes "
-                         f"{tuple(input_size)}: not comparable")
-    run = ort_engine(session).run
-    return Engine(AGAINST, run), onnx_gflops(path), path
+    size = session_input_size(session)
+    if size != tuple(input_size):
+        raise ValueError(f"--against {cfg.against} takes {size} images, {cfg.name} takes {tuple(input_size)}: "
+                         "not comparable")
+    return Engine(AGAINST, ort_engine(session).run), onnx_gflops(path), path
 
 
 def _latency(result: dict[str, Any] | None) -> float | None:

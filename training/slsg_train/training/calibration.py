@@ -78,23 +78,39 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
         for i in range(0, len(images), batch_size):
             yield encoder(torch.stack([to_tensor(im) for im in images[i:i + batch_size]]).to(device))
 
+    # one encoder pass over the training images feeds both checks' fits
+    patches, pooled = [], []
+    for maps in reference_maps(train_images):
+        if patch is not None:
+            patches.append(patch.patch_features(maps).permute(0, 2, 3, 1).flatten(0, 2).cpu())
+        if glob is not None:
+            pooled.append(glob.features(maps).double().cpu())
     report: dict = {"train_images": len(train_images), "calibration_images": len(calib_images)}
     if patch is not None:
-        feats = torch.cat([patch.patch_features(m).permute(0, 2, 3, 1).flatten(0, 2).cpu()
-                           for m in reference_maps(train_images)])
+        feats = torch.cat(patches)
         kept = patch.fit_memory(feats, seed, progress)
-        _, local = predict(model, calib_images, top_k, device)  # the paper's local scores
-        size = calib_images[0].shape[:2]
-        scores = torch.cat([image_score(resize_patches(patch(m), size), top_k) for m in reference_maps(calib_images)])
-        patch.fit_scale(scores.double().cpu().numpy(), local)
-        report["patch_memory"] = {"candidates": int(feats.shape[0]), "kept": kept, "feature_dim": patch.dim,
-                                  "distance_mean": float(patch.scale[0]), "distance_std": float(patch.scale[1])}
+        report["patch_memory"] = {"candidates": int(feats.shape[0]), "kept": kept, "feature_dim": patch.dim}
     if glob is not None:
-        _, local = predict(model, calib_images, top_k, device)  # with the patch memory, when fitted above
-        glob.fit_normal(torch.cat([glob.features(m) for m in reference_maps(train_images)]).double().cpu().numpy())
-        distances = torch.cat([glob(m) for m in reference_maps(calib_images)]).double().cpu().numpy()
-        glob.fit_scale(distances, local)
-        report["global_branch"] = {"feature_dim": glob.dim, "distance_mean": float(distances.mean()),
-                                   "distance_std": float(distances.std())}
+        glob.fit_normal(torch.cat(pooled).numpy())
+
+    # and one over the calibration images gives both checks' raw scores there
+    size, patch_scores, distances = calib_images[0].shape[:2], [], []
+    for maps in reference_maps(calib_images):
+        if patch is not None:
+            patch_scores.append(image_score(resize_patches(patch(maps), size), top_k).double().cpu())
+        if glob is not None:
+            distances.append(glob(maps).double().cpu())
+    # each scale against the local score it is combined with: the patch memory's against the paper's,
+    # the global branch's against the patch-fused one (predict uses the checks fitted so far)
+    if patch is not None:
+        _, local = predict(model, calib_images, top_k, device)
+        patch.fit_scale(torch.cat(patch_scores).numpy(), local)
+        report["patch_memory"].update(distance_mean=float(patch.scale[0]), distance_std=float(patch.scale[1]))
+    if glob is not None:
+        _, local = predict(model, calib_images, top_k, device)
+        d = torch.cat(distances).numpy()
+        glob.fit_scale(d, local)
+        report["global_branch"] = {"feature_dim": glob.dim, "distance_mean": float(d.mean()),
+                                   "distance_std": float(d.std())}
     model.train(was_training)
     return report
