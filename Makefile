@@ -11,6 +11,7 @@ CATEGORY   ?= tray
 IMAGE_SIZE ?= 128
 STEPS      ?= 300
 PRETRAIN   ?= 100
+COMPOSITION_STEPS ?= 2000
 RUN_DIR    ?= runs/$(CATEGORY)
 REPOSITORY ?= model_repository
 HOST       ?= 127.0.0.1
@@ -38,7 +39,7 @@ run: setup
 	    echo "model $(CATEGORY) already in $(REPOSITORY); skipping training (delete it to retrain)"; \
 	else \
 	    $(SLSG) train --data $(DATA) --category $(CATEGORY) --out $(RUN_DIR) --image-size $(IMAGE_SIZE) \
-	        --steps $(STEPS) --pretrain-steps $(PRETRAIN) && \
+	        --steps $(STEPS) --pretrain-steps $(PRETRAIN) --composition-steps $(COMPOSITION_STEPS) && \
 	    $(SLSG) evaluate --checkpoint $(RUN_DIR)/checkpoint.pt --data $(DATA) --out $(RUN_DIR)/eval && \
 	    $(SLSG) export --checkpoint $(RUN_DIR)/checkpoint.pt --repository $(REPOSITORY) --name $(CATEGORY) \
 	        --cpu-config || exit 1; \

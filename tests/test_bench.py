@@ -61,7 +61,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                  "--validation", "2", "--test-good", "1", "--test-logical", "1", "--test-structural", "1"]) == 0
     assert main(["train", "--data", str(work / "data"), "--category", "tray", "--out", str(work / "run"),
                  "--image-size", size, "--steps", "2", "--pretrain-steps", "0", "--workers", "0",
-                 "--batch-size", "2"]) == 0
+                 "--batch-size", "2", "--composition-steps", "5"]) == 0
     checkpoint = work / "run" / "checkpoint.pt"
     assert main(["export", "--checkpoint", str(checkpoint), "--repository", str(work / "repo"), "--name", "tray",
                  "--cpu-config"]) == 0

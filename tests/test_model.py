@@ -146,7 +146,8 @@ def test_parameter_groups_partition_the_model():
     model = random_model()
     enc, head = list(model.encoder_parameters()), list(model.head_parameters())
     assert {id(p) for p in enc}.isdisjoint({id(p) for p in head})
-    reference = list(model.reference_encoder.parameters())  # the patch memory's frozen ImageNet encoder
+    # the checks' frozen ImageNet encoder, and the composition check's autoencoder (trained on its own)
+    reference = list(model.reference_encoder.parameters()) + list(model.composition_check.parameters())
     assert len(enc) + len(head) + len(reference) == len(list(model.parameters()))
     assert not any(p.requires_grad for p in reference)
     counts = count_parameters(model)
@@ -246,7 +247,7 @@ def test_fitted_global_branch_flags_a_global_change_the_map_cannot_see():
 
     rng = np.random.default_rng(0)
     # ImageNet weights: the branch's features are real
-    model = SLSG(preset("default", global_branch=True, patch_memory=False))
+    model = SLSG(preset("default", global_branch=True, patch_memory=False, composition_check=False))
     normal, calib = _scenes(rng, 24, (200, 60, 40)), _scenes(rng, 8, (200, 60, 40))
     wrong_colour = _scenes(rng, 6, (40, 60, 200))
     fit = fit_reference_checks(model, normal, calib, top_k=8)
@@ -347,7 +348,8 @@ def test_fitted_patch_memory_scores_and_locates_a_local_defect():
     from slsg_train.training.dataset import to_tensor
 
     rng = np.random.default_rng(1)
-    model = SLSG(preset("default"))  # ImageNet weights; SLSG itself untrained: its map knows nothing
+    # ImageNet weights; SLSG itself untrained: its map knows nothing
+    model = SLSG(preset("default", composition_check=False))
     normal, calib = _scenes(rng, 24, (200, 60, 40)), _scenes(rng, 8, (200, 60, 40))
     stained, centres = _scenes_with_stain(rng, 6)
     fit = fit_reference_checks(model, normal, calib, top_k=8, progress=False)
@@ -374,3 +376,64 @@ def test_old_checkpoints_with_the_encoder_inside_the_global_branch_still_load():
     fresh.load_state_dict(old)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+# --------------------------------------------------------------------------- composition check (ours)
+
+
+def test_composition_check_is_on_in_the_default_preset_and_neutral_until_fitted():
+    assert PRESETS["paper"].composition_check is False and random_model("paper").composition_check is None
+    model = random_model().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = model(x)
+        assert out.composition_error is None
+        assert torch.equal(model.anomaly_map(out), anomaly_probability(out.logits))
+        model.composition_check.fitted.fill_(True)
+        out = model(x)
+        assert out.composition_error.shape == (2, 1, 4, 6)  # stride 16, whatever the autoencoder's own size
+        assert model.anomaly_map(out).shape == (2, 1, 64, 96)
+        assert model.train()(x).composition_error is None  # never computed in SLSG's training
+    with pytest.raises(ValueError, match="latent"):
+        random_model(composition_check=True, composition_latent=0)
+
+
+def _paired_scenes(rng: np.random.Generator, n: int, mismatch: bool = False) -> list[np.ndarray]:
+    """Two squares whose colours go in pairs (red with blue, green with yellow), placed anywhere on
+    their half: with ``mismatch`` the right square wears the other pair's colour. Each square alone
+    looks normal; only the pairing is wrong."""
+    pairs = [((200, 40, 40), (40, 60, 200)), ((40, 170, 60), (220, 200, 40))]
+    out = []
+    for i in range(n):
+        im = np.full((64, 64, 3), 110, np.uint8) + rng.integers(0, 12, (64, 64, 3), dtype=np.uint8)
+        left, right = pairs[i % 2][0], pairs[(i + mismatch) % 2][1]
+        (y1, y2), x1, x2 = rng.integers(8, 36, 2), rng.integers(2, 10), rng.integers(34, 42)
+        im[y1:y1 + 20, x1:x1 + 20], im[y2:y2 + 20, x2:x2 + 20] = left, right
+        out.append(im)
+    return out
+
+
+STEPS_FOR_RULE = 400  # the autoencoder's training steps in the test: ~10 s on 2 cores
+
+
+def test_fitted_composition_check_flags_parts_that_do_not_go_together():
+    from slsg_train.inference import predict
+    from slsg_train.models.patch_memory import resize_patches
+    from slsg_train.training.calibration import fit_reference_checks
+    from slsg_train.training.dataset import to_tensor
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = SLSG(preset("default", patch_memory=False, composition_check=True, composition_steps=STEPS_FOR_RULE))
+    normal, calib, mismatched = _paired_scenes(rng, 24), _paired_scenes(rng, 8), _paired_scenes(rng, 8, True)
+    fit = fit_reference_checks(model, normal, calib, top_k=8, progress=False)
+    assert fit["composition_check"]["steps"] == STEPS_FOR_RULE and bool(model.composition_check.fitted)
+    with torch.no_grad():
+        out = model.eval()(torch.stack([to_tensor(im) for im in calib + mismatched]))
+        error = image_score(resize_patches(out.composition_error, (64, 64)), 8).numpy()
+        assert torch.all(model.anomaly_map(out) >= anomaly_probability(out.logits))  # the paper's map is a floor
+    normal_error, mismatch_error = error[:8], error[8:]
+    auroc = (mismatch_error[:, None] > normal_error[None]).mean()
+    assert auroc >= 0.85, (normal_error, mismatch_error)
+    _, scores = predict(model, calib + mismatched, 8)
+    assert np.median(scores[8:]) > np.median(scores[:8])

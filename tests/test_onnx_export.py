@@ -25,7 +25,8 @@ def model() -> SLSG:
     """Default preset with ImageNet encoder and a head re-initialised so the map varies a lot
     (the authors' N(0, 0.02) init gives an almost constant 0.5 map that would hide mismatches)."""
     torch.manual_seed(0)
-    net = SLSG(preset("default", patch_memory=False))  # SLSG alone; the reference checks have their own test
+    # SLSG alone; the reference checks have their own test
+    net = SLSG(preset("default", patch_memory=False, composition_check=False))
     for m in net.head_modules():
         for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
             nn.init.normal_(conv.weight, 0.0, 0.05)
@@ -137,7 +138,8 @@ def test_reference_checks_export_and_match_pytorch(card, tmp_path):
     from slsg_train.training.calibration import fit_reference_checks
 
     torch.manual_seed(0)
-    net = SLSG(preset("default", global_branch=True))  # and the patch memory, on in the preset
+    # the patch memory and the composition check are on in the preset; its autoencoder trains a few steps
+    net = SLSG(preset("default", global_branch=True, composition_steps=20))
     rng = np.random.default_rng(3)
     photo = real_image()
     normal = [np.clip(photo.astype(int) + rng.integers(-20, 21, photo.shape), 0, 255).astype(np.uint8)
@@ -147,6 +149,9 @@ def test_reference_checks_export_and_match_pytorch(card, tmp_path):
     assert not (tmp_path / "unfitted.onnx").exists()
     net.global_branch.fitted.fill_(True)
     with pytest.raises(ExportError, match="patch memory was never fitted"):
+        export_onnx(net, card, tmp_path / "unfitted.onnx")
+    net.patch_memory.fitted.fill_(True)
+    with pytest.raises(ExportError, match="composition check was never fitted"):
         export_onnx(net, card, tmp_path / "unfitted.onnx")
     fit_reference_checks(net, normal[:5], normal[5:], card.top_k, progress=False)
     result = export_onnx(net.eval(), card, tmp_path / "model.onnx", verify_images=[photo])

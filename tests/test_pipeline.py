@@ -27,7 +27,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     slsg("synth", str(data), "--categories", "tray", "--image-size", "96x64", "--train", "8", "--validation", "4",
          "--test-good", "3", "--test-logical", "3", "--test-structural", "3")
     slsg("train", "--data", str(data), "--category", "tray", "--out", str(run), "--image-size", "64",
-         "--steps", "3", "--pretrain-steps", "0", "--batch-size", "2", "--workers", "0")
+         "--steps", "3", "--pretrain-steps", "0", "--batch-size", "2", "--workers", "0", "--composition-steps", "10")
     return {"root": root, "data": data, "run": run, "checkpoint": run / "checkpoint.pt"}
 
 
@@ -140,25 +140,28 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
     run = tmp_path / "run"
     slsg("train", "--data", str(trained["data"]), "--category", "tray", "--out", str(run), "--image-size", "64",
          "--steps", "2", "--pretrain-steps", "0", "--batch-size", "2", "--workers", "0", "--config", str(settings),
-         "--global-branch")
+         "--global-branch", "--composition-steps", "5")
     payload = torch.load(run / "checkpoint.pt", weights_only=False)
     config = payload["train_config"]
     assert config["steps"] == 2  # the flag beat the file
     assert config["optim"]["lr"] == 0.01 and config["optim"]["momentum"] == 0.9  # merged, not replaced
     assert config["simulation"]["logical_probability"] == 0.0
     assert config["simulation"]["logical_grids"] == [[2, 3]]
-    # --global-branch (and the preset's patch memory): built, fitted after training and before
-    # calibration, logged; one frozen reference encoder serves both
-    assert config["model"] == {"global_branch": True} and payload["model_config"]["global_branch"] is True
-    assert payload["model_config"]["patch_memory"] is True
+    # --global-branch (and the preset's patch memory and composition check): built, fitted after
+    # training and before calibration, logged; one frozen reference encoder serves them all
+    assert config["model"] == {"global_branch": True, "composition_steps": 5}
+    assert payload["model_config"]["global_branch"] is True and payload["model_config"]["patch_memory"] is True
+    assert payload["model_config"]["composition_check"] is True
     state = payload["model_state"]
-    assert bool(state["global_branch.fitted"]) and bool(state["patch_memory.fitted"])
+    assert all(bool(state[f"{check}.fitted"]) for check in ("global_branch", "patch_memory", "composition_check"))
     assert not any(k.startswith("global_branch.encoder") for k in state)
     lines = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     events = [line["event"] for line in lines]
     assert events.index("reference_checks") < events.index("calibrated")
     fit = lines[events.index("reference_checks")]
-    assert fit["patch_memory"]["candidates"] == 8 * 8 * 8  # 8 training images, 8x8 patches at 64 px and fit["global_branch"]["feature_dim"] == 304
+    assert fit["patch_memory"]["candidates"] == 8 * 8 * 8  # 8 training images, 8x8 patches at 64 px
+    assert fit["global_branch"]["feature_dim"] == 304
+    assert fit["composition_check"]["steps"] == 5 and fit["composition_check"]["images"] == 8
 
 
 @pytest.mark.parametrize("text, message", [
@@ -188,8 +191,9 @@ def test_calibrate_adds_and_removes_the_global_branch_without_retraining(trained
     # the branch shares the patch memory's frozen encoder: no parameters of its own
     assert info_on["parameters"] == info_before["parameters"]
     assert on["model_config"]["global_branch"] is True and bool(on["model_state"]["global_branch.fitted"])
+    # SLSG's weights kept, and the trained composition check with them (only its scale is refitted)
     shared = [k for k in before["model_state"] if not k.startswith(("global_branch.", "patch_memory."))]
-    assert all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in shared)  # SLSG weights kept
+    assert all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in shared)
     proc = slsg("evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--out", str(tmp_path / "eval"))
     assert "structural" in proc.stdout
     slsg("calibrate", "--checkpoint", str(ckpt), "--global-branch", "off")
@@ -207,7 +211,8 @@ def test_calibrate_removes_and_restores_the_patch_memory(trained, tmp_path):
     off = torch.load(ckpt, weights_only=False)
     info_off = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
     assert off["model_config"]["patch_memory"] is False and not info_off["patch_memory"]
-    assert not any(k.startswith(("patch_memory.", "reference_encoder.")) for k in off["model_state"])
+    assert not any(k.startswith("patch_memory.") for k in off["model_state"])
+    assert any(k.startswith("reference_encoder.") for k in off["model_state"])  # the composition check's
     slsg("calibrate", "--checkpoint", str(ckpt), "--patch-memory", "on")
     on = torch.load(ckpt, weights_only=False)
     info_on = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
@@ -215,3 +220,26 @@ def test_calibrate_removes_and_restores_the_patch_memory(trained, tmp_path):
     for key, value in before["model_state"].items():  # same SLSG weights, same (deterministic) memory
         assert torch.equal(value, on["model_state"][key]), key
     assert on["calibration"]["raw_threshold"] == pytest.approx(before["calibration"]["raw_threshold"])
+
+
+def test_calibrate_removes_and_retrains_the_composition_check(trained, tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(trained["checkpoint"].read_bytes())
+    before = torch.load(ckpt, weights_only=False)
+    assert before["model_config"]["composition_check"] is True  # the default preset's
+    proc = slsg("calibrate", "--checkpoint", str(ckpt), "--composition-steps", "3", check=False)
+    assert proc.returncode == 2 and "--composition-check on" in proc.stderr
+    slsg("calibrate", "--checkpoint", str(ckpt), "--composition-check", "off")
+    off = torch.load(ckpt, weights_only=False)
+    info_off = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
+    assert off["model_config"]["composition_check"] is False and not info_off["composition_check"]
+    assert not any(k.startswith("composition_check.") for k in off["model_state"])
+    slsg("calibrate", "--checkpoint", str(ckpt), "--composition-check", "on", "--composition-steps", "4")
+    on = torch.load(ckpt, weights_only=False)
+    info_on = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
+    assert on["model_config"]["composition_steps"] == 4 and bool(on["model_state"]["composition_check.fitted"])
+    assert info_on["composition_check"] and info_on["gflop_per_image"] > info_off["gflop_per_image"]
+    retrained = [k for k in before["model_state"] if k.startswith("composition_check.encoder.")]
+    assert retrained and not all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in retrained)
+    shared = [k for k in before["model_state"] if not k.startswith("composition_check.")]
+    assert all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in shared)  # SLSG kept

@@ -64,7 +64,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     finish(slsg("synth", "data", "--categories", MODEL, "--image-size", SIZE, "--train", 8, "--validation", 4,
                 "--test-good", 2, "--test-logical", 2, "--test-structural", 2, cwd=work))
     runs = [slsg("train", "--data", "data", "--category", MODEL, "--out", f"run{seed}", "--image-size", SIZE,
-                 "--steps", 3, "--pretrain-steps", 0, "--workers", 0, "--seed", seed, cwd=work) for seed in (0, 1)]
+                 "--steps", 3, "--pretrain-steps", 0, "--workers", 0, "--seed", seed, "--composition-steps", 5,
+                 cwd=work) for seed in (0, 1)]
     for run in runs:
         finish(run)
     frame = sorted((work / "data" / MODEL / "test" / "logical_anomalies").glob("*.png"))[0].read_bytes()

@@ -175,6 +175,55 @@ def test_donor_content_is_pasted() -> None:
         assert (pasted == (0, 255, 0)).all()
 
 
+def cable_image(colour: tuple[int, int, int], height: int = 96, width: int = 96) -> np.ndarray:
+    """Two grey connectors joined by a coloured horizontal cable, on a plain background."""
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    image[:] = BACKGROUND
+    image[height // 2 - 3:height // 2 + 3, width // 5:4 * width // 5] = colour
+    for left in (width // 10, 7 * width // 10):
+        image[height // 2 - 12:height // 2 + 12, left:left + width // 5] = (90, 90, 95)
+    return image
+
+
+def hue_of(pixels: np.ndarray) -> float:
+    """Mean hue (0-255, PIL's scale) of RGB pixels of one colour."""
+    hsv = np.asarray(Image.fromarray(pixels.reshape(1, -1, 3).astype(np.uint8)).convert("HSV"))
+    return float(np.median(hsv[..., 0]))
+
+
+def test_part_recolour_gives_the_part_the_donors_colour() -> None:
+    yellow, blue = (232, 200, 40), (40, 95, 215)
+    image, donor = cable_image(yellow), cable_image(blue)
+    config = SimulationConfig(logical_ops={"part_recolour": 1.0})
+    cable = np.all(image == yellow, axis=2)
+    for seed in range(3):
+        sample, foreground = simulate("logical", image, seed, None, config, donor=donor)
+        mask = sample.mask.astype(bool)
+        assert mask[cable].mean() > 0.97 and not (mask & ~cable).any()  # the cable (opening trims corners), nothing else
+        assert abs(hue_of(sample.image[cable]) - hue_of(np.array(blue))) <= 2
+        assert np.array_equal(sample.image[~mask], image[~mask]) and not (mask & ~foreground).any()
+
+
+def test_part_recolour_turns_the_hue_when_the_donor_has_the_same_colour() -> None:
+    yellow = (232, 200, 40)
+    image = cable_image(yellow)
+    config = SimulationConfig(logical_ops={"part_recolour": 1.0})
+    cable = np.all(image == yellow, axis=2)
+    for donor in (cable_image((228, 196, 44)), None):
+        sample, _ = simulate("logical", image, 0, None, config, donor=donor)
+        turned = (hue_of(sample.image[cable]) - hue_of(np.array(yellow))) % 256
+        assert 0.14 * 256 <= turned <= 0.86 * 256
+        assert sample.mask.astype(bool)[cable].mean() > 0.97
+
+
+def test_part_recolour_without_coloured_parts_falls_back_to_other_operations() -> None:
+    grey = cable_image((120, 120, 120))
+    config = SimulationConfig(logical_ops={"part_recolour": 1.0, "grid_shuffle": 0.01})
+    sample, foreground = simulate("logical", grey, 0, None, config, donor=grey)
+    assert sample.mask.sum() >= minimum_mask_area(grey.shape[:2], config.min_mask_fraction)
+    assert not (sample.mask.astype(bool) & ~foreground).any()
+
+
 def test_donor_of_other_size_rejected(config: SimulationConfig) -> None:
     with pytest.raises(ValueError, match="donor"):
         simulate("logical", product_image(96, 96), 0, None, config, donor=product_image(64, 64))

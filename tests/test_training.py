@@ -14,7 +14,7 @@ from conftest import SLSG_BIN as SLSG, run_slsg as slsg
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--category", "tray", "--image-size", "64", "--batch-size", "2", "--workers", "0",
-        "--checkpoint-every", "100", "--log-every", "1"]
+        "--checkpoint-every", "100", "--log-every", "1", "--composition-steps", "5"]
 
 
 

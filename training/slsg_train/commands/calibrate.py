@@ -13,6 +13,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add or remove the global check before calibrating; closed form, no retraining")
     p.add_argument("--patch-memory", choices=("on", "off"), default=None,
                    help="add or remove the patch-memory check before calibrating; closed form, no retraining")
+    p.add_argument("--composition-check", choices=("on", "off"), default=None,
+                   help="add or remove the composition check before calibrating; trains its autoencoder "
+                        "(a few minutes), keeps the SLSG weights")
+    p.add_argument("--composition-steps", type=int, default=None,
+                   help="with --composition-check on: its autoencoder's training steps (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
 
 
@@ -35,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
         calib_images = load_resized(paths, loaded.image_size)
         model = loaded.model
         switches = {name: value == "on" for name, value in
-                    (("global_branch", args.global_branch), ("patch_memory", args.patch_memory)) if value is not None}
+                    (("global_branch", args.global_branch), ("patch_memory", args.patch_memory),
+                     ("composition_check", args.composition_check)) if value is not None}
+        if args.composition_steps is not None:
+            if args.composition_check != "on":
+                raise ValueError("--composition-steps needs --composition-check on")
+            switches["composition_steps"] = args.composition_steps
         if switches:
             model = _switch_reference_checks(loaded, switches, train_paths, calib_images, args.device)
         cal, stats = calibrate_threshold(model, calib_images, loaded.top_k, args.fpr, args.device)
@@ -54,21 +64,31 @@ def run(args: argparse.Namespace) -> int:
 def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, calib_images, device: str):
     """The checkpoint's network with reference checks added or removed per ``switches`` and every
     remaining one (re)fitted; the reference encoder gets the backbone's ImageNet weights, not the
-    pre-trained encoder's. The SLSG weights are kept."""
+    pre-trained encoder's. The SLSG weights are kept, and so is a trained composition check unless
+    ``switches`` asks for it (only its scale is refitted: retraining would take minutes and change it)."""
     import dataclasses
 
+    import torch
+
     from slsg_train.models import SLSG, SLSGConfig
-    from slsg_train.models.slsg import REFERENCE_CHECK_PREFIXES, build_reference_checks
+    from slsg_train.models.slsg import REFERENCE_CHECK_PREFIXES, REFERENCE_CHECKS, build_reference_checks
     from slsg_train.training.calibration import fit_reference_checks
     from slsg_train.training.dataset import load_resized
 
     config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), **switches)
-    model = SLSG(dataclasses.replace(config, global_branch=False, patch_memory=False, backbone_weights=None))
+    model = SLSG(dataclasses.replace(config, backbone_weights=None, **{name: False for name in REFERENCE_CHECKS}))
     state = loaded.model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(REFERENCE_CHECK_PREFIXES)})
     model.config = config
-    model.reference_encoder, model.global_branch, model.patch_memory = build_reference_checks(config)
+    model.set_reference_checks(build_reference_checks(config))
+    trained = loaded.model.composition_check
+    keep = (model.composition_check is not None and trained is not None and bool(trained.fitted)
+            and not {"composition_check", "composition_steps"} & set(switches))
+    if keep:
+        model.composition_check.load_state_dict(trained.state_dict())
     model.to(device)
-    fit_reference_checks(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device)
+    torch.manual_seed(loaded.payload.get("train_config", {}).get("seed", 0))  # a new autoencoder's initialisation
+    fit_reference_checks(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device,
+                         train_composition=not keep)
     loaded.payload["model_config"] = config.to_dict()
     return model.eval()

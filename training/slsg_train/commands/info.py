@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": loaded.payload["path"], "category": loaded.category, "stage": loaded.payload["stage"],
         "step": loaded.payload["step"], "backbone": loaded.payload["backbone"], "image_size": [h, w],
         "top_k": loaded.top_k, "global_branch": loaded.model.global_branch is not None,
-        "patch_memory": loaded.model.patch_memory is not None, "parameters": count_parameters(loaded.model),
+        "patch_memory": loaded.model.patch_memory is not None,
+        "composition_check": loaded.model.composition_check is not None, "parameters": count_parameters(loaded.model),
         "gflop_per_image": round(count_flops(loaded.model, h, w), 3),
         "calibration": loaded.payload.get("calibration"), "data_hash": loaded.payload.get("data_hash"),
     }
@@ -30,5 +31,5 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            print(f"{key:>16}: {value}")
+            print(f"{key:>17}: {value}")
     return 0

@@ -23,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-memory", choices=("on", "off"), default=None,
                    help="the patch-memory check (each patch's distance to the normal patches, fused into the map; "
                         "not in the paper). Default: the preset's (on in 'default', off in 'paper')")
+    p.add_argument("--composition-check", choices=("on", "off"), default=None,
+                   help="the composition check (an autoencoder of the whole image's features, trained after "
+                        "SLSG, for rules that join parts; not in the paper). Default: the preset's")
+    p.add_argument("--composition-steps", type=int,
+                   help="the composition check's autoencoder training steps (default 8000: about 4 min on 2 cores)")
     p.add_argument("--image-size", default=None, help="model input, '256' or 'WxH'; multiples of 32 (default 256)")
     p.add_argument("--steps", type=int, help="detector training steps (default 3500)")
     p.add_argument("--pretrain-steps", type=int, help="generative pre-training steps, 0 to skip (default 1000)")
@@ -63,6 +68,10 @@ def _flag_settings(args: argparse.Namespace) -> dict:
         model["global_branch"] = True
     if args.patch_memory is not None:
         model["patch_memory"] = args.patch_memory == "on"
+    if args.composition_check is not None:
+        model["composition_check"] = args.composition_check == "on"
+    if args.composition_steps is not None:
+        model["composition_steps"] = args.composition_steps
     if model:
         settings["model"] = model
     return settings

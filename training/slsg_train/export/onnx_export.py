@@ -30,7 +30,7 @@ from slsg.contract import (
     IMAGENET_MEAN, IMAGENET_STD, INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE,
     Calibration, ModelCard,
 )
-from slsg_train.models.slsg import SLSG, check_input_size
+from slsg_train.models.slsg import REFERENCE_CHECKS, SLSG, check_input_size
 
 DEFAULT_TOLERANCE = 1e-4  # max abs difference ONNX Runtime vs PyTorch
 # Graph k-NN near-ties: candidate pairs ranked within this much of each other (float64) may be ranked
@@ -234,7 +234,7 @@ def export_onnx(
     path = Path(path)
     verify_images = list(verify_images or [])
     _check_inputs(card, verify_images)
-    for name in ("global_branch", "patch_memory"):
+    for name in REFERENCE_CHECKS:
         check = getattr(model, name, None)
         if check is not None and not bool(check.fitted):
             raise ExportError(f"the model's {name.replace('_', ' ')} was never fitted (training fits it before "

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .backbones import create_backbone
 from .blocks import ConvBNReLU, DecoderStage, SpatialAttention, resize_to
+from .composition import CompositionCheck
 from .global_branch import GlobalFeatureBranch
 from .graph import SelfAttentiveGraph
 from .patch_memory import PatchMemoryBranch
@@ -26,7 +27,8 @@ from .reference import ReferenceEncoder
 
 INPUT_MULTIPLE = 32  # input height and width must be multiples of this
 REFERENCE_TOP_K, REFERENCE_SIZE = 100, 256  # the paper: mean of the top 100 pixels at 256x256
-REFERENCE_CHECK_PREFIXES = ("reference_encoder.", "global_branch.", "patch_memory.")  # in the state dict
+REFERENCE_CHECK_PREFIXES = ("reference_encoder.", "global_branch.", "patch_memory.", "composition_check.")
+REFERENCE_CHECKS = ("global_branch", "patch_memory", "composition_check")  # the fitted ones, by attribute
 
 
 @dataclass
@@ -73,11 +75,24 @@ class SLSGConfig:
     patch_memory_levels: int = 2
     patch_memory_size: int = 2048
     patch_memory_weight: float = 1.0
+    # optional composition check (not in the paper): an autoencoder rebuilds the last
+    # ``composition_levels`` ImageNet stages at stride 16 from a ``composition_latent``-number code of
+    # the whole image, trained ``composition_steps`` steps after SLSG; its squared error is fused into
+    # the map like the patch memory's distance, see composition.py. On in the default preset.
+    composition_check: bool = False
+    composition_levels: int = 2
+    composition_latent: int = 16
+    composition_steps: int = 8000
+    composition_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.composition_steps < 1:  # checked here, not after a whole training run
+            raise ValueError(f"composition_steps must be >= 1, got {self.composition_steps}")
 
     @property
     def uses_reference(self) -> bool:
         """Whether a reference check needs the frozen ImageNet encoder."""
-        return self.global_branch or self.patch_memory
+        return self.global_branch or self.patch_memory or self.composition_check
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +112,7 @@ PRESETS: dict[str, SLSGConfig] = {
     "paper": SLSGConfig(),
     # EfficientNet-Lite0 (ImageNet weights offline), graph on its 112-ch stride-16 map, decoder
     # widths scaled down to its channels: 10.1 GFLOP per 256x256 image against the paper's 46.1;
-    # with the patch memory (and its frozen ImageNet encoder) 11.4.
+    # with the patch memory (and its frozen ImageNet encoder) 11.4, and the composition check 11.5.
     "default": SLSGConfig(
         backbone="efficientnet_lite0",
         aux_channels=(128, 32),
@@ -107,6 +122,7 @@ PRESETS: dict[str, SLSGConfig] = {
         head_channels=(32, 16),
         # 0.6 GFLOP at 256x256 (1024 queries x 2048 patches x 152 channels) + 0.6 for its frozen encoder
         patch_memory=True,
+        composition_check=True,  # 0.14 GFLOP; a few minutes of autoencoder training after SLSG
     ),
 }
 
@@ -121,18 +137,26 @@ def preset(name: str, **overrides: Any) -> SLSGConfig:
     return replace(PRESETS[name], **overrides)
 
 
-def build_reference_checks(config: SLSGConfig) -> tuple[ReferenceEncoder | None, GlobalFeatureBranch | None,
-                                                          PatchMemoryBranch | None]:
-    """The optional reference encoder (``config.backbone`` with ``config.backbone_weights``), global
-    branch and patch memory as ``config`` describes them, all unfitted."""
+class ReferenceChecks(NamedTuple):
+    encoder: ReferenceEncoder | None = None
+    global_branch: GlobalFeatureBranch | None = None
+    patch_memory: PatchMemoryBranch | None = None
+    composition_check: CompositionCheck | None = None
+
+
+def build_reference_checks(config: SLSGConfig) -> ReferenceChecks:
+    """The optional reference encoder (``config.backbone`` with ``config.backbone_weights``) and the
+    checks ``config`` turns on, all unfitted."""
     if not config.uses_reference:
-        return None, None, None
+        return ReferenceChecks()
     encoder = ReferenceEncoder(config.backbone, config.backbone_weights, config.allow_download)
     glob = (GlobalFeatureBranch(encoder.channels, config.global_levels, config.global_weight, config.global_shrinkage)
             if config.global_branch else None)
     patch = (PatchMemoryBranch(encoder.channels, config.patch_memory_levels, config.patch_memory_size,
                                config.patch_memory_weight) if config.patch_memory else None)
-    return encoder, glob, patch
+    composition = (CompositionCheck(encoder.channels, config.composition_levels, config.composition_latent,
+                                    weight=config.composition_weight) if config.composition_check else None)
+    return ReferenceChecks(encoder, glob, patch, composition)
 
 
 class SLSGOutput(NamedTuple):
@@ -140,6 +164,7 @@ class SLSGOutput(NamedTuple):
     aux_logits: Tensor  # [B, 2, H, W]: auxiliary head alone (trained with its own loss term)
     global_distance: Tensor | None = None  # [B]: only in eval mode with a fitted global branch
     patch_distance: Tensor | None = None  # [B, 1, h, w]: only in eval mode with a fitted patch memory
+    composition_error: Tensor | None = None  # [B, 1, h, w]: only in eval mode with a fitted composition check
 
 
 def check_input_size(height: int, width: int) -> None:
@@ -189,7 +214,7 @@ class SLSG(nn.Module):
         )
         for part in self.head_modules():
             init_trained_weights(part)
-        self.reference_encoder, self.global_branch, self.patch_memory = build_reference_checks(config)
+        self.set_reference_checks(build_reference_checks(config))
         self.register_load_state_dict_pre_hook(_upgrade_state_dict)
         if config.freeze_encoder:
             self.encoder.requires_grad_(False)
@@ -256,24 +281,33 @@ class SLSG(nn.Module):
         logits = self.segmentation_head(resize_to(y, (height, width))) + aux_logits
         return SLSGOutput(logits, aux_logits, *self._reference_checks(x))
 
-    def _reference_checks(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """(global distance, patch distance) of the fitted checks; training never needs them: they
-        are fitted afterwards, in closed form."""
+    def set_reference_checks(self, checks: ReferenceChecks) -> None:
+        self.reference_encoder = checks.encoder
+        self.global_branch, self.patch_memory, self.composition_check = checks[1:]
+
+    def _reference_checks(self, x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(global distance, patch distance, composition error) of the fitted checks; SLSG's training
+        never needs them: they are fitted afterwards."""
         exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()  # export checks they are fitted
-        active = [b is not None and not self.training and (exporting or bool(b.fitted))
-                  for b in (self.global_branch, self.patch_memory)]
+        checks = [getattr(self, name) for name in REFERENCE_CHECKS]
+        active = [c is not None and not self.training and (exporting or bool(c.fitted)) for c in checks]
         if not any(active):
-            return None, None
+            return None, None, None
         maps = self.reference_encoder(x)
-        return (self.global_branch(maps) if active[0] else None, self.patch_memory(maps) if active[1] else None)
+        glob, patch, composition = (c if on else None for c, on in zip(checks, active))
+        return (glob(maps) if glob else None, patch(maps) if patch else None,
+                composition(x, maps) if composition else None)
 
     def anomaly_map(self, output: SLSGOutput) -> Tensor:
-        """[B, 1, H, W]: the probability of the anomalous class, or with a fitted patch memory the
-        pixelwise larger of that and the patch distance on the same scale."""
+        """[B, 1, H, W]: the probability of the anomalous class, or with a fitted patch memory or
+        composition check the pixelwise largest of that and their maps on the same scale."""
         prob = anomaly_probability(output.logits)
-        if output.patch_distance is None:
-            return prob
-        return torch.maximum(prob, self.patch_memory.probability(output.patch_distance, tuple(prob.shape[-2:])))
+        size = tuple(prob.shape[-2:])
+        if output.patch_distance is not None:
+            prob = torch.maximum(prob, self.patch_memory.probability(output.patch_distance, size))
+        if output.composition_error is not None:
+            prob = torch.maximum(prob, self.composition_check.probability(output.composition_error, size))
+        return prob
 
     def score_images(self, output: SLSGOutput, k: int) -> Tensor:
         """Image scores [B]: the paper's mean of the top-K pixels of :meth:`anomaly_map`, or with a

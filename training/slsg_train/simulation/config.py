@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 FOREGROUND_METHODS = ("border_difference", "otsu", "none")
-LOGICAL_OPERATIONS = ("grid_shuffle", "flip", "band_swap", "donor_paste", "colour_jitter")
+LOGICAL_OPERATIONS = ("grid_shuffle", "flip", "band_swap", "donor_paste", "colour_jitter", "part_recolour")
 
 
 @dataclass
@@ -106,6 +106,7 @@ class SimulationConfig:
     logical_rotate_probability: float = 0.5  # the source is first turned by 180 degrees
     logical_jitter_probability: float = 0.2  # ... and colour-jittered
     logical_jitter: tuple[float, float, float] = (0.4, 0.4, 0.2)  # brightness, saturation, hue
+    part_saturation: float = 80.0  # part_recolour: a pixel is coloured above this HSV saturation (0-255)
     logical_change_tolerance: float = 12.0  # a pixel "changed" when some channel moved more (0-255)
     foreground: ForegroundConfig = field(default_factory=ForegroundConfig)
     category_overrides: dict[str, dict[str, Any]] = field(

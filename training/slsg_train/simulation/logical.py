@@ -78,18 +78,75 @@ def colour_jitter(image: np.ndarray, rng: np.random.Generator, strength: tuple[f
     return np.asarray(Image.fromarray(hsv.astype(np.uint8), mode="HSV").convert("RGB"))
 
 
+def _hsv(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> int16 HSV, every channel 0-255 (PIL's convention)."""
+    return np.asarray(Image.fromarray(image).convert("HSV"), dtype=np.int16)
+
+
+def _mean_hue(hue: np.ndarray) -> float:
+    """Circular mean of 0-255 hues."""
+    angle = hue.astype(np.float64) * (2 * np.pi / 256)
+    return float(np.angle(np.exp(1j * angle).mean()) * 256 / (2 * np.pi)) % 256
+
+
+def coloured_parts(image: np.ndarray, foreground: np.ndarray, min_area: int,
+                   saturation: float) -> list[np.ndarray]:
+    """Masks of the connected, saturated (coloured) regions on ``foreground`` of at least ``min_area`` pixels."""
+    hsv = _hsv(image)
+    labels, count = ndimage.label((hsv[..., 1] > saturation) & foreground, structure=np.ones((3, 3)))
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    return [labels == i for i in range(1, count + 1) if areas[i] >= min_area]
+
+
+def recoloured_part(
+    image: np.ndarray, rng: np.random.Generator, foreground: np.ndarray, donor: np.ndarray | None,
+    min_area: int, saturation: float,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """One coloured part of ``image`` wearing the colour of ``donor``'s main coloured part: (source, region).
+
+    A whole part in a colour that is normal for the product, but not with the rest of this image
+    (a cable whose colour belongs to another pin count): the anomaly no local patch can show.
+    When the donor's colour is this part's own, or there is no donor, the hue turns by a random
+    0.15-0.85 of a circle instead. None when the image has no coloured part.
+    """
+    parts = coloured_parts(image, foreground, min_area, saturation)
+    if not parts:
+        return None
+    areas = np.array([part.sum() for part in parts], dtype=np.float64)
+    part = parts[int(rng.choice(len(parts), p=areas / areas.sum()))]
+    hsv = _hsv(image)
+    # Anti-aliased rims are half-saturated: they turn with the part, so no old-coloured outline stays.
+    region = ndimage.binary_dilation(part, iterations=1) & (hsv[..., 1] > saturation / 2)
+    own_hue = _mean_hue(hsv[..., 0][part])
+    shift, scale_s, scale_v = float(rng.uniform(0.15, 0.85) * 256), 1.0, 1.0
+    donor_parts = coloured_parts(donor, np.ones_like(foreground, dtype=bool), min_area, saturation) if donor is not None else []
+    if donor_parts:
+        donor_part = max(donor_parts, key=lambda m: int(m.sum()))
+        donor_hsv = _hsv(donor)
+        donor_hue = _mean_hue(donor_hsv[..., 0][donor_part])
+        difference = (donor_hue - own_hue + 128) % 256 - 128
+        if abs(difference) > 0.06 * 256:
+            shift = difference
+            scale_s = np.median(donor_hsv[..., 1][donor_part]) / max(np.median(hsv[..., 1][part]), 1.0)
+            scale_v = np.median(donor_hsv[..., 2][donor_part]) / max(np.median(hsv[..., 2][part]), 1.0)
+    out = hsv.copy()
+    out[..., 0][region] = np.round(hsv[..., 0][region] + shift).astype(np.int16) % 256
+    out[..., 1][region] = np.clip(np.round(hsv[..., 1][region] * scale_s), 0, 255)
+    out[..., 2][region] = np.clip(np.round(hsv[..., 2][region] * scale_v), 0, 255)
+    source = np.asarray(Image.fromarray(out.astype(np.uint8), mode="HSV").convert("RGB"))
+    return source, region
+
+
 def _rearranged_source(
     image: np.ndarray, rng: np.random.Generator, config: SimulationConfig, donor: np.ndarray | None,
+    operation: str,
 ) -> np.ndarray:
-    """The whole image rearranged by one operation drawn from ``config.logical_ops``."""
+    """The whole image rearranged by ``operation``."""
     base = image
     if rng.random() < config.logical_rotate_probability:
         base = np.ascontiguousarray(base[::-1, ::-1])
     if rng.random() < config.logical_jitter_probability:
         base = colour_jitter(base, rng, config.logical_jitter)
-    names = list(config.logical_ops)
-    weights = np.array([config.logical_ops[n] for n in names], dtype=np.float64)
-    operation = names[int(rng.choice(len(names), p=weights / weights.sum()))]
     operations: dict[str, Callable[[], np.ndarray]] = {
         "grid_shuffle": lambda: grid_shuffle(
             base, rng, config.logical_grids[int(rng.integers(len(config.logical_grids)))]),
@@ -149,8 +206,19 @@ def simulate_logical_anomaly(
         raise ValueError(f"donor image has shape {donor.shape}, the image {image.shape}; they must match")
     min_area = minimum_mask_area(foreground.shape, config.min_mask_fraction)
     tolerance = config.logical_change_tolerance
+    names = list(config.logical_ops)
+    weights = np.array([config.logical_ops[n] for n in names], dtype=np.float64)
     for _ in range(config.max_attempts):
-        source = _rearranged_source(image, rng, config, donor)
+        operation = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        if operation == "part_recolour":
+            recoloured = recoloured_part(image, rng, foreground, donor, min_area, config.part_saturation)
+            if recoloured is None:
+                continue
+            out, mask = _paste(image, *recoloured, 0.0, tolerance)
+            if mask.sum() >= min_area:
+                return SimulatedAnomaly(image=out, mask=mask.astype(np.float32), kind="logical")
+            continue
+        source = _rearranged_source(image, rng, config, donor, operation)
         blob = perlin_blob_mask(foreground.shape, rng, config.logical_perlin_scale_range,
                                 config.logical_perlin_threshold, config.perlin_rotation) & foreground
         out, mask = _paste(image, source, blob, float(rng.uniform(*config.logical_beta_range)), tolerance)

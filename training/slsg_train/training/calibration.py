@@ -54,33 +54,38 @@ def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr:
 @torch.no_grad()
 def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: list[np.ndarray], top_k: int,
                          device: torch.device | str = "cpu", batch_size: int = 16, seed: int = 0,
-                         progress: bool = True) -> dict:
-    """Fit the model's reference checks in closed form; call before calibrating.
+                         progress: bool = True, train_composition: bool = True) -> dict:
+    """Fit the model's reference checks; call before calibrating.
 
-    The patch memory first: its coreset of the training images' patches, then its scale against the
-    paper's local score on the calibration images. Then the global branch: the Gaussian of the
-    training images' pooled features, its scale against the (now patch-fused) local score.
+    The patch memory: its coreset of the training images' patches. The composition check: its
+    autoencoder trained on the training images (the only check with training steps). Both map checks'
+    scales against the paper's local score on the calibration images. Then the global branch: the
+    Gaussian of the training images' pooled features, its scale against the (now map-fused) local score.
+    ``train_composition=False`` keeps the composition check's trained autoencoder and refits its scale.
     """
     from slsg_train.models import image_score
     from slsg_train.models.patch_memory import resize_patches
+    from slsg_train.training.composition import train_composition_check
     from slsg_train.training.dataset import to_tensor
 
     encoder, glob, patch = model.reference_encoder, model.global_branch, model.patch_memory
+    composition = model.composition_check
     if encoder is None:
         return {}
-    for check in (glob, patch):
+    for check in (glob, patch, composition):
         if check is not None:
             check.fitted.fill_(False)
     was_training = model.training
     model.eval()
 
-    def reference_maps(images: list[np.ndarray]):
+    def reference_maps(images: list[np.ndarray]):  # (normalised batch, its reference maps)
         for i in range(0, len(images), batch_size):
-            yield encoder(torch.stack([to_tensor(im) for im in images[i:i + batch_size]]).to(device))
+            x = torch.stack([to_tensor(im) for im in images[i:i + batch_size]]).to(device)
+            yield x, encoder(x)
 
     # one encoder pass over the training images feeds both checks' fits
     patches, pooled = [], []
-    for maps in reference_maps(train_images):
+    for _, maps in reference_maps(train_images):
         if patch is not None:
             patches.append(patch.patch_features(maps).permute(0, 2, 3, 1).flatten(0, 2).cpu())
         if glob is not None:
@@ -92,20 +97,31 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
         report["patch_memory"] = {"candidates": int(feats.shape[0]), "kept": kept, "feature_dim": patch.dim}
     if glob is not None:
         glob.fit_normal(torch.cat(pooled).numpy())
+    if composition is not None:
+        report["composition_check"] = (train_composition_check(
+            composition, encoder, train_images, model.config.composition_steps, device, seed=seed, progress=progress)
+            if train_composition else {"kept": True})
 
-    # and one over the calibration images gives both checks' raw scores there
-    size, patch_scores, distances = calib_images[0].shape[:2], [], []
-    for maps in reference_maps(calib_images):
+    # and one over the calibration images gives every check's raw scores there
+    size, patch_scores, composition_scores, distances = calib_images[0].shape[:2], [], [], []
+    for x, maps in reference_maps(calib_images):
         if patch is not None:
             patch_scores.append(image_score(resize_patches(patch(maps), size), top_k).double().cpu())
+        if composition is not None:
+            composition_scores.append(image_score(resize_patches(composition(x, maps), size), top_k).double().cpu())
         if glob is not None:
             distances.append(glob(maps).double().cpu())
-    # each scale against the local score it is combined with: the patch memory's against the paper's,
-    # the global branch's against the patch-fused one (predict uses the checks fitted so far)
-    if patch is not None:
+    # each scale against the local score it is combined with: the map checks' against the paper's,
+    # the global branch's against the map-fused one (predict uses the checks fitted so far)
+    if patch is not None or composition is not None:
         _, local = predict(model, calib_images, top_k, device)
+    if patch is not None:
         patch.fit_scale(torch.cat(patch_scores).numpy(), local)
         report["patch_memory"].update(distance_mean=float(patch.scale[0]), distance_std=float(patch.scale[1]))
+    if composition is not None:
+        composition.fit_scale(torch.cat(composition_scores).numpy(), local)
+        report["composition_check"].update(error_mean=float(composition.scale[0]),
+                                           error_std=float(composition.scale[1]))
     if glob is not None:
         _, local = predict(model, calib_images, top_k, device)
         d = torch.cat(distances).numpy()
