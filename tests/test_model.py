@@ -268,19 +268,24 @@ def test_fitted_global_branch_flags_a_global_change_the_map_cannot_see():
 # --------------------------------------------------------------------------- patch memory (ours)
 
 
-def test_patch_memory_is_on_in_the_default_preset_and_neutral_until_fitted():
+@pytest.mark.parametrize("check, output, grid", [
+    ("patch_memory", "patch_distance", (8, 12)),  # stride 8: the shallower of the last two stages
+    ("composition_check", "composition_error", (4, 6)),  # stride 16, whatever the autoencoder's own size
+])
+def test_map_checks_are_on_in_the_default_preset_and_neutral_until_fitted(check, output, grid):
+    assert getattr(PRESETS["paper"], check) is False and getattr(random_model("paper"), check) is None
     model = random_model().eval()
-    assert model.patch_memory is not None and model.global_branch is None
-    x = torch.randn(2, 3, 64, 64)
+    assert model.global_branch is None
+    x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         out = model(x)
-        assert out.patch_distance is None
+        assert getattr(out, output) is None
         assert torch.equal(model.anomaly_map(out), anomaly_probability(out.logits))
-        model.patch_memory.fitted.fill_(True)
+        getattr(model, check).fitted.fill_(True)
         out = model(x)
-        assert out.patch_distance.shape == (2, 1, 8, 8)  # stride 8: the shallower of the last two stages
-        assert model.anomaly_map(out).shape == (2, 1, 64, 64)
-        assert model.train()(x).patch_distance is None  # never computed in training
+        assert getattr(out, output).shape == (2, 1, *grid)
+        assert model.anomaly_map(out).shape == (2, 1, 64, 96)
+        assert getattr(model.train()(x), output) is None  # never computed in SLSG's training
 
 
 def test_coreset_keeps_one_patch_of_every_kind_however_rare():
@@ -381,21 +386,11 @@ def test_old_checkpoints_with_the_encoder_inside_the_global_branch_still_load():
 # --------------------------------------------------------------------------- composition check (ours)
 
 
-def test_composition_check_is_on_in_the_default_preset_and_neutral_until_fitted():
-    assert PRESETS["paper"].composition_check is False and random_model("paper").composition_check is None
-    model = random_model().eval()
-    x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        out = model(x)
-        assert out.composition_error is None
-        assert torch.equal(model.anomaly_map(out), anomaly_probability(out.logits))
-        model.composition_check.fitted.fill_(True)
-        out = model(x)
-        assert out.composition_error.shape == (2, 1, 4, 6)  # stride 16, whatever the autoencoder's own size
-        assert model.anomaly_map(out).shape == (2, 1, 64, 96)
-        assert model.train()(x).composition_error is None  # never computed in SLSG's training
+def test_composition_check_settings_are_checked_when_built():
     with pytest.raises(ValueError, match="latent"):
-        random_model(composition_check=True, composition_latent=0)
+        random_model(composition_latent=0)
+    with pytest.raises(ValueError, match="composition_steps"):
+        preset("default", composition_steps=0)
 
 
 def _paired_scenes(rng: np.random.Generator, n: int, mismatch: bool = False) -> list[np.ndarray]:

@@ -139,14 +139,22 @@ def recoloured_part(
 
 def _rearranged_source(
     image: np.ndarray, rng: np.random.Generator, config: SimulationConfig, donor: np.ndarray | None,
-    operation: str,
-) -> np.ndarray:
-    """The whole image rearranged by ``operation``."""
+    foreground: np.ndarray, min_area: int,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(source, region): the image rearranged by one operation drawn from ``config.logical_ops``, to be
+    pasted through a blob (region None); ``part_recolour`` brings its own region, the part, and gives
+    (None, None) on an image without coloured parts."""
     base = image
     if rng.random() < config.logical_rotate_probability:
         base = np.ascontiguousarray(base[::-1, ::-1])
     if rng.random() < config.logical_jitter_probability:
         base = colour_jitter(base, rng, config.logical_jitter)
+    names = list(config.logical_ops)
+    weights = np.array([config.logical_ops[n] for n in names], dtype=np.float64)
+    operation = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    if operation == "part_recolour":  # the unturned image: the part keeps its place
+        recoloured = recoloured_part(image, rng, foreground, donor, min_area, config.part_saturation)
+        return recoloured if recoloured is not None else (None, None)
     operations: dict[str, Callable[[], np.ndarray]] = {
         "grid_shuffle": lambda: grid_shuffle(
             base, rng, config.logical_grids[int(rng.integers(len(config.logical_grids)))]),
@@ -158,7 +166,7 @@ def _rearranged_source(
                                 else shifted(image if donor is None else donor, rng)),
         "colour_jitter": lambda: colour_jitter(base, rng, config.logical_jitter),
     }
-    return operations[operation]()
+    return operations[operation](), None
 
 
 def _blend(image: np.ndarray, source: np.ndarray, where: np.ndarray, beta: float) -> np.ndarray:
@@ -206,22 +214,16 @@ def simulate_logical_anomaly(
         raise ValueError(f"donor image has shape {donor.shape}, the image {image.shape}; they must match")
     min_area = minimum_mask_area(foreground.shape, config.min_mask_fraction)
     tolerance = config.logical_change_tolerance
-    names = list(config.logical_ops)
-    weights = np.array([config.logical_ops[n] for n in names], dtype=np.float64)
     for _ in range(config.max_attempts):
-        operation = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-        if operation == "part_recolour":
-            recoloured = recoloured_part(image, rng, foreground, donor, min_area, config.part_saturation)
-            if recoloured is None:
-                continue
-            out, mask = _paste(image, *recoloured, 0.0, tolerance)
-            if mask.sum() >= min_area:
-                return SimulatedAnomaly(image=out, mask=mask.astype(np.float32), kind="logical")
+        source, region = _rearranged_source(image, rng, config, donor, foreground, min_area)
+        if source is None:
             continue
-        source = _rearranged_source(image, rng, config, donor, operation)
-        blob = perlin_blob_mask(foreground.shape, rng, config.logical_perlin_scale_range,
-                                config.logical_perlin_threshold, config.perlin_rotation) & foreground
-        out, mask = _paste(image, source, blob, float(rng.uniform(*config.logical_beta_range)), tolerance)
+        beta = 0.0  # a recoloured part is pasted whole
+        if region is None:
+            region = perlin_blob_mask(foreground.shape, rng, config.logical_perlin_scale_range,
+                                      config.logical_perlin_threshold, config.perlin_rotation) & foreground
+            beta = float(rng.uniform(*config.logical_beta_range))
+        out, mask = _paste(image, source, region, beta, tolerance)
         if mask.sum() >= min_area:
             return SimulatedAnomaly(image=out, mask=mask.astype(np.float32), kind="logical")
     return _forced_logical_anomaly(image, rng, foreground, min_area, tolerance)
