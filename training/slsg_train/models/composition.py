@@ -28,6 +28,11 @@ INPUT_SIZE = 128  # the autoencoder sees every image at 128x128, whatever the mo
 GRID = 16         # ... and draws a 16x16 feature grid, resized to the stride-16 grid of the input
 
 
+def autoencoder_input(x: Tensor) -> Tensor:
+    """A normalised batch [N, 3, H, W] at the autoencoder's 128x128 (identity when already that size)."""
+    return F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+
+
 def _down(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.ReLU(inplace=True))
 
@@ -74,12 +79,14 @@ class CompositionCheck(nn.Module):
 
     def targets(self, maps: list[Tensor]) -> Tensor:
         """:meth:`features` standardised per channel with the training images' statistics."""
-        return (self.features(maps) - self.feature_mean) / self.feature_std
+        return self.standardised(self.features(maps))
+
+    def standardised(self, features: Tensor) -> Tensor:
+        return (features - self.feature_mean) / self.feature_std
 
     def rebuild(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """The features the autoencoder draws for image ``x``, on a grid of ``size``."""
-        small = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        y = self.decoder(self.encoder(small))
+        y = self.decoder(self.encoder(autoencoder_input(x)))
         return y if tuple(y.shape[-2:]) == size else F.interpolate(y, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, x: Tensor, maps: list[Tensor]) -> Tensor:

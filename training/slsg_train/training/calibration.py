@@ -65,6 +65,7 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     """
     from slsg_train.models import image_score
     from slsg_train.models.patch_memory import resize_patches
+    from slsg_train.models.composition import autoencoder_input
     from slsg_train.training.composition import train_composition_check
     from slsg_train.training.dataset import to_tensor
 
@@ -83,13 +84,17 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
             x = torch.stack([to_tensor(im) for im in images[i:i + batch_size]]).to(device)
             yield x, encoder(x)
 
-    # one encoder pass over the training images feeds both checks' fits
-    patches, pooled = [], []
-    for _, maps in reference_maps(train_images):
+    # one encoder pass over the training images feeds every check's fit
+    train_composition = train_composition and composition is not None
+    patches, pooled, small, stride16 = [], [], [], []
+    for x, maps in reference_maps(train_images):
         if patch is not None:
             patches.append(patch.patch_features(maps).permute(0, 2, 3, 1).flatten(0, 2).cpu())
         if glob is not None:
             pooled.append(glob.features(maps).double().cpu())
+        if train_composition:
+            small.append(autoencoder_input(x))
+            stride16.append(composition.features(maps))
     report: dict = {"train_images": len(train_images), "calibration_images": len(calib_images)}
     if patch is not None:
         feats = torch.cat(patches)
@@ -99,8 +104,8 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
         glob.fit_normal(torch.cat(pooled).numpy())
     if composition is not None:
         report["composition_check"] = (train_composition_check(
-            composition, encoder, train_images, model.config.composition_steps, device, seed=seed, progress=progress)
-            if train_composition else {"kept": True})
+            composition, torch.cat(small), torch.cat(stride16), model.config.composition_steps, seed=seed,
+            progress=progress) if train_composition else {"kept": True})
 
     # and one over the calibration images gives every check's raw scores there
     size, patch_scores, composition_scores, distances = calib_images[0].shape[:2], [], [], []
