@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     assert done["stage"] == "done" and done["calibration"]["num_images"] == 4
     assert done["image_size"] == [64, 64] and done["backbone"] == "efficientnet_lite0"
     log = (tmp_path / "parts" / "train_log.jsonl").read_text().splitlines()
-    train_steps = [line for line in log if '"stage": "train"' in line]
+    train_steps = [line for line in log if '"event": "step"' in line and '"stage": "train"' in line]
     assert len(train_steps) == 4  # steps 1..4 logged exactly once across the three invocations
 
 
@@ -81,11 +82,63 @@ def test_resume_without_checkpoint_names_the_missing_file(tiny_data, tmp_path):
 
 
 def test_bench_pipeline_reports_both_variants(tiny_data):
-    import json
-
     proc = slsg("bench", "pipeline", "--data", str(tiny_data), "--category", "tray", "--image-size", "64",
                 "--steps", "2", "--warmup", "1", "--batch-size", "2", "--workers", "1", "--threads", "1", "--json")
     report = json.loads(proc.stdout)
     assert report["step_s_live_simulation"] > 0 and report["step_s_pregenerated"] > 0
     assert report["ratio"] == report["step_s_live_simulation"] / report["step_s_pregenerated"]
+    assert report["precision"] in ("fp32", "bf16")  # "auto" resolved, as training resolves it
     assert "simulation in workers" in proc.stderr  # the table goes to stderr with --json
+
+
+def test_precision_setting_is_validated_and_auto_follows_the_hardware():
+    from slsg_train.training.config import TrainConfig
+    from slsg_train.training.precision import native_bf16, resolve_precision
+
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16; got 'fp16'"):
+        TrainConfig(precision="fp16")
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+
+
+def test_bf16_training_step_runs_in_bfloat16_and_updates_float32_weights():
+    from slsg_train.models import SLSG, preset
+    from slsg_train.training.config import LossConfig
+    from slsg_train.training.losses import slsg_loss
+    from slsg_train.training.precision import autocast
+
+    torch.manual_seed(0)
+    # the ImageNet encoder: random weights at N(0, 0.02) carry too little signal to measure rounding against
+    model = SLSG(preset("default", patch_memory=False, composition_check=False)).train()
+    x, mask = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.8).float()
+    cpu = torch.device("cpu")
+    with torch.no_grad(), autocast("fp32", cpu):
+        reference = model(x).logits
+    with autocast("bf16", cpu):
+        out = model(x)
+    assert reference.dtype == torch.float32 and out.logits.dtype == torch.bfloat16
+    # bfloat16 keeps about 3 significant digits: the same map, within a hundredth of probability
+    probability = torch.softmax(out.logits.float(), dim=1)[:, 1]
+    torch.testing.assert_close(probability, torch.softmax(reference, dim=1)[:, 1], atol=0.03, rtol=0)
+    loss, _ = slsg_loss(out.logits.float(), out.aux_logits.float(), mask, LossConfig())
+    loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trained)
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in trained)
+
+
+def test_a_run_from_before_mixed_precision_resumes_in_fp32(tiny_data, tmp_path):
+    run_dir = tmp_path / "old"
+    slsg("train", "--data", str(tiny_data), *TINY, "--steps", "3", "--pretrain-steps", "2", "--out", str(run_dir),
+         "--until-step", "1")
+    ckpt_path = run_dir / "checkpoint.pt"
+    payload = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    del payload["train_config"]["precision"]  # what an older release wrote
+    torch.save(payload, ckpt_path)
+    slsg("train", "--data", str(tiny_data), "--category", "tray", "--out", str(run_dir), "--resume", "--until-step", "2")
+    slsg("train", "--data", str(tiny_data), "--category", "tray", "--out", str(run_dir), "--resume",
+         "--precision", "bf16")
+    resumes = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()
+               if '"event": "resume"' in line]
+    assert [(r["stage"], r["precision"]) for r in resumes] == [("pretrain", "fp32"), ("train", "bf16")]

@@ -108,6 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pipeline.add_argument("--warmup", type=int, default=3)
     pipeline.add_argument("--batch-size", type=int, default=4)
     pipeline.add_argument("--workers", type=int, default=2)
+    pipeline.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                          help="training's forward passes, as `slsg train --precision` (default auto)")
     pipeline.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     pipeline.add_argument("--json", action="store_true", help="print one JSON document on stdout (tables go to stderr)")
 
@@ -154,11 +156,12 @@ def _pipeline(args: argparse.Namespace):
 
     torch.set_num_threads(args.threads)
     result = benchmark_pipeline(args.data, args.category, parse_image_size(args.image_size), args.steps, args.warmup,
-                                args.batch_size, args.workers)
+                                args.batch_size, args.workers, precision=args.precision)
     report = {"benchmark": "pipeline", "environment": environment(args.threads), **result}
 
     def tables(r: dict) -> list[Table]:
-        return [Table(f"training step, {r['batch']} images at {r['image_size']}, {r['workers']} workers",
+        return [Table(f"training step, {r['batch']} images at {r['image_size']} in {r['precision']}, "
+                      f"{r['workers']} workers",
                       ["variant", "median step s", "ratio"],
                       [["pre-generated batches", r["step_s_pregenerated"], 1.0],
                        ["simulation in workers", r["step_s_live_simulation"], r["ratio"]]])]

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="normal images per step; as many simulated ones are added (default 4)")
     p.add_argument("--lr", type=float, help="SGD learning rate (default 0.04)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="training's forward passes: bf16 autocast (weights stay float32) or fp32; default auto: "
+                        "bf16 where the device has it natively (CUDA from Ampere on, CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes for the simulation (default 2)")
     p.add_argument("--anomaly-source", default=None, help="DTD texture folder for structural simulation (default: built-in textures)")
@@ -50,7 +53,7 @@ def _flag_settings(args: argparse.Namespace) -> dict:
     from slsg_train.training.config import parse_image_size
 
     flat = {name: getattr(args, name) for name in (
-        "preset", "backbone", "steps", "batch_size", "seed", "workers", "device", "checkpoint_every",
+        "preset", "backbone", "steps", "batch_size", "seed", "workers", "device", "precision", "checkpoint_every",
         "log_every", "anomaly_source", "calibration_fpr")}
     settings = {k: v for k, v in flat.items() if v is not None}
     if args.allow_download:
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         settings["category"] = args.category
         cfg = TrainConfig.from_dict(settings)
         # on --resume, only the options given explicitly change the stored configuration
-        overrides = {k: getattr(args, k) for k in ("steps", "workers", "device", "checkpoint_every", "log_every")
+        overrides = {k: getattr(args, k) for k in ("steps", "workers", "device", "precision", "checkpoint_every", "log_every")
                      if getattr(args, k) is not None}
         run_ = TrainingRun(cfg, args.data, args.out, resume=args.resume, until_step=args.until_step, overrides=overrides)
         path = run_.run()

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+PRECISIONS = ("auto", "fp32", "bf16")  # of training's forward passes; see precision.py
+
 
 @dataclass
 class PretrainConfig:
@@ -51,6 +53,7 @@ class TrainConfig:
     colour_jitter: float = 0.1
     workers: int = 2
     device: str = "auto"
+    precision: str = "auto"                  # training forward passes: "auto" (bf16 where native), "fp32", "bf16"
     checkpoint_every: int = 250
     log_every: int = 10
     anomaly_source: str | None = None        # DTD folder for textures; None = built-in textures
@@ -60,6 +63,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     simulation: dict[str, Any] = field(default_factory=dict)  # SimulationConfig.to_dict()
     model: dict[str, Any] = field(default_factory=dict)       # SLSGConfig fields over the preset's
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,15 +18,20 @@ from slsg_train.simulation import AnomalySimulator, SimulationConfig, TextureBan
 from slsg_train.training.config import LossConfig
 from slsg_train.training.dataset import SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized
 from slsg_train.training.losses import slsg_loss
+from slsg_train.training.precision import autocast, resolve_precision
+
+CPU = torch.device("cpu")
 
 
-def _timed_steps(model: SLSG, batches, steps: int, opt: torch.optim.Optimizer, desc: str) -> list[float]:
+def _timed_steps(model: SLSG, batches, steps: int, opt: torch.optim.Optimizer, precision: str,
+                 desc: str) -> list[float]:
     times, it = [], iter(batches)
     t_prev = time.perf_counter()
     for _ in tqdm(range(steps), desc=desc, leave=False):
         images, masks = next(it)
-        out = model(images)
-        loss, _ = slsg_loss(out.logits, out.aux_logits, masks, LossConfig())
+        with autocast(precision, CPU):
+            out = model(images)
+        loss, _ = slsg_loss(out.logits.float(), out.aux_logits.float(), masks, LossConfig())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -38,7 +43,9 @@ def _timed_steps(model: SLSG, batches, steps: int, opt: torch.optim.Optimizer, d
 
 def benchmark_pipeline(data_root: str | Path, category: str, image_size: tuple[int, int] = (256, 256),
                        steps: int = 20, warmup: int = 3, batch_size: int = 4, workers: int = 2,
-                       preset_name: str = "default") -> dict[str, Any]:
+                       preset_name: str = "default", precision: str = "auto") -> dict[str, Any]:
+    """On the CPU, as training runs there: the faster the step (bf16), the harder it is to keep fed."""
+    precision = resolve_precision(precision, CPU)
     images = load_resized(LocoCategory(data_root, category).train_paths, image_size)
     sim_cfg = SimulationConfig().for_category(category)
     dataset = SimulatedAnomalyDataset(images, AnomalySimulator(sim_cfg, TextureBank.from_source(None)), seed=0)
@@ -48,10 +55,10 @@ def benchmark_pipeline(data_root: str | Path, category: str, image_size: tuple[i
     pregenerated = [collate_pairs([dataset[g] for g in idx]) for idx in StepBatchSampler(0, total, batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepBatchSampler(0, total, batch_size),
                                          num_workers=workers, collate_fn=collate_pairs, prefetch_factor=4)
-    live = _timed_steps(model, loader, total, opt, "live simulation")[warmup:]
-    cached = _timed_steps(model, itertools.cycle(pregenerated), total, opt, "pre-generated")[warmup:]
+    live = _timed_steps(model, loader, total, opt, precision, "live simulation")[warmup:]
+    cached = _timed_steps(model, itertools.cycle(pregenerated), total, opt, precision, "pre-generated")[warmup:]
     live_s, cached_s = float(np.median(live)), float(np.median(cached))
     return {"category": category, "image_size": list(image_size), "batch": f"{batch_size}+{batch_size}",
-            "workers": workers, "steps": steps, "torch_threads": torch.get_num_threads(),
+            "workers": workers, "steps": steps, "precision": precision, "torch_threads": torch.get_num_threads(),
             "step_s_live_simulation": live_s, "step_s_pregenerated": cached_s, "ratio": live_s / cached_s,
             "top_k": top_k_for_size(*image_size)}

@@ -33,6 +33,7 @@ from slsg_train.training.dataset import (
     NormalImageDataset, SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized,
 )
 from slsg_train.training.losses import slsg_loss
+from slsg_train.training.precision import autocast, resolve_precision
 from slsg_train.training.pretrain import RestorationDecoder, RestorationModel, corrupt_patches, restoration_loss
 
 
@@ -131,12 +132,15 @@ class TrainingRun:
         self.resume_payload = None
         if resume:
             self.resume_payload = load_checkpoint_payload(self.ckpt_path)
-            stored = TrainConfig.from_dict(self.resume_payload["train_config"])
+            saved = self.resume_payload["train_config"]
+            # runs from before mixed precision were trained in float32 and continue so
+            stored = TrainConfig.from_dict({"precision": "fp32", **saved})
             cfg = dataclasses.replace(stored, **(overrides or {}))
         self.cfg = cfg
         self.until_step = until_step
         self.env = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.env.local_rank)
+        self.precision = resolve_precision(cfg.precision, self.device)
         self.category = LocoCategory(data_root, cfg.category)
         self.data_root = Path(data_root)
         self.log_path = self.run_dir / "train_log.jsonl"
@@ -202,14 +206,17 @@ class TrainingRun:
             model.load_state_dict(payload["model_state"])
         stage = payload["stage"] if payload else "pretrain"
         step = payload["step"] if payload else 0
+        if payload:
+            self.log("resume", stage=stage, step=step, precision=self.precision)
 
         if self.env.is_main and not payload:
             params = count_parameters(model)
             gflop = count_flops(model, h, w)
-            self.log("start", config=cfg.to_dict(), parameters=params, gflop_per_image=gflop,
+            self.log("start", config=cfg.to_dict(), parameters=params, gflop_per_image=gflop, precision=self.precision,
                      train_images=len(train_paths), calibration_images=len(calib_paths), world_size=self.env.world_size)
             tqdm.write(f"SLSG {model_cfg.backbone} @ {h}x{w}: {params['total'] / 1e6:.2f} M parameters "
-                       f"({params['trainable'] / 1e6:.2f} M trainable), {gflop:.2f} GFLOP per image")
+                       f"({params['trainable'] / 1e6:.2f} M trainable), {gflop:.2f} GFLOP per image; "
+                       f"training in {self.precision} on {self.device}")
 
         if stage == "pretrain":
             if cfg.pretrain.steps > 0 and step < cfg.pretrain.steps:
@@ -268,8 +275,9 @@ class TrainingRun:
             gen.manual_seed(self._step_seed("pretrain", step))  # per-step seeds: a resumed run replays exactly
             torch.manual_seed(self._step_seed("pretrain-model", step))
             corrupted = corrupt_patches(batch, pcfg, gen)
-            restored = net(corrupted)
-            loss = restoration_loss(restored, batch)
+            with autocast(self.precision, self.device):
+                restored = net(corrupted)
+            loss = restoration_loss(restored.float(), batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -309,8 +317,9 @@ class TrainingRun:
             t_data = time.perf_counter()
             images, masks = images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
             torch.manual_seed(self._step_seed("train", step))
-            out = net(images)
-            loss, parts = slsg_loss(out.logits, out.aux_logits, masks, cfg.loss)
+            with autocast(self.precision, self.device):
+                out = net(images)
+            loss, parts = slsg_loss(out.logits.float(), out.aux_logits.float(), masks, cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
