@@ -2,10 +2,10 @@
 
 Only the forward passes of pre-training and SLSG's training run their convolutions and matrix
 products in bfloat16 (``torch.autocast``). The weights, the optimiser state, the losses and everything
-after (the reference checks' fitting, the composition check's autoencoder, whose score is its
-residual, calibration, export) stay float32. bfloat16 keeps float32's
-exponent range, so unlike float16 it needs no loss scaling. On a CPU with AVX512-BF16 a 256x256
-SLSG step takes about half the time; on CUDA GPUs from Ampere on, the tensor cores do the same.
+after stay float32: fitting the reference checks (the composition check's autoencoder too: its score
+is its residual), calibration, export. bfloat16 keeps float32's exponent range, so unlike float16 it
+needs no loss scaling. On a CPU with AVX512-BF16 a 256x256 SLSG step takes about half the time; on
+CUDA GPUs from Ampere on, the tensor cores do the same.
 """
 
 from __future__ import annotations
