@@ -89,10 +89,10 @@ def _mean_hue(hue: np.ndarray) -> float:
     return float(np.angle(np.exp(1j * angle).mean()) * 256 / (2 * np.pi)) % 256
 
 
-def coloured_parts(image: np.ndarray, foreground: np.ndarray, min_area: int,
+def coloured_parts(hsv: np.ndarray, foreground: np.ndarray, min_area: int,
                    saturation: float) -> list[np.ndarray]:
-    """Masks of the connected, saturated (coloured) regions on ``foreground`` of at least ``min_area`` pixels."""
-    hsv = _hsv(image)
+    """Masks of the connected, saturated (coloured) regions of an image (its :func:`_hsv`) on
+    ``foreground`` of at least ``min_area`` pixels."""
     labels, count = ndimage.label((hsv[..., 1] > saturation) & foreground, structure=np.ones((3, 3)))
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     return [labels == i for i in range(1, count + 1) if areas[i] >= min_area]
@@ -109,20 +109,21 @@ def recoloured_part(
     When the donor's colour is this part's own, or there is no donor, the hue turns by a random
     0.15-0.85 of a circle instead. None when the image has no coloured part.
     """
-    parts = coloured_parts(image, foreground, min_area, saturation)
+    hsv = _hsv(image)
+    parts = coloured_parts(hsv, foreground, min_area, saturation)
     if not parts:
         return None
     areas = np.array([part.sum() for part in parts], dtype=np.float64)
     part = parts[int(rng.choice(len(parts), p=areas / areas.sum()))]
-    hsv = _hsv(image)
     # Anti-aliased rims are half-saturated: they turn with the part, so no old-coloured outline stays.
     region = ndimage.binary_dilation(part, iterations=1) & (hsv[..., 1] > saturation / 2)
     own_hue = _mean_hue(hsv[..., 0][part])
     shift, scale_s, scale_v = float(rng.uniform(0.15, 0.85) * 256), 1.0, 1.0
-    donor_parts = coloured_parts(donor, np.ones_like(foreground, dtype=bool), min_area, saturation) if donor is not None else []
+    donor_hsv = _hsv(donor) if donor is not None else None
+    donor_parts = ([] if donor_hsv is None else
+                   coloured_parts(donor_hsv, np.ones_like(foreground, dtype=bool), min_area, saturation))
     if donor_parts:
         donor_part = max(donor_parts, key=lambda m: int(m.sum()))
-        donor_hsv = _hsv(donor)
         donor_hue = _mean_hue(donor_hsv[..., 0][donor_part])
         difference = (donor_hue - own_hue + 128) % 256 - 128
         if abs(difference) > 0.06 * 256:

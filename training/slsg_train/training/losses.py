@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from slsg_train.training.config import LossConfig
+from slsg_train.training.precision import autocast
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -27,3 +28,12 @@ def slsg_loss(logits: torch.Tensor, aux_logits: torch.Tensor, mask: torch.Tensor
     }
     total = cfg.focal_weight * parts["focal"] + cfg.l1_weight * parts["l1"] + cfg.aux_l1_weight * parts["aux_l1"]
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def training_step_loss(net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, cfg: LossConfig,
+                       precision: str, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """One SLSG training step's forward pass in the resolved ``precision`` and its loss in float32
+    (the trainer's step, and the one ``slsg bench pipeline`` times)."""
+    with autocast(precision, device):
+        out = net(images)
+    return slsg_loss(out.logits.float(), out.aux_logits.float(), masks, cfg)

@@ -17,8 +17,8 @@ from slsg_train.models import SLSG, preset, top_k_for_size
 from slsg_train.simulation import AnomalySimulator, SimulationConfig, TextureBank
 from slsg_train.training.config import LossConfig
 from slsg_train.training.dataset import SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized
-from slsg_train.training.losses import slsg_loss
-from slsg_train.training.precision import autocast, resolve_precision
+from slsg_train.training.losses import training_step_loss
+from slsg_train.training.precision import resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -29,9 +29,7 @@ def _timed_steps(model: SLSG, batches, steps: int, opt: torch.optim.Optimizer, p
     t_prev = time.perf_counter()
     for _ in tqdm(range(steps), desc=desc, leave=False):
         images, masks = next(it)
-        with autocast(precision, CPU):
-            out = model(images)
-        loss, _ = slsg_loss(out.logits.float(), out.aux_logits.float(), masks, LossConfig())
+        loss, _ = training_step_loss(model, images, masks, LossConfig(), precision, CPU)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

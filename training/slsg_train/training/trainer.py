@@ -32,7 +32,7 @@ from slsg_train.training.config import TrainConfig
 from slsg_train.training.dataset import (
     NormalImageDataset, SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized,
 )
-from slsg_train.training.losses import slsg_loss
+from slsg_train.training.losses import training_step_loss
 from slsg_train.training.precision import autocast, resolve_precision
 from slsg_train.training.pretrain import RestorationDecoder, RestorationModel, corrupt_patches, restoration_loss
 
@@ -317,9 +317,7 @@ class TrainingRun:
             t_data = time.perf_counter()
             images, masks = images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
             torch.manual_seed(self._step_seed("train", step))
-            with autocast(self.precision, self.device):
-                out = net(images)
-            loss, parts = slsg_loss(out.logits.float(), out.aux_logits.float(), masks, cfg.loss)
+            loss, parts = training_step_loss(net, images, masks, cfg.loss, self.precision, self.device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
