@@ -128,6 +128,18 @@ def test_console_script(tmp_path):
     assert subprocess.run(args + ["--overwrite"], capture_output=True, timeout=120).returncode == 0
 
 
+
+def test_console_script_defaults_to_loco_sized_splits(tmp_path):
+    """Without count flags, every split has SplitCounts' default size (LOCO's, rounded), and the
+    validation split is large enough to calibrate a 1% false-positive rate on more than a handful."""
+    done = subprocess.run([str(SLSG), "synth", str(tmp_path), "--categories", "cable", "--image-size", "32"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    default, root = SplitCounts(), tmp_path / "cable"
+    for folder, _, count in default.plan():
+        assert len(list((root / folder).glob("*.png"))) == count, folder
+    assert default.train >= 300 and default.validation >= 50
+
 def test_data_modules_do_not_import_torch():
     code = "import sys, slsg_train.data.synth, slsg_train.data.loco; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -25,10 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated categories (default: all, i.e. tray,cable)")
     parser.add_argument("--image-size", type=parse_image_size, default=(256, 256), metavar="N|WxH",
                         help="image size, N for square or WxH (default 256)")
-    defaults = {"train": 80, "validation": 20, "test-good": 20, "test-logical": 20, "test-structural": 20}
-    for name, default in defaults.items():
-        parser.add_argument(f"--{name}", type=int, default=default, metavar="N",
-                            help=f"images in that split (default {default})")
+    from dataclasses import fields
+
+    from slsg_train.data.synth import SplitCounts
+
+    for field in fields(SplitCounts):  # the defaults are LOCO's split sizes, rounded
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=field.default, metavar="N",
+                            help=f"images in that split (default {field.default})")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing category folders")
 

@@ -124,13 +124,19 @@ class SynthCategory:
 
 @dataclass(frozen=True)
 class SplitCounts:
-    """Images per split (the LOCO layout has all five, so each needs at least one)."""
+    """Images per split (the LOCO layout has all five, so each needs at least one).
 
-    train: int = 80
-    validation: int = 20
-    test_good: int = 20
-    test_logical: int = 20
-    test_structural: int = 20
+    The defaults are MVTec LOCO AD's sizes, rounded (per category it has 335-372 training, 48-69
+    validation, and 75-138 test images of each kind). The reference checks model the normal images and
+    are calibrated on the validation ones, so fewer make normal test images look rare: with 80 and 20,
+    cable's logical image AUROC was 0.88 instead of 0.92.
+    """
+
+    train: int = 350
+    validation: int = 60
+    test_good: int = 100
+    test_logical: int = 90
+    test_structural: int = 90
 
     def plan(self) -> list[tuple[str, str, int]]:
         """(folder relative to the category, anomaly kind, count) for every split."""
