@@ -128,7 +128,6 @@ def test_console_script(tmp_path):
     assert subprocess.run(args + ["--overwrite"], capture_output=True, timeout=120).returncode == 0
 
 
-
 def test_console_script_defaults_to_loco_sized_splits(tmp_path):
     """Without count flags, every split has SplitCounts' default size (LOCO's, rounded), and the
     validation split is large enough to calibrate a 1% false-positive rate on more than a handful."""
@@ -139,6 +138,7 @@ def test_console_script_defaults_to_loco_sized_splits(tmp_path):
     for folder, _, count in default.plan():
         assert len(list((root / folder).glob("*.png"))) == count, folder
     assert default.train >= 300 and default.validation >= 50
+
 
 def test_data_modules_do_not_import_torch():
     code = "import sys, slsg_train.data.synth, slsg_train.data.loco; print('torch' in sys.modules)"

@@ -108,7 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pipeline.add_argument("--warmup", type=int, default=3)
     pipeline.add_argument("--batch-size", type=int, default=4)
     pipeline.add_argument("--workers", type=int, default=2)
-    pipeline.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    from slsg_train.training.config import PRECISIONS  # standard library only, like this module
+
+    pipeline.add_argument("--precision", choices=PRECISIONS, default="auto",
                           help="training's forward passes, as `slsg train --precision` (default auto)")
     pipeline.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     pipeline.add_argument("--json", action="store_true", help="print one JSON document on stdout (tables go to stderr)")

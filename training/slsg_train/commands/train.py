@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="normal images per step; as many simulated ones are added (default 4)")
     p.add_argument("--lr", type=float, help="SGD learning rate (default 0.04)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+    from slsg_train.training.config import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="training's forward passes: bf16 autocast (weights stay float32) or fp32; default auto: "
                         "bf16 where the device has it natively (CUDA from Ampere on, CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")

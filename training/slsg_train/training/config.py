@@ -9,6 +9,11 @@ from typing import Any
 PRECISIONS = ("auto", "fp32", "bf16")  # of training's forward passes; see precision.py
 
 
+def check_precision(name: str) -> None:
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {name!r}")
+
+
 @dataclass
 class PretrainConfig:
     """Generative pre-training of the encoder: restore images from masked / shuffled-patch copies."""
@@ -65,8 +70,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)       # SLSGConfig fields over the preset's
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        check_precision(self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

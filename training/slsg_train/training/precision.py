@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from slsg_train.training.config import PRECISIONS
+from slsg_train.training.config import check_precision
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -29,8 +29,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` where the device has it natively, else ``fp32``; the others as given."""
-    if name not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {name!r}")
+    check_precision(name)
     if name == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if name == "bf16" and device.type == "cuda" and not native_bf16(device):
