@@ -91,6 +91,12 @@ def test_bench_pipeline_reports_both_variants(tiny_data):
     assert "simulation in workers" in proc.stderr  # the table goes to stderr with --json
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_bench_pipeline_on_a_missing_gpu_says_so(tiny_data):
+    proc = slsg("bench", "pipeline", "--data", str(tiny_data), "--category", "tray", "--device", "cuda", check=False)
+    assert proc.returncode == 2 and "CUDA is not available" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_precision_setting_is_validated_and_auto_follows_the_hardware():
     from slsg_train.training.config import TrainConfig
     from slsg_train.training.precision import native_bf16, resolve_precision
@@ -142,3 +148,20 @@ def test_a_run_from_before_mixed_precision_resumes_in_fp32(tiny_data, tmp_path):
     resumes = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()
                if '"event": "resume"' in line]
     assert [(r["stage"], r["precision"]) for r in resumes] == [("pretrain", "fp32"), ("train", "bf16")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_resumes_and_scores_like_its_checkpoint_on_cpu(tiny_data, tmp_path):
+    run_dir = tmp_path / "cuda"
+    slsg("train", "--data", str(tiny_data), *TINY, "--steps", "4", "--pretrain-steps", "2", "--out", str(run_dir),
+         "--device", "cuda", "--until-step", "3")
+    slsg("train", "--data", str(tiny_data), "--category", "tray", "--out", str(run_dir), "--resume")
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["stage"] == "done" and ckpt["train_config"]["device"] == "cuda"
+    scores = {}
+    for device in ("cuda", "cpu"):
+        slsg("evaluate", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", str(tiny_data),
+             "--out", str(tmp_path / device), "--device", device)
+        scores[device] = [row["score"] for row in json.loads((tmp_path / device / "scores.json").read_text())]
+    assert len(scores["cpu"]) == 9
+    torch.testing.assert_close(torch.tensor(scores["cuda"]), torch.tensor(scores["cpu"]), rtol=1e-3, atol=1e-4)

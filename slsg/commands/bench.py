@@ -112,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     pipeline.add_argument("--precision", choices=PRECISIONS, default="auto",
                           help="training's forward passes, as `slsg train --precision` (default auto)")
+    pipeline.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto, as `slsg train --device` "
+                          "(default cpu)")
     pipeline.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     pipeline.add_argument("--json", action="store_true", help="print one JSON document on stdout (tables go to stderr)")
 
@@ -158,11 +160,12 @@ def _pipeline(args: argparse.Namespace):
 
     torch.set_num_threads(args.threads)
     result = benchmark_pipeline(args.data, args.category, parse_image_size(args.image_size), args.steps, args.warmup,
-                                args.batch_size, args.workers, precision=args.precision)
+                                args.batch_size, args.workers, precision=args.precision,
+                                device_name=args.device)
     report = {"benchmark": "pipeline", "environment": environment(args.threads), **result}
 
     def tables(r: dict) -> list[Table]:
-        return [Table(f"training step, {r['batch']} images at {r['image_size']} in {r['precision']}, "
+        return [Table(f"training step on {r['device']}, {r['batch']} images at {r['image_size']} in {r['precision']}, "
                       f"{r['workers']} workers",
                       ["variant", "median step s", "ratio"],
                       [["pre-generated batches", r["step_s_pregenerated"], 1.0],
