@@ -222,6 +222,21 @@ def test_calibrate_removes_and_restores_the_patch_memory(trained, tmp_path):
     assert on["calibration"]["raw_threshold"] == pytest.approx(before["calibration"]["raw_threshold"])
 
 
+def test_calibrate_refits_the_patch_memory_with_the_runs_seed(trained, tmp_path):
+    payload = torch.load(trained["checkpoint"], weights_only=False)
+    payload["model_config"]["patch_memory_size"] = 64  # fewer than the 8 x 64 candidate patches: a real choice
+    payload["model_state"]["patch_memory.memory"] = payload["model_state"]["patch_memory.memory"][:64]
+    memories = {}
+    for seed in (0, 3):
+        ckpt = tmp_path / f"seed{seed}.pt"
+        payload["train_config"]["seed"] = seed
+        torch.save(payload, ckpt)
+        slsg("calibrate", "--checkpoint", str(ckpt), "--patch-memory", "on")
+        memories[seed] = torch.load(ckpt, weights_only=False)["model_state"]["patch_memory.memory"]
+    assert memories[0].shape == memories[3].shape == (64, memories[0].shape[1])
+    assert not torch.equal(memories[0], memories[3])  # the coreset's picks follow the run's seed, as in training
+
+
 def test_calibrate_removes_and_retrains_the_composition_check(trained, tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(trained["checkpoint"].read_bytes())

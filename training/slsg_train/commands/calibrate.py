@@ -87,8 +87,10 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
     if keep:
         model.composition_check.load_state_dict(trained.state_dict())
     model.to(device)
-    torch.manual_seed(loaded.payload.get("train_config", {}).get("seed", 0))  # a new autoencoder's initialisation
+    # the run's seed, as training used it: a new autoencoder's initialisation and the coreset's picks
+    seed = loaded.payload.get("train_config", {}).get("seed", 0)
+    torch.manual_seed(seed)
     fit_reference_checks(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device,
-                         train_composition=not keep)
+                         seed=seed, train_composition=not keep)
     loaded.payload["model_config"] = config.to_dict()
     return model.eval()
