@@ -393,6 +393,40 @@ def test_composition_check_settings_are_checked_when_built():
         preset("default", composition_steps=0)
 
 
+def test_composition_error_is_counted_above_the_normal_images_error_at_each_place():
+    from slsg_train.models.composition import GRID, CompositionCheck, autoencoder_input
+
+    torch.manual_seed(0)
+    check = CompositionCheck([8, 16]).eval()
+    x = torch.randn(6, 3, 64, 64)
+    maps = [torch.randn(6, 8, 2 * GRID, 2 * GRID), torch.randn(6, 16, GRID, GRID)]  # a 256 px input's grid
+    maps[1][:, :, :4] += 3.0  # the top rows are harder to rebuild: their normal error is larger
+    features = check.features(maps)
+    check.fit_standardisation(features)
+    with torch.no_grad():
+        raw = check.squared_error(x, maps)
+        assert torch.equal(check(x, maps), raw)  # no baseline yet: the raw error
+        check.fit_normal_error(autoencoder_input(x), features, batch_size=4)  # 4 + 2: a ragged last batch
+        excess = check(x, maps)
+    baseline = check.normal_error
+    assert baseline.shape == (1, 1, GRID, GRID) and baseline[..., :4, :].mean() > 2 * baseline[..., 4:, :].mean()
+    torch.testing.assert_close(raw.mean(dim=0, keepdim=True), baseline)  # the fitted images' mean, per place
+    torch.testing.assert_close(excess, raw - baseline)
+    assert excess.mean(dim=0).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="normal error needs"):
+        check.fit_normal_error(autoencoder_input(x), features[:3])
+
+
+def test_old_checkpoints_without_the_composition_checks_normal_error_still_load():
+    model = random_model()
+    model.composition_check.normal_error.fill_(1.0)
+    old = {k: v for k, v in model.state_dict().items() if k != "composition_check.normal_error"}
+    fresh = random_model()
+    fresh.composition_check.normal_error.fill_(1.0)
+    fresh.load_state_dict(old)  # strict: the missing buffer is filled in, as zero
+    assert torch.count_nonzero(fresh.composition_check.normal_error) == 0
+
+
 def _paired_scenes(rng: np.random.Generator, n: int, mismatch: bool = False) -> list[np.ndarray]:
     """Two squares whose colours go in pairs (red with blue, green with yellow), placed anywhere on
     their half: with ``mismatch`` the right square wears the other pair's colour. Each square alone
@@ -423,6 +457,7 @@ def test_fitted_composition_check_flags_parts_that_do_not_go_together():
     normal, calib, mismatched = _paired_scenes(rng, 24), _paired_scenes(rng, 8), _paired_scenes(rng, 8, True)
     fit = fit_reference_checks(model, normal, calib, top_k=8, progress=False)
     assert fit["composition_check"]["steps"] == STEPS_FOR_RULE and bool(model.composition_check.fitted)
+    assert model.composition_check.normal_error.min() > 0  # fitted on the normal images after training
     with torch.no_grad():
         out = model.eval()(torch.stack([to_tensor(im) for im in calib + mismatched]))
         error = image_score(resize_patches(out.composition_error, (64, 64)), 8).numpy()

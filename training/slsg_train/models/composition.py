@@ -10,8 +10,11 @@ together; the part that breaks the rule is rebuilt as the rule says, and its fea
 and the frozen reference features, in about 4 minutes on 2 CPU cores. On our synthetic data it took
 tray's swapped parts from 0.83 to 1.00 and cable's colour rule from 0.68 to 0.76.
 
-The squared feature error per patch is upsampled onto the image, put on the local score's scale
-(``reference.py``) and fused into the map by a pixelwise max, as the patch memory is. Not in the paper.
+The squared feature error per patch, less the training images' mean error at that place, is
+upsampled onto the image, put on the local score's scale (``reference.py``) and fused into the map by
+a pixelwise max, as the patch memory is. The per-place mean discounts what the autoencoder never draws
+sharply on normal images either (the edges that move with the pose): on cable it took the check's
+logical image AUROC from 0.95 to 0.97 on two runs. Not in the paper.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ GRID = 16         # ... and draws a 16x16 feature grid, resized to the stride-16
 def autoencoder_input(x: Tensor) -> Tensor:
     """A normalised batch [N, 3, H, W] at the autoencoder's 128x128 (identity when already that size)."""
     return F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+
+
+def on_grid(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """A map [B, C, h, w] resized bilinearly to the grid ``size`` (identity when already that size)."""
+    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def _down(cin: int, cout: int) -> nn.Sequential:
@@ -61,6 +69,8 @@ class CompositionCheck(nn.Module):
                                      _up(width, width, GRID, 0.0), nn.Conv2d(width, dim, 3, padding=1))
         self.register_buffer("feature_mean", torch.zeros(1, dim, 1, 1))
         self.register_buffer("feature_std", torch.ones(1, dim, 1, 1))
+        # the training images' mean squared error per place of the GRID x GRID grid (zero: no baseline)
+        self.register_buffer("normal_error", torch.zeros(1, 1, GRID, GRID))
         self.register_buffer("scale", scale_buffer())
         self.register_buffer("fitted", torch.tensor(False))
         # trained on its own after SLSG (train_composition_check): never by SLSG's optimiser, nor DDP's
@@ -86,12 +96,17 @@ class CompositionCheck(nn.Module):
 
     def rebuild(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """The features the autoencoder draws for image ``x``, on a grid of ``size``."""
-        y = self.decoder(self.encoder(autoencoder_input(x)))
-        return y if tuple(y.shape[-2:]) == size else F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return on_grid(self.decoder(self.encoder(autoencoder_input(x))), size)
 
-    def forward(self, x: Tensor, maps: list[Tensor]) -> Tensor:
+    def squared_error(self, x: Tensor, maps: list[Tensor]) -> Tensor:
+        """[B, 1, h, w]: the rebuilt features' squared error per patch, averaged over channels."""
         target = self.targets(maps)
         return ((self.rebuild(x, tuple(target.shape[-2:])) - target) ** 2).mean(dim=1, keepdim=True)
+
+    def forward(self, x: Tensor, maps: list[Tensor]) -> Tensor:
+        """[B, 1, h, w]: the squared error less the normal images' error at the same place."""
+        error = self.squared_error(x, maps)
+        return error - on_grid(self.normal_error, tuple(error.shape[-2:]))
 
     def probability(self, error: Tensor, size: tuple[int, int]) -> Tensor:
         """[B, 1, h, w] squared errors -> [B, 1, H, W] on the local map's probability scale."""
@@ -102,6 +117,20 @@ class CompositionCheck(nn.Module):
         """Per-channel mean and std of the training images' :meth:`features` [N, dim, h, w]."""
         self.feature_mean.copy_(features.mean(dim=(0, 2, 3), keepdim=True))
         self.feature_std.copy_(features.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
+
+    @torch.no_grad()
+    def fit_normal_error(self, inputs: Tensor, features: Tensor, batch_size: int = 64) -> None:
+        """The per-place mean of :meth:`squared_error` over the training images: ``inputs`` their
+        :func:`autoencoder_input`, ``features`` their :meth:`features` [N, dim, h, w], on one device."""
+        if len(inputs) < 1 or len(inputs) != len(features):
+            raise ValueError(f"the composition check's normal error needs >= 1 image with features, "
+                             f"got {len(inputs)} images and {len(features)} features")
+        total = torch.zeros(1, 1, *features.shape[-2:], dtype=torch.float64, device=features.device)
+        for i in range(0, len(inputs), batch_size):
+            target = self.standardised(features[i:i + batch_size])
+            error = (self.rebuild(inputs[i:i + batch_size], tuple(target.shape[-2:])) - target) ** 2
+            total += error.mean(dim=1, keepdim=True).sum(dim=0, keepdim=True).double()
+        self.normal_error.copy_(on_grid((total / len(inputs)).float(), (GRID, GRID)))
 
     @torch.no_grad()
     def fit_scale(self, image_errors: np.ndarray, local_scores: np.ndarray) -> None:

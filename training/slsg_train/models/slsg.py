@@ -319,10 +319,15 @@ class SLSG(nn.Module):
 
 
 def _upgrade_state_dict(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Checkpoints from before the shared reference encoder kept it inside the global branch."""
+    """Older checkpoints: the shared reference encoder was inside the global branch, and the
+    composition check had no normal error."""
     old = prefix + "global_branch.encoder."
     for key in [k for k in state_dict if k.startswith(old)]:
         state_dict[prefix + "reference_encoder.backbone." + key[len(old):]] = state_dict.pop(key)
+    # composition checks from before the per-place normal error: none, i.e. zero (the same scores)
+    composition = getattr(module, "composition_check", None)
+    if composition is not None and prefix + "composition_check.feature_mean" in state_dict:
+        state_dict.setdefault(prefix + "composition_check.normal_error", torch.zeros_like(composition.normal_error))
 
 
 def anomaly_probability(logits: Tensor) -> Tensor:

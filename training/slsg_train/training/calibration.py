@@ -58,7 +58,8 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     """Fit the model's reference checks; call before calibrating.
 
     The patch memory: its coreset of the training images' patches. The composition check: its
-    autoencoder trained on the training images (the only check with training steps). Both map checks'
+    autoencoder trained on the training images (the only check with training steps), then its normal
+    error per place on them. Both map checks'
     scales against the paper's local score on the calibration images. Then the global branch: the
     Gaussian of the training images' pooled features, its scale against the (now map-fused) local score.
     ``train_composition=False`` keeps the composition check's trained autoencoder and refits its scale.
@@ -85,14 +86,13 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
             yield x, encoder(x)
 
     # one encoder pass over the training images feeds every check's fit
-    train_composition = train_composition and composition is not None
     patches, pooled, small, stride16 = [], [], [], []
     for x, maps in reference_maps(train_images):
         if patch is not None:
             patches.append(patch.patch_features(maps).permute(0, 2, 3, 1).flatten(0, 2).cpu())
         if glob is not None:
             pooled.append(glob.features(maps).double().cpu())
-        if train_composition:
+        if composition is not None:
             small.append(autoencoder_input(x))
             stride16.append(composition.features(maps))
     report: dict = {"train_images": len(train_images), "calibration_images": len(calib_images)}
@@ -103,9 +103,11 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     if glob is not None:
         glob.fit_normal(torch.cat(pooled).numpy())
     if composition is not None:
+        small, stride16 = torch.cat(small), torch.cat(stride16)
         report["composition_check"] = (train_composition_check(
-            composition, torch.cat(small), torch.cat(stride16), model.config.composition_steps, seed=seed,
+            composition, small, stride16, model.config.composition_steps, seed=seed,
             progress=progress) if train_composition else {"kept": True})
+        composition.fit_normal_error(small, stride16)  # a kept autoencoder's too: older ones have none
 
     # and one over the calibration images gives every check's raw scores there
     size, patch_scores, composition_scores, distances = calib_images[0].shape[:2], [], [], []
