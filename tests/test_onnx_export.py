@@ -15,6 +15,7 @@ from slsg.contract import (
     INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, Calibration, ModelCard,
 )
 from slsg_train.export import ExportError, InferenceGraph, calibrate, export_onnx
+from slsg_train.export.onnx_export import score_gain
 from slsg_train.models import SLSG, SelfAttentiveGraph, preset, top_k_for_size
 
 HEIGHT, WIDTH = 64, 96  # non-square on purpose
@@ -83,6 +84,12 @@ def test_export_round_trip_matches_pytorch(model, card, tmp_path):
     raw = np.sort(onnx_map.reshape(5, -1), axis=1)[:, -card.top_k:].mean(axis=1)
     np.testing.assert_allclose(onnx_score[:, 0], card.calibration.normalise(raw), atol=1e-5)
     assert (onnx_score < 0.5).any() and (onnx_score > 0.5).any()  # both branches of the calibration
+
+
+def test_score_gain_is_the_calibrations_steepest_slope():
+    assert score_gain(Calibration()) == 1.0  # raw 0..1 onto 0..1 through 0.5: the identity
+    assert score_gain(Calibration(raw_threshold=0.8, score_min=0.5)) == pytest.approx(2.5)  # 0.5 over 0.2 above
+    assert score_gain(Calibration(raw_threshold=0.5, score_min=0.4999)) == pytest.approx(5000)
 
 
 def test_dynamo_exporter_gives_the_same_graph(model, card, tmp_path):

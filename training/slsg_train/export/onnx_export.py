@@ -48,7 +48,7 @@ class ExportError(RuntimeError):
 class ExportCheck:
     path: Path
     max_map_diff: float  # largest |ORT - torch| of anomaly_map over all checked batches
-    max_score_diff: float
+    max_score_diff: float  # ... and of the score, in raw-score units (see score_gain)
     checked_images: int  # random + real images compared
     opset: int
     near_tie_images: int = 0  # images accepted under the near-tie rule (see verify_onnx)
@@ -133,8 +133,20 @@ def _verify_batches(card: ModelCard, verify_images: list[np.ndarray]) -> list[np
     return batches
 
 
-def _image_diffs(onnx_out: list[np.ndarray], reference: tuple[Tensor, Tensor], size: int) -> np.ndarray:
-    """[N, 2]: per image, max |ORT - reference| of the anomaly map and of the score."""
+def score_gain(calibration: Calibration) -> float:
+    """The calibrated score's steepest slope over the raw score, at least 1. Normal calibration
+    scores that lie close together (a few images, or all on one check's value) make it steep: a
+    float32 rounding of the raw score then moves the calibrated one by thousands of times as much."""
+    thr = calibration.raw_threshold
+    lo = min(calibration.score_min, thr - 1e-6)
+    hi = max(calibration.score_max, thr + 1e-6)
+    return max(1.0, 0.5 / (thr - lo), 0.5 / (hi - thr))
+
+
+def _image_diffs(onnx_out: list[np.ndarray], reference: tuple[Tensor, Tensor], size: int,
+                 gain: float = 1.0) -> np.ndarray:
+    """[N, 2]: per image, max |ORT - reference| of the anomaly map and of the score, the score's
+    divided by ``gain`` (:func:`score_gain`): in raw-score units, like the map's."""
     (onnx_map, onnx_score), (torch_map, torch_score) = onnx_out, reference
     if onnx_map.shape != tuple(torch_map.shape) or onnx_score.shape != tuple(torch_score.shape):
         raise ExportError(
@@ -142,7 +154,7 @@ def _image_diffs(onnx_out: list[np.ndarray], reference: tuple[Tensor, Tensor], s
             f"{tuple(torch_map.shape)}, {tuple(torch_score.shape)} for a batch of {size}"
         )
     map_diff = np.abs(onnx_map - torch_map.double().numpy()).reshape(size, -1).max(axis=1)
-    score_diff = np.abs(onnx_score - torch_score.double().numpy()).reshape(size, -1).max(axis=1)
+    score_diff = np.abs(onnx_score - torch_score.double().numpy()).reshape(size, -1).max(axis=1) / gain
     return np.stack([map_diff, score_diff], axis=1)
 
 
@@ -158,7 +170,7 @@ def _run_capturing_graph_input(reference64: InferenceGraph, frame: np.ndarray) -
 
 
 def _matches_a_near_tie_flip(reference64: InferenceGraph, onnx_out: list[np.ndarray], frame: np.ndarray,
-                             graph_input: Tensor, tolerance: float) -> bool:
+                             graph_input: Tensor, tolerance: float, gain: float) -> bool:
     """Whether ONNX Runtime's outputs for one ``frame`` equal (within ``tolerance``) the float64 graph's
     with one near-tie of the graph's neighbour ranking (for block input ``graph_input``) resolved the
     other way."""
@@ -169,7 +181,7 @@ def _matches_a_near_tie_flip(reference64: InferenceGraph, onnx_out: list[np.ndar
             offset = torch.zeros(1, nodes, nodes, dtype=graph_input.dtype)
             offset[0, tie.node, tie.lower] = 2 * tie.gap + 1e-12  # the lower candidate now ranks just above
             graph_block.similarity_offset = offset
-            flipped = _image_diffs(onnx_out, reference64(torch.from_numpy(frame[None])), 1)
+            flipped = _image_diffs(onnx_out, reference64(torch.from_numpy(frame[None])), 1, gain)
             if flipped.max() <= tolerance:
                 return True
     finally:
@@ -187,30 +199,32 @@ def verify_onnx(path: Path, graph: InferenceGraph, batches: list[np.ndarray],
     matching when ONNX Runtime agrees within ``tolerance`` with float32 PyTorch, or with float64
     PyTorch (which settles ties float32 got wrong), or with float64 PyTorch after one near-tie
     (gap < ``NEAR_TIE_MARGIN``) is resolved the other way: then the only difference is that choice.
+    The score is compared in raw-score units (:func:`score_gain`), as the map is.
     """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gain = score_gain(graph.calibration)
     reference64: InferenceGraph | None = None
     worst, near_ties = np.zeros(2), 0
     for batch in batches:
         onnx_out = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: batch})
         with torch.no_grad():
-            diffs = _image_diffs(onnx_out, graph(torch.from_numpy(batch)), len(batch))
+            diffs = _image_diffs(onnx_out, graph(torch.from_numpy(batch)), len(batch), gain)
             for i in np.flatnonzero(~(diffs.max(axis=1) <= tolerance)):  # also catches NaN
                 reference64 = reference64 or copy.deepcopy(graph).double()
                 one = [out[i:i + 1] for out in onnx_out]
                 outputs64, graph_input = _run_capturing_graph_input(reference64, batch[i])
-                diffs64 = _image_diffs(one, outputs64, 1)[0]
+                diffs64 = _image_diffs(one, outputs64, 1, gain)[0]
                 if diffs64.max() <= tolerance:
                     diffs[i] = diffs64
-                elif _matches_a_near_tie_flip(reference64, one, batch[i], graph_input, tolerance):
+                elif _matches_a_near_tie_flip(reference64, one, batch[i], graph_input, tolerance, gain):
                     near_ties += 1
                     diffs[i] = 0.0  # counted separately: the outputs match once that tie is flipped
                 else:
                     raise ExportError(
                         f"ONNX Runtime differs from PyTorch by {diffs[i].max():.3g} (anomaly_map {diffs[i, 0]:.3g}, "
-                        f"score {diffs[i, 1]:.3g}) > tolerance {tolerance:g}")
+                        f"score {diffs[i, 1]:.3g} in raw-score units) > tolerance {tolerance:g}")
         worst = np.maximum(worst, diffs.max(axis=0))
     return ExportCheck(path, float(worst[0]), float(worst[1]), sum(len(b) for b in batches), 0, near_ties)
 
