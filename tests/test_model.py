@@ -420,7 +420,7 @@ def test_composition_error_is_counted_above_the_normal_images_error_at_each_plac
     features = check.features(maps)
     check.fit_standardisation(features)
     with torch.no_grad():
-        raw = check.squared_error(x, maps)
+        raw = check.squared_error(x, features)
         assert torch.equal(check(x, maps), raw)  # no baseline yet: the raw error
         check.fit_normal_error(autoencoder_input(x), features, batch_size=4)  # 4 + 2: a ragged last batch
         excess = check(x, maps)

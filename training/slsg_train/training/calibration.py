@@ -59,8 +59,8 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
 
     The patch memory: its coreset of the training images' patches. The composition check: its
     autoencoder trained on the training images (the only check with training steps), then its normal
-    error per place on them. Both map checks'
-    scales against the paper's local score on the calibration images. Then the global branch: the
+    error per place on them. Both map checks' scales against the paper's local score on the
+    calibration images. Then the global branch: the
     Gaussian of the training images' pooled features, its scale against the (now map-fused) local score.
     ``train_composition=False`` keeps the composition check's trained autoencoder and refits its scale.
     """
