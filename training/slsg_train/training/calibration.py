@@ -124,11 +124,11 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
         _, local = predict(model, calib_images, top_k, device)
     if patch is not None:
         patch.fit_scale(torch.cat(patch_scores).numpy(), local)
-        report["patch_memory"].update(distance_median=float(patch.scale[0]), distance_spread=float(patch.scale[1]))
+        report["patch_memory"].update(distance_mean=float(patch.scale[0]), distance_std=float(patch.scale[1]))
     if composition is not None:
         composition.fit_scale(torch.cat(composition_scores).numpy(), local)
-        report["composition_check"].update(error_median=float(composition.scale[0]),
-                                           error_spread=float(composition.scale[1]))
+        report["composition_check"].update(error_mean=float(composition.scale[0]),
+                                           error_std=float(composition.scale[1]))
     if glob is not None:
         _, local = predict(model, calib_images, top_k, device)
         d = torch.cat(distances).numpy()
