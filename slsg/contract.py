@@ -50,13 +50,16 @@ class Calibration:
     pixel_threshold: float = 0.5  # anomaly-map probability above which a pixel belongs to a region
     num_images: int = 0
 
+    def bounds(self) -> tuple[float, float]:
+        """(lo, hi): the raw scores mapped onto 0 and 1, each at least 1e-6 from the threshold."""
+        return min(self.score_min, self.raw_threshold - 1e-6), max(self.score_max, self.raw_threshold + 1e-6)
+
     def normalise(self, raw: Any) -> Any:
         """Calibrated score(s) in [0, 1]; works on floats and numpy arrays."""
         import numpy as np
 
         raw = np.asarray(raw, dtype=np.float64)
-        lo = min(self.score_min, self.raw_threshold - 1e-6)
-        hi = max(self.score_max, self.raw_threshold + 1e-6)
+        lo, hi = self.bounds()
         below = 0.5 * (raw - lo) / (self.raw_threshold - lo)
         above = 0.5 + 0.5 * (raw - self.raw_threshold) / (hi - self.raw_threshold)
         out = np.clip(np.where(raw < self.raw_threshold, below, above), 0.0, 1.0)

@@ -56,9 +56,7 @@ class ExportCheck:
 
 def calibrate(raw: Tensor, calibration: Calibration) -> Tensor:
     """Torch version of ``Calibration.normalise`` (piecewise linear, 0.5 at raw_threshold, in [0, 1])."""
-    thr = calibration.raw_threshold
-    lo = min(calibration.score_min, thr - 1e-6)
-    hi = max(calibration.score_max, thr + 1e-6)
+    thr, (lo, hi) = calibration.raw_threshold, calibration.bounds()
     below = 0.5 * (raw - lo) / (thr - lo)
     above = 0.5 + 0.5 * (raw - thr) / (hi - thr)
     return torch.where(raw < thr, below, above).clamp(0.0, 1.0)
@@ -137,9 +135,7 @@ def score_gain(calibration: Calibration) -> float:
     """The calibrated score's steepest slope over the raw score, at least 1. Normal calibration
     scores that lie close together (a few images, or all on one check's value) make it steep: a
     float32 rounding of the raw score then moves the calibrated one by thousands of times as much."""
-    thr = calibration.raw_threshold
-    lo = min(calibration.score_min, thr - 1e-6)
-    hi = max(calibration.score_max, thr + 1e-6)
+    thr, (lo, hi) = calibration.raw_threshold, calibration.bounds()
     return max(1.0, 0.5 / (thr - lo), 0.5 / (hi - thr))
 
 
