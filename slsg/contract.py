@@ -15,6 +15,7 @@ The ONNX metadata entry ``slsg.model_card`` holds a JSON ``ModelCard``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,12 @@ class Calibration:
     pixel_threshold: float = 0.5  # anomaly-map probability above which a pixel belongs to a region
     num_images: int = 0
 
+    def expected_fpr(self) -> float | None:
+        """The share of new normal images at or above the threshold, on average (None before calibration):
+        see :func:`calibration_exceedances`."""
+        n = self.num_images
+        return (calibration_exceedances(self.target_fpr, n) + 1) / (n + 1) if n > 0 else None
+
     def bounds(self) -> tuple[float, float]:
         """(lo, hi): the raw scores mapped onto 0 and 1, each at least 1e-6 from the threshold."""
         return min(self.score_min, self.raw_threshold - 1e-6), max(self.score_max, self.raw_threshold + 1e-6)
@@ -64,6 +71,29 @@ class Calibration:
         above = 0.5 + 0.5 * (raw - self.raw_threshold) / (hi - self.raw_threshold)
         out = np.clip(np.where(raw < self.raw_threshold, below, above), 0.0, 1.0)
         return out if out.ndim else float(out)
+
+
+def calibration_exceedances(target_fpr: float, num_images: int) -> int:
+    """How many of ``num_images`` normal calibration scores may lie at or above the threshold.
+
+    A new normal image's score is equally likely to rank anywhere among the n calibration scores, so
+    with k of them above the threshold it lands there with probability (k + 1) / (n + 1). The largest k
+    with (k + 1) / (n + 1) <= target_fpr meets the target on average (split-conformal); below
+    n = 1 / target_fpr - 1 images (99 for 1 %) not even k = 0 does, and the threshold is then simply
+    above all of them (see :func:`images_for_fpr`).
+    """
+    if not 0 <= target_fpr < 1:
+        raise ValueError(f"target false-positive rate {target_fpr} must be in [0, 1)")
+    if num_images < 0:
+        raise ValueError(f"the number of calibration images must be >= 0, got {num_images}")
+    return max(math.floor(target_fpr * (num_images + 1) + 1e-9) - 1, 0)
+
+
+def images_for_fpr(target_fpr: float) -> int:
+    """The fewest normal calibration images whose threshold meets ``target_fpr`` on average."""
+    if not 0 < target_fpr < 1:
+        raise ValueError(f"need a target false-positive rate in (0, 1), got {target_fpr}")
+    return max(math.ceil(1 / target_fpr - 1e-9) - 1, 1)
 
 
 @dataclass

@@ -4,8 +4,8 @@ import pytest
 
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import (
-    MODEL_CARD_KEY, Calibration, ModelCard, list_models, list_versions, model_path, next_version,
-    validate_model_name,
+    MODEL_CARD_KEY, Calibration, ModelCard, calibration_exceedances, images_for_fpr, list_models, list_versions,
+    model_path, next_version, validate_model_name,
 )
 
 
@@ -17,6 +17,22 @@ def test_calibration_maps_threshold_to_half_and_is_monotone():
     raw = np.linspace(-1, 2, 301)
     out = cal.normalise(raw)
     assert np.all(np.diff(out) >= 0) and out.min() == 0.0 and out.max() == 1.0
+
+
+def test_calibration_meets_the_target_rate_on_average_when_it_has_the_images_for_it():
+    # (k + 1) / (n + 1) <= target: the largest such k, or 0 (above every image) when none is
+    assert [calibration_exceedances(0.01, n) for n in (1, 60, 98, 99, 198, 199, 1000)] == [0, 0, 0, 0, 0, 1, 9]
+    assert calibration_exceedances(0.5, 4) == 1 and calibration_exceedances(0.0, 500) == 0
+    assert images_for_fpr(0.01) == 99 and images_for_fpr(0.05) == 19 and images_for_fpr(0.003) == 333
+    for target in (0.01, 0.05, 0.003, 0.2):
+        n = images_for_fpr(target)
+        assert Calibration(target_fpr=target, num_images=n).expected_fpr() <= target + 1e-12
+        assert Calibration(target_fpr=target, num_images=n - 1).expected_fpr() > target
+    assert Calibration(target_fpr=0.01, num_images=60).expected_fpr() == pytest.approx(1 / 61)
+    assert Calibration(target_fpr=0.01, num_images=1000).expected_fpr() == pytest.approx(10 / 1001)
+    assert Calibration(num_images=0).expected_fpr() is None  # not calibrated
+    with pytest.raises(ValueError, match="must be in"):
+        calibration_exceedances(1.0, 10)
 
 
 def test_model_card_round_trips_through_json():

@@ -43,6 +43,7 @@ def test_evaluate_writes_metrics_report_figures_and_official_maps(trained):
     assert set(metrics["au_spro"]) == {"0.05", "0.1", "0.3", "1.0"}
     assert 0.0 <= metrics["pixel_auroc"] <= 1.0
     assert metrics["threshold"]["raw"] > 0
+    assert metrics["threshold"]["expected_fpr"] == pytest.approx(1 / 5)  # 4 calibration images, above all of them
     report = (out / "report.md").read_text()
     assert f"{metrics['image_auroc']['mean']:.3f}" in report and "structural" in proc.stdout
     scores = json.loads((out / "scores.json").read_text())
@@ -66,9 +67,13 @@ def test_calibrate_changes_the_threshold_with_the_target_rate(trained, tmp_path)
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(trained["checkpoint"].read_bytes())
     before = torch.load(ckpt, weights_only=False)["calibration"]["raw_threshold"]
-    slsg("calibrate", "--checkpoint", str(ckpt), "--fpr", "0.5")
+    proc = slsg("calibrate", "--checkpoint", str(ckpt), "--fpr", "0.5")
     after = torch.load(ckpt, weights_only=False)["calibration"]
     assert after["target_fpr"] == 0.5 and after["raw_threshold"] <= before
+    assert "warning" not in proc.stderr  # 1 of 4 images above the threshold: 2 / 5 on average, within 0.5
+    proc = slsg("calibrate", "--checkpoint", str(ckpt), "--fpr", "0.01")
+    assert "4 normal calibration images cannot pin a 1.00% false-positive rate" in proc.stderr
+    assert "at least 99" in proc.stderr and "20.00%" in proc.stderr
 
 
 def test_export_writes_a_verified_versioned_model(trained, tmp_path):
@@ -157,7 +162,8 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
     assert not any(k.startswith("global_branch.encoder") for k in state)
     lines = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     events = [line["event"] for line in lines]
-    assert events.index("reference_checks") < events.index("calibrated")
+    assert events.index("reference_checks") < events.index("calibrated") < events.index("calibration_warning")
+    assert "at least 99" in lines[events.index("calibration_warning")]["message"]  # 4 validation images for 1 %
     fit = lines[events.index("reference_checks")]
     assert fit["patch_memory"]["candidates"] == 8 * 8 * 8  # 8 training images, 8x8 patches at 64 px
     assert fit["global_branch"]["feature_dim"] == 304

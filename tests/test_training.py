@@ -165,3 +165,21 @@ def test_cuda_run_resumes_and_scores_like_its_checkpoint_on_cpu(tiny_data, tmp_p
         scores[device] = [row["score"] for row in json.loads((tmp_path / device / "scores.json").read_text())]
     assert len(scores["cpu"]) == 9
     torch.testing.assert_close(torch.tensor(scores["cuda"]), torch.tensor(scores["cpu"]), rtol=1e-3, atol=1e-4)
+
+
+def test_threshold_leaves_the_allowed_calibration_images_above_it_and_warns_when_too_few():
+    import numpy as np
+
+    from slsg.contract import Calibration
+    from slsg_train.training.calibration import calibration_from_scores, small_calibration_warning
+
+    scores = np.random.default_rng(0).permutation(np.arange(1000) / 1000)
+    cal, stats = calibration_from_scores(scores, 0.01)
+    assert stats["at_or_above_threshold"] == 9 and 0.990 < cal.raw_threshold < 0.991  # 9 of 1000, k = 9
+    assert stats["expected_fpr"] == pytest.approx(10 / 1001) and small_calibration_warning(cal) is None
+    cal, stats = calibration_from_scores(scores[:60], 0.01)
+    assert stats["at_or_above_threshold"] == 0 and cal.raw_threshold > scores[:60].max()
+    warning = small_calibration_warning(cal)
+    assert "60 normal calibration images" in warning and "1.64%" in warning and "at least 99" in warning
+    assert small_calibration_warning(Calibration(target_fpr=0.0, num_images=60)) is None  # asked for the strictest
+

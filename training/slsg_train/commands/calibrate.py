@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from slsg_train.data.loco import DataSetError, LocoCategory
     from slsg_train.inference import load_model
     from slsg_train.models import BackboneWeightsError
-    from slsg_train.training.calibration import calibrate_threshold, split_for_calibration
+    from slsg_train.training.calibration import calibrate_threshold, small_calibration_warning, split_for_calibration
     from slsg_train.training.dataset import load_resized
 
     try:
@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(path, {k: v for k, v in payload.items() if k != "format"})
     print(f"raw threshold {cal.raw_threshold:.5f} for FPR {args.fpr:.2%} on {stats['num_images']} normal images "
           f"(scores {stats['min']:.4f}..{stats['max']:.4f}); saved to {path}")
+    warning = small_calibration_warning(cal)
+    if warning:
+        print(f"slsg calibrate: warning: {warning}", file=sys.stderr)
     return 0
 
 

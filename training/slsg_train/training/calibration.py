@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from slsg.contract import Calibration
+from slsg.contract import Calibration, calibration_exceedances, images_for_fpr
 from slsg_train.inference import predict
 
 
@@ -20,27 +20,35 @@ def split_for_calibration(category) -> tuple[list, list]:
 
 
 def threshold_for_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
-    """Smallest threshold t with (#normal scores >= t) / n <= target_fpr.
-
-    With n scores at most floor(target_fpr * n) may reach the threshold, so t is just
-    above the (floor(target_fpr * n) + 1)-th highest score.
-    """
-    if not 0 <= target_fpr < 1:
-        raise ValueError(f"target false-positive rate {target_fpr} must be in [0, 1)")
+    """The threshold for a target false-positive rate: just above the (k + 1)-th highest normal score,
+    k = :func:`calibration_exceedances` (the target met on average over new normal images; with too
+    few scores for that, just above the highest)."""
     scores = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
     if scores.size == 0:
         raise ValueError("calibration needs at least one normal image")
-    allowed = int(np.floor(target_fpr * scores.size))
+    allowed = calibration_exceedances(target_fpr, scores.size)
     return float(np.nextafter(np.float32(scores[allowed]), np.float32(np.inf)))
+
+
+def small_calibration_warning(cal: Calibration) -> str | None:
+    """What to tell the user when the calibration images were too few to meet the target rate."""
+    expected = cal.expected_fpr()
+    if expected is None or cal.target_fpr <= 0 or expected <= cal.target_fpr + 1e-12:
+        return None
+    return (f"{cal.num_images} normal calibration images cannot pin a {cal.target_fpr:.2%} false-positive rate: "
+            f"the threshold is above all of them, and a new normal image still reaches it {expected:.2%} of the "
+            f"time on average. Give at least {images_for_fpr(cal.target_fpr)} normal images in validation/good "
+            f"(without that split, train/good's last tenth is used), or accept the higher rate.")
 
 
 def calibration_from_scores(normal_scores: np.ndarray, target_fpr: float) -> tuple[Calibration, dict]:
     scores = np.asarray(normal_scores, dtype=np.float64)
     thr = threshold_for_fpr(scores, target_fpr)
-    stats = {"num_images": int(scores.size), "min": float(scores.min()), "max": float(scores.max()),
-             "mean": float(scores.mean()), "std": float(scores.std())}
     cal = Calibration(raw_threshold=thr, score_min=float(scores.min()), score_max=1.0, target_fpr=target_fpr,
                       pixel_threshold=thr, num_images=int(scores.size))
+    stats = {"num_images": int(scores.size), "min": float(scores.min()), "max": float(scores.max()),
+             "mean": float(scores.mean()), "std": float(scores.std()), "expected_fpr": cal.expected_fpr(),
+             "at_or_above_threshold": int((scores.astype(np.float32) >= np.float32(thr)).sum())}
     return cal, stats
 
 

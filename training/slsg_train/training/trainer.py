@@ -27,7 +27,8 @@ from tqdm import tqdm
 from slsg import __version__
 from slsg_train.checkpoint import load_checkpoint_payload, normalisation, save_checkpoint
 from slsg_train.data.loco import LocoCategory
-from slsg_train.training.calibration import calibrate_threshold, fit_reference_checks, split_for_calibration
+from slsg_train.training.calibration import (calibrate_threshold, fit_reference_checks, small_calibration_warning,
+                                             split_for_calibration)
 from slsg_train.training.config import TrainConfig
 from slsg_train.training.dataset import (
     NormalImageDataset, SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized,
@@ -245,6 +246,10 @@ class TrainingRun:
             self.log("calibrated", calibration=dataclasses.asdict(calibration), stats=stats)
             tqdm.write(f"calibrated on {stats['num_images']} normal images: raw threshold {calibration.raw_threshold:.4f} "
                        f"at target FPR {cfg.calibration_fpr:.2%}; checkpoint {self.ckpt_path}")
+            warning = small_calibration_warning(calibration)
+            if warning:
+                self.log("calibration_warning", message=warning)
+                tqdm.write(f"warning: {warning}")
         if self.env.world_size > 1:
             (self.run_dir / f"weights_digest.rank{self.env.rank}.txt").write_text(weights_digest(model))
             dist.barrier()
