@@ -182,4 +182,3 @@ def test_threshold_leaves_the_allowed_calibration_images_above_it_and_warns_when
     warning = small_calibration_warning(cal)
     assert "60 normal calibration images" in warning and "1.64%" in warning and "at least 99" in warning
     assert small_calibration_warning(Calibration(target_fpr=0.0, num_images=60)) is None  # asked for the strictest
-
