@@ -18,7 +18,8 @@ from slsg.contract import (
 
 
 def make_card(name: str = "toy", size: int = 64, top_k: int = 16, **kw) -> ModelCard:
-    cal = kw.pop("calibration", Calibration(raw_threshold=0.3, score_min=0.0, score_max=1.0, pixel_threshold=0.3))
+    cal = kw.pop("calibration", Calibration(raw_threshold=0.3, score_min=0.0, score_max=1.0, pixel_threshold=0.3,
+                                            num_images=60))
     return ModelCard(name=name, category="toy", backbone="redness", input_height=size, input_width=size,
                      top_k=top_k, calibration=cal, project_version="test", **kw)
 

@@ -81,7 +81,9 @@ class ModelVersionInfo(BaseModel):
     input_height: int | None = None
     input_width: int | None = None
     max_batch_size: int | None = None
-    card: dict[str, Any] | None = None
+    card: dict[str, Any] | None = Field(
+        default=None, description="the model card; calibration.expected_fpr is the share of normal frames "
+                                  "expected at or above the threshold (null when uncalibrated)")
 
 
 class LoadRequest(BaseModel):

@@ -25,7 +25,13 @@ class ServedModel:
     pinned_version: int | None = None  # set by a rollback (load of a given version); None: newest serves
 
     def card_dict(self) -> dict | None:
-        return asdict(self.card) if self.card is not None else None
+        """The card as stored, plus what its calibration implies: the share of normal images a line
+        should expect flagged at the threshold (null when uncalibrated)."""
+        if self.card is None:
+            return None
+        card = asdict(self.card)
+        card["calibration"]["expected_fpr"] = self.card.calibration.expected_fpr()
+        return card
 
 
 @dataclass
