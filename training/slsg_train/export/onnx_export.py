@@ -140,7 +140,7 @@ def score_gain(calibration: Calibration) -> float:
 
 
 def _image_diffs(onnx_out: list[np.ndarray], reference: tuple[Tensor, Tensor], size: int,
-                 gain: float = 1.0) -> np.ndarray:
+                 gain: float) -> np.ndarray:
     """[N, 2]: per image, max |ORT - reference| of the anomaly map and of the score, the score's
     divided by ``gain`` (:func:`score_gain`): in raw-score units, like the map's."""
     (onnx_map, onnx_score), (torch_map, torch_score) = onnx_out, reference
