@@ -391,6 +391,12 @@ def test_composition_check_settings_are_checked_when_built():
         random_model(composition_latent=0)
     with pytest.raises(ValueError, match="composition_steps"):
         preset("default", composition_steps=0)
+    with pytest.raises(ValueError, match="composition_restoration"):
+        preset("default", composition_restoration=1.5)
+    assert preset("default").composition_restoration == 0.5
+    stored = preset("default").to_dict()
+    del stored["composition_restoration"]  # a checkpoint from before the setting
+    assert SLSGConfig.from_dict(stored).composition_restoration == 0.0  # as its check was trained
 
 
 def test_composition_error_is_counted_above_the_normal_images_error_at_each_place():
@@ -453,7 +459,10 @@ def test_fitted_composition_check_flags_parts_that_do_not_go_together():
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = SLSG(preset("default", patch_memory=False, composition_check=True, composition_steps=STEPS_FOR_RULE))
+    # EfficientAD's training on normal images only: with two parts that could each be the changed one,
+    # learning to undo a change does not help (0.81-0.89 vs 0.86-0.95 over three seeds, 400-1200 steps)
+    model = SLSG(preset("default", patch_memory=False, composition_check=True, composition_steps=STEPS_FOR_RULE,
+                        composition_restoration=0.0))
     normal, calib, mismatched = _paired_scenes(rng, 24), _paired_scenes(rng, 8), _paired_scenes(rng, 8, True)
     fit = fit_reference_checks(model, normal, calib, top_k=8, progress=False)
     assert fit["composition_check"]["steps"] == STEPS_FOR_RULE and bool(model.composition_check.fitted)
@@ -467,3 +476,53 @@ def test_fitted_composition_check_flags_parts_that_do_not_go_together():
     assert auroc >= 0.85, (normal_error, mismatch_error)
     _, scores = predict(model, calib + mismatched, 8)
     assert np.median(scores[8:]) > np.median(scores[:8])
+
+
+def test_restoration_inputs_are_simulated_logical_anomalies_of_each_training_image():
+    from slsg_train.models.composition import autoencoder_input
+    from slsg_train.simulation import SimulationConfig
+    from slsg_train.training.composition import restoration_inputs
+    from slsg_train.training.dataset import to_tensor
+
+    images = _paired_scenes(np.random.default_rng(0), 6)
+    inputs, sources = restoration_inputs(images, SimulationConfig(), seed=3, copies=2, progress=False)
+    assert inputs.shape == (12, 3, 128, 128) and inputs.dtype == torch.float16
+    assert sources.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    clean = autoencoder_input(torch.stack([to_tensor(im) for im in images]))[sources]
+    changed = (inputs.float() - clean).abs().amax(dim=1) > 0.1
+    assert changed.flatten(1).any(dim=1).all()  # every copy differs from the image it came from ...
+    assert changed.float().mean() < 0.5  # ... in a part of it
+    again, _ = restoration_inputs(images, SimulationConfig(), seed=3, copies=2, progress=False)
+    assert torch.equal(inputs, again)
+    with pytest.raises(ValueError, match="restoration inputs need"):
+        restoration_inputs([], SimulationConfig())
+
+
+def test_restoration_share_swaps_part_of_each_batch_and_zero_trains_as_without():
+    from slsg_train.models.composition import CompositionCheck
+    from slsg_train.training.composition import _with_restoration, train_composition_check
+
+    simulated = (100 + torch.arange(10, dtype=torch.float16)).view(10, 1, 1, 1).expand(10, 3, 4, 4)
+    sources = torch.tensor([7, 7, 3, 3, 9, 9, 1, 1, 5, 5])
+    batch, pick = torch.zeros(64, 3, 4, 4), torch.arange(64)
+    x, targets = _with_restoration(batch, pick, (simulated, sources), 0.5, torch.Generator().manual_seed(0))
+    swapped = x[:, 0, 0, 0] >= 100
+    assert 16 < int(swapped.sum()) < 48 and not batch.any()  # about half, the caller's batch untouched
+    assert torch.equal(targets[~swapped], pick[~swapped])
+    assert torch.equal(targets[swapped], sources[(x[swapped, 0, 0, 0] - 100).long()])  # the copy's own image
+
+    torch.manual_seed(0)
+    inputs, maps = torch.randn(4, 3, 128, 128), [torch.randn(4, 8, 8, 8), torch.randn(4, 16, 4, 4)]
+    plain = CompositionCheck([8, 16])
+    with_pool = CompositionCheck([8, 16])
+    with_pool.load_state_dict(plain.state_dict())
+    features = plain.features(maps)
+    torch.manual_seed(1)  # the decoder's dropout draws from the global generator
+    train_composition_check(plain, inputs, features, 3, batch_size=2, progress=False)
+    torch.manual_seed(1)
+    report = train_composition_check(with_pool, inputs, features, 3, batch_size=2, progress=False,
+                                     restoration=(simulated, sources), restoration_share=0.0)
+    assert report["restoration_inputs"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), with_pool.state_dict().values()))
+    with pytest.raises(ValueError, match="same training images"):  # sources index images 0-9, there are 4
+        train_composition_check(plain, inputs, features, 3, restoration=(simulated, sources), restoration_share=0.5)

@@ -168,6 +168,8 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
     assert fit["patch_memory"]["candidates"] == 8 * 8 * 8  # 8 training images, 8x8 patches at 64 px
     assert fit["global_branch"]["feature_dim"] == 304
     assert fit["composition_check"]["steps"] == 5 and fit["composition_check"]["images"] == 8
+    # half of its batches are simulated logical anomalies to undo: 4 copies of each training image
+    assert fit["composition_check"]["restoration_share"] == 0.5 and fit["composition_check"]["restoration_inputs"] == 32
 
 
 @pytest.mark.parametrize("text, message", [
@@ -248,17 +250,20 @@ def test_calibrate_removes_and_retrains_the_composition_check(trained, tmp_path)
     ckpt.write_bytes(trained["checkpoint"].read_bytes())
     before = torch.load(ckpt, weights_only=False)
     assert before["model_config"]["composition_check"] is True  # the default preset's
-    proc = slsg("calibrate", "--checkpoint", str(ckpt), "--composition-steps", "3", check=False)
-    assert proc.returncode == 2 and "--composition-check on" in proc.stderr
+    for flag, value in (("--composition-steps", "3"), ("--composition-restoration", "0.2")):
+        proc = slsg("calibrate", "--checkpoint", str(ckpt), flag, value, check=False)
+        assert proc.returncode == 2 and f"{flag} needs --composition-check on" in proc.stderr
     slsg("calibrate", "--checkpoint", str(ckpt), "--composition-check", "off")
     off = torch.load(ckpt, weights_only=False)
     info_off = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
     assert off["model_config"]["composition_check"] is False and not info_off["composition_check"]
     assert not any(k.startswith("composition_check.") for k in off["model_state"])
-    slsg("calibrate", "--checkpoint", str(ckpt), "--composition-check", "on", "--composition-steps", "4")
+    slsg("calibrate", "--checkpoint", str(ckpt), "--composition-check", "on", "--composition-steps", "4",
+         "--composition-restoration", "0.25")
     on = torch.load(ckpt, weights_only=False)
     info_on = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
     assert on["model_config"]["composition_steps"] == 4 and bool(on["model_state"]["composition_check.fitted"])
+    assert on["model_config"]["composition_restoration"] == 0.25
     assert info_on["composition_check"] and info_on["gflop_per_image"] > info_off["gflop_per_image"]
     retrained = [k for k in before["model_state"] if k.startswith("composition_check.encoder.")]
     assert retrained and not all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in retrained)

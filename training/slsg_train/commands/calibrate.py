@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(a few minutes), keeps the SLSG weights")
     p.add_argument("--composition-steps", type=int, default=None,
                    help="with --composition-check on: its autoencoder's training steps (default: the checkpoint's)")
+    p.add_argument("--composition-restoration", type=float, default=None,
+                   help="with --composition-check on: the share of its batches that are simulated logical anomalies "
+                        "to undo (default: the checkpoint's; 0 before this setting existed)")
     p.add_argument("--device", default="cpu")
 
 
@@ -42,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
         switches = {name: value == "on" for name, value in
                     (("global_branch", args.global_branch), ("patch_memory", args.patch_memory),
                      ("composition_check", args.composition_check)) if value is not None}
-        if args.composition_steps is not None:
-            if args.composition_check != "on":
-                raise ValueError("--composition-steps needs --composition-check on")
-            switches["composition_steps"] = args.composition_steps
+        for name in ("composition_steps", "composition_restoration"):
+            if getattr(args, name) is not None:
+                if args.composition_check != "on":
+                    raise ValueError(f"--{name.replace('_', '-')} needs --composition-check on")
+                switches[name] = getattr(args, name)
         if switches:
             model = _switch_reference_checks(loaded, switches, train_paths, calib_images, args.device)
         cal, stats = calibrate_threshold(model, calib_images, loaded.top_k, args.fpr, args.device)
@@ -75,6 +79,7 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
 
     from slsg_train.models import SLSG, SLSGConfig
     from slsg_train.models.slsg import REFERENCE_CHECK_PREFIXES, REFERENCE_CHECKS, build_reference_checks
+    from slsg_train.simulation.config import SimulationConfig
     from slsg_train.training.calibration import fit_reference_checks
     from slsg_train.training.dataset import load_resized
 
@@ -93,7 +98,9 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
     # the run's seed, as training used it: a new autoencoder's initialisation and the coreset's picks
     seed = loaded.payload.get("train_config", {}).get("seed", 0)
     torch.manual_seed(seed)
+    simulation = loaded.payload.get("train_config", {}).get("simulation")
     fit_reference_checks(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device,
-                         seed=seed, train_composition=not keep)
+                         seed=seed, train_composition=not keep,
+                         simulation=SimulationConfig.from_dict(simulation) if simulation else None)
     loaded.payload["model_config"] = config.to_dict()
     return model.eval()

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "SLSG, for rules that join parts; not in the paper). Default: the preset's")
     p.add_argument("--composition-steps", type=int,
                    help="the composition check's autoencoder training steps (default 8000: about 4 min on 2 cores)")
+    p.add_argument("--composition-restoration", type=float,
+                   help="the share of the composition check's training batches that are simulated logical anomalies "
+                        "it learns to undo (default 0.5; 0: normal images only, as EfficientAD)")
     p.add_argument("--image-size", default=None, help="model input, '256' or 'WxH'; multiples of 32 (default 256)")
     p.add_argument("--steps", type=int, help="detector training steps (default 3500)")
     p.add_argument("--pretrain-steps", type=int, help="generative pre-training steps, 0 to skip (default 1000)")
@@ -77,6 +80,8 @@ def _flag_settings(args: argparse.Namespace) -> dict:
         model["composition_check"] = args.composition_check == "on"
     if args.composition_steps is not None:
         model["composition_steps"] = args.composition_steps
+    if args.composition_restoration is not None:
+        model["composition_restoration"] = args.composition_restoration
     if model:
         settings["model"] = model
     return settings

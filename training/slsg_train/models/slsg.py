@@ -84,10 +84,15 @@ class SLSGConfig:
     composition_latent: int = 16
     composition_steps: int = 8000
     composition_weight: float = 1.0
+    # share of each of its training batches that is a simulated logical anomaly of a training image (a
+    # part recoloured, another image pasted in), to be rebuilt as the clean image; 0: normal images only
+    composition_restoration: float = 0.5
 
     def __post_init__(self) -> None:
         if self.composition_steps < 1:  # checked here, not after a whole training run
             raise ValueError(f"composition_steps must be >= 1, got {self.composition_steps}")
+        if not 0.0 <= self.composition_restoration <= 1.0:
+            raise ValueError(f"composition_restoration must be in [0, 1], got {self.composition_restoration}")
 
     @property
     def uses_reference(self) -> bool:
@@ -104,6 +109,8 @@ class SLSGConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown SLSGConfig fields: {unknown}")
+        # a checkpoint from before the setting trained its composition check on normal images only
+        data = {"composition_restoration": 0.0, **data}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 

@@ -62,7 +62,7 @@ def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr:
 @torch.no_grad()
 def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: list[np.ndarray], top_k: int,
                          device: torch.device | str = "cpu", batch_size: int = 16, seed: int = 0,
-                         progress: bool = True, train_composition: bool = True) -> dict:
+                         progress: bool = True, train_composition: bool = True, simulation=None) -> dict:
     """Fit the model's reference checks; call before calibrating.
 
     The patch memory: its coreset of the training images' patches. The composition check: its
@@ -71,11 +71,12 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     calibration images. Then the global branch: the
     Gaussian of the training images' pooled features, its scale against the (now map-fused) local score.
     ``train_composition=False`` keeps the composition check's trained autoencoder and refits its scale.
+    ``simulation`` (the run's ``SimulationConfig``; default settings when None) makes the logical anomalies
+    the autoencoder learns to undo (``composition_restoration`` of the model's config).
     """
     from slsg_train.models import image_score
     from slsg_train.models.patch_memory import resize_patches
     from slsg_train.models.composition import autoencoder_input
-    from slsg_train.training.composition import train_composition_check
     from slsg_train.training.dataset import to_tensor
 
     encoder, glob, patch = model.reference_encoder, model.global_branch, model.patch_memory
@@ -112,9 +113,8 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
         glob.fit_normal(torch.cat(pooled).numpy())
     if composition is not None:
         small, stride16 = torch.cat(small), torch.cat(stride16)
-        report["composition_check"] = (train_composition_check(
-            composition, small, stride16, model.config.composition_steps, seed=seed,
-            progress=progress) if train_composition else {"kept": True})
+        report["composition_check"] = (_train_composition(model, train_images, small, stride16, simulation, seed,
+                                                          progress) if train_composition else {"kept": True})
         composition.fit_normal_error(small, stride16)  # a kept autoencoder's too: older ones have none
 
     # and one over the calibration images gives every check's raw scores there
@@ -145,3 +145,17 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
                                    "distance_std": float(d.std())}
     model.train(was_training)
     return report
+
+
+def _train_composition(model, train_images: list[np.ndarray], small: torch.Tensor, stride16: torch.Tensor,
+                       simulation, seed: int, progress: bool) -> dict:
+    """Train the model's composition check on the training images (their autoencoder inputs ``small`` and
+    features ``stride16``), with simulated logical anomalies to undo when its config asks for them."""
+    from slsg_train.simulation.config import SimulationConfig
+    from slsg_train.training.composition import restoration_inputs, train_composition_check
+
+    share = model.config.composition_restoration
+    restoration = (restoration_inputs(train_images, simulation or SimulationConfig(), seed, progress=progress)
+                   if share > 0 else None)
+    return train_composition_check(model.composition_check, small, stride16, model.config.composition_steps,
+                                   seed=seed, progress=progress, restoration=restoration, restoration_share=share)
