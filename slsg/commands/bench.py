@@ -1,4 +1,5 @@
-"""`slsg bench`: measured figures for the model, the gateway, Triton and a locust load test.
+"""`slsg bench`: measured figures for the model, the gateway, Triton, a locust load test, the training
+pipeline and the two presets' cost and quality side by side.
 
 Each sub-command prints tables, or with ``--json`` one JSON document on stdout (tables on stderr).
 Only the standard library is imported here; the benchmark modules load inside ``run``.
@@ -7,6 +8,7 @@ Only the standard library is imported here; the benchmark modules load inside ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -19,6 +21,16 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,8") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= 1")
+    return values
+
+
+def _int_list_from_zero(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1") from None
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct integers >= 0")
     return values
 
 
@@ -117,6 +129,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pipeline.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     pipeline.add_argument("--json", action="store_true", help="print one JSON document on stdout (tables go to stderr)")
 
+    presets = sub.add_parser("presets", help="the default and paper presets trained and evaluated side by side: "
+                             "GFLOP, training time, image AUROC, AU-sPRO")
+    presets.add_argument("--data", type=Path, required=True, help="data set root (MVTec LOCO AD layout)")
+    presets.add_argument("--category", required=True)
+    presets.add_argument("--out", type=Path, required=True,
+                         help="comparison folder: one run directory per preset and seed, comparison.json, "
+                              "roc_presets.png; finished runs with the same settings are reused")
+    presets.add_argument("--paper-weights", default="imagenet",
+                         help="the paper preset's ResNet-18 ImageNet weights: torchvision's resnet18-f37072fd.pth "
+                              "(default 'imagenet': torch.hub's cache, or the download with --allow-download)")
+    presets.add_argument("--allow-download", action="store_true", help="let the paper preset fetch its weights")
+    presets.add_argument("--eval-data", type=Path, default=None,
+                         help="data set root to evaluate on (default --data), e.g. a larger test set")
+    presets.add_argument("--image-size", default="256", help="'256' or 'WxH'")
+    presets.add_argument("--steps", type=int, default=900, help="detector training steps of each run")
+    presets.add_argument("--pretrain-steps", type=int, default=200, help="generative pre-training steps of each run")
+    presets.add_argument("--batch-size", type=int, default=4)
+    presets.add_argument("--seeds", type=_int_list_from_zero, default=(0,), help="comma-separated (default 0)")
+    presets.add_argument("--composition-steps", type=int, default=None,
+                         help="the default preset's composition-check steps (default: the preset's)")
+    presets.add_argument("--global-branch", action="store_true",
+                         help="add the global check to the default preset (the paper preset stays the authors' model)")
+    presets.add_argument("--workers", type=int, default=2)
+    presets.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    presets.add_argument("--precision", choices=PRECISIONS, default="auto")
+    presets.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    presets.add_argument("--json", action="store_true", help="print one JSON document on stdout (tables go to stderr)")
+
 
 def _model(args: argparse.Namespace):
     from slsg.bench.model import ModelBenchConfig, model_tables, run_model_bench
@@ -173,7 +213,51 @@ def _pipeline(args: argparse.Namespace):
     return report, tables
 
 
-BENCHMARKS = {"model": _model, "gateway": _gateway, "triton": _triton, "load": _load, "pipeline": _pipeline}
+def _presets(args: argparse.Namespace):
+    import torch
+
+    from slsg.bench.report import environment
+    from slsg_train.evaluation.presets import PresetComparison, compare_presets
+    from slsg_train.training.config import parse_image_size
+
+    if args.steps < 1 or args.pretrain_steps < 0 or args.batch_size < 1:
+        raise ValueError("--steps and --batch-size must be >= 1 and --pretrain-steps >= 0")
+    torch.set_num_threads(args.threads)
+    default_model = {"global_branch": True} if args.global_branch else {}
+    if args.composition_steps is not None:
+        default_model["composition_steps"] = args.composition_steps
+    spec = PresetComparison(args.data, args.category, args.out, args.paper_weights, args.allow_download,
+                            args.eval_data, parse_image_size(args.image_size), args.steps, args.pretrain_steps,
+                            args.batch_size, args.seeds, args.workers, args.device, args.precision, default_model)
+    with contextlib.redirect_stdout(sys.stderr):  # training's messages; stdout is the report's
+        report = {"environment": environment(args.threads), **compare_presets(spec)}
+    return report, _preset_tables
+
+
+def _preset_tables(r: dict) -> list:
+    from slsg.bench.report import Table
+
+    runs = Table(f"{r['category']} at {r['image_size'][1]}x{r['image_size'][0]}, {r['pretrain_steps']} + "
+                 f"{r['steps']} steps, evaluated on {r['eval_data']}",
+                 ["preset", "seed", "backbone", "GFLOP/image", "train min", "AUROC logical", "AUROC structural",
+                  "AU-sPRO@0.05 mean", "run"],
+                 [[x["preset"], x["seed"], x["backbone"], x["gflop_per_image"], x["train_minutes"],
+                   x["image_auroc"].get("logical"), x["image_auroc"].get("structural"), x["au_spro_0.05"].get("mean"),
+                   x["training"]] for x in r["runs"]])
+    tables = [runs]
+    versus = r.get("default_vs_paper")
+    if versus:
+        gap, good = versus["image_auroc_default_minus_paper"], versus["at_least_as_good"]
+        tables.append(Table(f"default against paper (means over seeds; figure: {r['roc_figure']})",
+                            ["measure", "value", "target met"],
+                            [["GFLOP paper / default", versus["gflop_ratio_paper_over_default"],
+                              versus["at_least_4x_cheaper"]],
+                             *([f"AUROC {k}: default - paper", gap[k], good[k]] for k in gap)]))
+    return tables
+
+
+BENCHMARKS = {"model": _model, "gateway": _gateway, "triton": _triton, "load": _load, "pipeline": _pipeline,
+              "presets": _presets}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -185,6 +185,31 @@ def plot_roc_curves(scores: Sequence[float], types: Sequence[str], path: str | P
     return _save(figure, path)
 
 
+def plot_roc_comparison(runs: Sequence[tuple[str, str, Sequence[float], Sequence[str]]], path: str | Path) -> Path:
+    """Image-level ROC of several runs, one panel per anomaly type; ``runs`` are (label, group, scores,
+    types), and the runs of a group (a preset's seeds) share a colour."""
+    kinds = sorted({type_key(t) for _, _, _, types in runs for t in types} - {GOOD})
+    groups = list(dict.fromkeys(group for _, group, _, _ in runs))
+    colours = colormaps["tab10"]
+    figure = _new_figure(5 * max(1, len(kinds)), 5)
+    for i, kind in enumerate(kinds):
+        axes = figure.add_subplot(1, len(kinds), i + 1)
+        seen: dict[str, int] = {}
+        for label, group, scores, types in runs:
+            s = np.asarray(scores, dtype=np.float64)
+            t = np.asarray([type_key(v) for v in types], dtype=object)
+            subset = (t == GOOD) | (t == kind)
+            fpr, tpr, _ = roc_curve(s[subset], t[subset] == kind)
+            nth = seen[group] = seen.get(group, -1) + 1  # a group's runs differ by line style
+            axes.plot(fpr, tpr, color=colours(groups.index(group) % 10), linestyle=("-", "--", "-.", ":")[nth % 4],
+                      label=f"{label} ({auroc(s[subset], t[subset] == kind):.3f})")
+        axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        axes.set(xlabel="false positive rate (good images)", ylabel="true positive rate",
+                 title=f"{kind} anomalies", xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
+        axes.legend(loc="lower right", fontsize="small")
+    return _save(figure, path)
+
+
 def plot_score_histograms(scores: Sequence[float], types: Sequence[str], path: str | Path,
                           threshold: float | None = None) -> Path:
     """Image-score histograms, good against each anomalous type, on shared bins."""

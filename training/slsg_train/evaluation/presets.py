@@ -1,0 +1,186 @@
+"""The `default` and `paper` presets trained and evaluated side by side (`slsg bench presets`).
+
+The target it measures: `default` costs at most a quarter of `paper`'s GFLOP per image and detects
+at least as well on the same data. Both presets get the same data, schedule and seeds, and each run
+is an ordinary run directory (``train_log.jsonl``, ``checkpoint.pt``, ``eval/``) that can be
+inspected, exported or resumed. A finished run with the same settings is reused, an unfinished one
+resumed, and a run directory trained with other settings is refused rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slsg_train.checkpoint import load_checkpoint_payload
+from slsg_train.data.loco import LocoCategory
+from slsg_train.evaluation.report import plot_roc_comparison
+from slsg_train.metrics.roc import type_key
+from slsg_train.training.config import TrainConfig
+
+PRESETS = ("default", "paper")
+ANOMALY_TYPES = ("logical", "structural")
+# what a reused run must match; the rest (workers, device, logging) does not change the model
+_MATCHED = ("category", "preset", "backbone_weights", "image_size", "steps", "batch_size", "seed", "model")
+
+
+@dataclass(frozen=True)
+class PresetComparison:
+    """What to train and where: one run per preset and seed under ``out``."""
+
+    data: Path
+    category: str
+    out: Path
+    paper_weights: str = "imagenet"          # a torchvision resnet18 .pth, or "imagenet" (cache / download)
+    allow_download: bool = False
+    eval_data: Path | None = None            # default: ``data``
+    image_size: tuple[int, int] = (256, 256)
+    steps: int = 900
+    pretrain_steps: int = 200
+    batch_size: int = 4
+    seeds: tuple[int, ...] = (0,)
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"
+    default_model: dict[str, Any] = field(default_factory=dict)  # SLSGConfig fields for `default` only
+
+    def run_dir(self, preset: str, seed: int) -> Path:
+        return self.out / f"{preset}-seed{seed}"
+
+    def train_config(self, preset: str, seed: int) -> TrainConfig:
+        cfg = TrainConfig(category=self.category, preset=preset, image_size=self.image_size, steps=self.steps,
+                          batch_size=self.batch_size, seed=seed, workers=self.workers, device=self.device,
+                          precision=self.precision)
+        cfg.pretrain.steps = self.pretrain_steps
+        if preset == "paper":
+            cfg.backbone_weights, cfg.allow_download = self.paper_weights, self.allow_download
+        else:
+            cfg.model = dict(self.default_model)
+        return cfg
+
+
+def check_paper_weights(spec: PresetComparison) -> None:
+    """Fail before any training when the paper's ResNet-18 weights cannot be had."""
+    from slsg_train.models import BackboneWeightsError, create_backbone
+
+    try:
+        create_backbone("resnet18", spec.paper_weights, spec.allow_download)
+    except (BackboneWeightsError, FileNotFoundError, ValueError) as exc:
+        offline = spec.paper_weights == "imagenet" and not spec.allow_download
+        reason = "none in torch.hub's cache, and downloading is not allowed" if offline else str(exc)
+        raise BackboneWeightsError(
+            f"the paper preset needs ResNet-18 ImageNet weights ({reason}): pass --paper-weights PATH to "
+            f"torchvision's resnet18-f37072fd.pth, or --allow-download when online") from exc
+
+
+def _mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    stored, wanted = json.loads(json.dumps(stored)), json.loads(json.dumps(wanted))  # tuples -> lists
+    diffs = [k for k in _MATCHED if stored.get(k) != wanted.get(k)]
+    if stored.get("pretrain", {}).get("steps") != wanted["pretrain"]["steps"]:
+        diffs.append("pretrain.steps")
+    return diffs
+
+
+def ensure_trained(cfg: TrainConfig, data: Path, run_dir: Path) -> tuple[Path, str]:
+    """Train the run, resume it, or reuse it when finished; returns (checkpoint, what was done)."""
+    from slsg_train.training.trainer import TrainingRun
+
+    ckpt = run_dir / "checkpoint.pt"
+    if not ckpt.is_file():
+        return TrainingRun(cfg, data, run_dir).run(), "trained"
+    payload = load_checkpoint_payload(ckpt)
+    diffs = _mismatch(payload["train_config"], cfg.to_dict())
+    if payload.get("data_hash") != LocoCategory(data, cfg.category).data_hash():
+        diffs.append("data")
+    if diffs:
+        raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(diffs)}); choose another --out "
+                         f"or delete that run directory")
+    if payload["stage"] == "done":
+        return ckpt, "reused"
+    return TrainingRun(cfg, data, run_dir, resume=True).run(), "resumed"
+
+
+def _training_summary(run_dir: Path) -> dict[str, Any]:
+    """Cost figures from the run's log: GFLOP and parameters at the start, wall time to calibration."""
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    start = next(r for r in records if r["event"] == "start")
+    done = next((r for r in reversed(records) if r["event"] == "calibrated"), None)
+    return {"gflop_per_image": round(start["gflop_per_image"], 3), "parameters": start["parameters"],
+            "precision": start.get("precision"),
+            "train_minutes": round((done["time"] - start["time"]) / 60, 2) if done else None,
+            "resumed": any(r["event"] == "resume" for r in records)}
+
+
+def _evaluate(ckpt: Path, data: Path, category: str, out: Path, device: str) -> tuple[dict, list[dict]]:
+    from slsg_train.evaluation.runner import evaluate_category
+    from slsg_train.inference import load_model
+    from slsg_train.training.trainer import resolve_device
+
+    device = str(resolve_device(device))
+    result = evaluate_category(load_model(ckpt, device), LocoCategory(data, category), out, device=device)
+    return result.metrics, json.loads((out / "scores.json").read_text())
+
+
+def _run_row(preset: str, seed: int, run_dir: Path, how: str, metrics: dict) -> dict[str, Any]:
+    flagged = metrics["threshold"].get("flagged_share_by_type", {})
+    return {"preset": preset, "seed": seed, "run_dir": str(run_dir), "training": how,
+            "backbone": metrics["checkpoint"]["backbone"], **_training_summary(run_dir),
+            "image_auroc": metrics["image_auroc"], "au_spro_0.05": metrics["au_spro"]["0.05"],
+            "flagged_share": {type_key(t): v for t, v in flagged.items()}}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(float(np.mean(present)), 4) if present else None
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per preset: means over the seeds; then default against paper (cost ratio, AUROC differences)."""
+    by_preset: dict[str, dict[str, Any]] = {}
+    for preset in PRESETS:
+        runs = [r for r in rows if r["preset"] == preset]
+        if not runs:
+            continue
+        by_preset[preset] = {
+            "seeds": [r["seed"] for r in runs], "gflop_per_image": runs[0]["gflop_per_image"],
+            "train_minutes": _mean([r["train_minutes"] for r in runs]),
+            "image_auroc": {k: _mean([r["image_auroc"].get(k) for r in runs]) for k in (*ANOMALY_TYPES, "mean")},
+            "au_spro_0.05": {k: _mean([r["au_spro_0.05"].get(k) for r in runs]) for k in (*ANOMALY_TYPES, "mean")},
+        }
+    summary: dict[str, Any] = {"presets": by_preset}
+    if len(by_preset) == len(PRESETS):
+        d, p = by_preset["default"], by_preset["paper"]
+        gap = {k: None if d["image_auroc"][k] is None or p["image_auroc"][k] is None
+               else round(d["image_auroc"][k] - p["image_auroc"][k], 4) for k in (*ANOMALY_TYPES, "mean")}
+        cost = round(p["gflop_per_image"] / d["gflop_per_image"], 3)
+        summary["default_vs_paper"] = {
+            "gflop_ratio_paper_over_default": cost, "at_least_4x_cheaper": cost >= 4.0,
+            "image_auroc_default_minus_paper": gap,
+            "at_least_as_good": {k: v is not None and v >= 0 for k, v in gap.items()},
+        }
+    return summary
+
+
+def compare_presets(spec: PresetComparison) -> dict[str, Any]:
+    """Train (or reuse) and evaluate every preset for every seed; write comparison.json and the ROC figure."""
+    check_paper_weights(spec)
+    eval_data = spec.eval_data or spec.data
+    rows, scores = [], {}
+    for seed in spec.seeds:  # preset pairs seed by seed, so a stopped comparison leaves paired runs
+        for preset in PRESETS:
+            run_dir = spec.run_dir(preset, seed)
+            ckpt, how = ensure_trained(spec.train_config(preset, seed), spec.data, run_dir)
+            metrics, scores[(preset, seed)] = _evaluate(ckpt, eval_data, spec.category, run_dir / "eval", spec.device)
+            rows.append(_run_row(preset, seed, run_dir, how, metrics))
+    report = {"benchmark": "presets", "category": spec.category, "data": str(spec.data), "eval_data": str(eval_data),
+              "image_size": list(spec.image_size), "steps": spec.steps, "pretrain_steps": spec.pretrain_steps,
+              "runs": rows, **summarise(rows)}
+    curves = [(f"{preset}, seed {seed}", preset, [x["score"] for x in images], [x["type"] for x in images])
+              for (preset, seed), images in scores.items()]
+    report["roc_figure"] = str(plot_roc_comparison(curves, spec.out / "roc_presets.png"))
+    (spec.out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
