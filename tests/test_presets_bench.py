@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -57,6 +58,9 @@ def test_both_presets_are_trained_evaluated_and_compared(compared):
         gap = runs["default"]["image_auroc"][kind] - runs["paper"]["image_auroc"][kind]
         assert versus["image_auroc_default_minus_paper"][kind] == pytest.approx(gap, abs=1e-4)
         assert versus["at_least_as_good"][kind] == (versus["image_auroc_default_minus_paper"][kind] >= 0)
+    for kind in ("logical", "structural"):
+        low, high = versus["image_auroc_gap_ci95"][kind]
+        assert -1 <= low <= high <= 1 and versus["worse_beyond_test_noise"][kind] == (high < 0)
     stored = json.loads((out / "comparison.json").read_text())
     assert stored["runs"] == report["runs"] and "GFLOP paper / default" in compared["tables"]
     with Image.open(out / "roc_presets.png") as im:
@@ -93,3 +97,57 @@ def test_missing_paper_weights_fail_before_any_training(compared, tmp_path):
     proc = slsg("bench", "presets", "--data", compared["data"], "--category", "tray", "--out", out,
                 "--paper-weights", tmp_path / "absent.pth", *SCHEDULE, check=False)
     assert proc.returncode == 2 and "absent.pth" in proc.stderr and not out.exists()
+
+
+def test_the_summary_averages_seeds_before_comparing():
+    from slsg_train.evaluation.presets import summarise
+
+    def row(preset, seed, gflop, logical, structural):
+        auroc = {"logical": logical, "structural": structural, "mean": (logical + structural) / 2}
+        return {"preset": preset, "seed": seed, "gflop_per_image": gflop, "train_minutes": 1.0 + seed,
+                "image_auroc": auroc, "au_spro_0.05": auroc}
+
+    summary = summarise([row("default", 0, 11.5, 0.90, 1.0), row("paper", 0, 46.0, 0.96, 1.0),
+                         row("default", 1, 11.5, 0.98, 0.98), row("paper", 1, 46.0, 0.88, 1.0)])
+    assert summary["presets"]["default"]["image_auroc"]["logical"] == pytest.approx(0.94)
+    assert summary["presets"]["paper"]["train_minutes"] == pytest.approx(1.5)
+    versus = summary["default_vs_paper"]
+    assert versus["gflop_ratio_paper_over_default"] == pytest.approx(4.0) and versus["at_least_4x_cheaper"]
+    assert versus["image_auroc_default_minus_paper"]["logical"] == pytest.approx(0.02)
+    assert versus["image_auroc_default_minus_paper"]["structural"] == pytest.approx(-0.01)
+    assert versus["at_least_as_good"] == {"logical": True, "structural": False, "mean": True}
+    assert "default_vs_paper" not in summarise([row("default", 0, 11.5, 0.9, 1.0)])
+
+
+def test_seeds_are_distinct_non_negative_integers():
+    proc = slsg("bench", "presets", "--data", "d", "--category", "c", "--out", "o", "--seeds", "0,0", check=False)
+    assert proc.returncode == 2 and "each seed once" in proc.stderr
+
+
+def _scored(good: list[float], logical: list[float]) -> list[dict]:
+    return ([{"image": f"good/{i:03d}", "type": "good", "score": s} for i, s in enumerate(good)]
+            + [{"image": f"logical_anomalies/{i:03d}", "type": "logical_anomalies", "score": s}
+               for i, s in enumerate(logical)])
+
+
+def test_the_auroc_gap_interval_pairs_the_test_images():
+    from slsg_train.evaluation.presets import auroc_gap_interval
+    from slsg_train.metrics.roc import auroc
+
+    rng = np.random.default_rng(0)
+    good, logical = rng.normal(0, 1, 60), rng.normal(1, 1, 60)
+    # the same scores for both presets: every resample gives a gap of exactly 0
+    same = {("default", 0): _scored(good, logical), ("paper", 0): _scored(good, logical)}
+    assert auroc_gap_interval(same, "logical") == (0.0, 0.0)
+    # paper's scores are default's plus noise: the interval holds the gap and is narrower than unpaired
+    noisy = {("default", 0): _scored(good, logical),
+             ("paper", 0): _scored(good + rng.normal(0, 1, 60), logical + rng.normal(0, 1, 60))}
+    labels = [0] * 60 + [1] * 60
+    gap = auroc(np.r_[good, logical], labels) - auroc([x["score"] for x in noisy[("paper", 0)]], labels)
+    low, high = auroc_gap_interval(noisy, "logical")
+    assert low < gap < high and high - low < 0.2
+    # images are matched by name, not by position in the list
+    shuffled = dict(noisy)
+    shuffled[("paper", 0)] = noisy[("paper", 0)][::-1]
+    assert auroc_gap_interval(shuffled, "logical") == (low, high)
+    assert auroc_gap_interval(noisy, "structural") is None  # no structural test images

@@ -14,24 +14,25 @@ import sys
 from pathlib import Path
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _ints(text: str, minimum: int) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,8") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= 1")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= {minimum}")
     return values
 
 
-def _int_list_from_zero(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1") from None
-    if not values or min(values) < 0 or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct integers >= 0")
-    return values
+def _int_list(text: str) -> tuple[int, ...]:
+    return _ints(text, 1)
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    seeds = _ints(text, 0)
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: each seed once")
+    return seeds
 
 
 def _frame_size(text: str) -> tuple[int, int]:
@@ -146,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     presets.add_argument("--steps", type=int, default=900, help="detector training steps of each run")
     presets.add_argument("--pretrain-steps", type=int, default=200, help="generative pre-training steps of each run")
     presets.add_argument("--batch-size", type=int, default=4)
-    presets.add_argument("--seeds", type=_int_list_from_zero, default=(0,), help="comma-separated (default 0)")
+    presets.add_argument("--seeds", type=_seed_list, default=(0,), help="comma-separated (default 0)")
     presets.add_argument("--composition-steps", type=int, default=None,
                          help="the default preset's composition-check steps (default: the preset's)")
     presets.add_argument("--global-branch", action="store_true",
@@ -248,11 +249,14 @@ def _preset_tables(r: dict) -> list:
     versus = r.get("default_vs_paper")
     if versus:
         gap, good = versus["image_auroc_default_minus_paper"], versus["at_least_as_good"]
+        ci = versus.get("image_auroc_gap_ci95", {})
         tables.append(Table(f"default against paper (means over seeds; figure: {r['roc_figure']})",
-                            ["measure", "value", "target met"],
-                            [["GFLOP paper / default", versus["gflop_ratio_paper_over_default"],
+                            ["measure", "value", "95% interval (test images)", "target met"],
+                            [["GFLOP paper / default", versus["gflop_ratio_paper_over_default"], None,
                               versus["at_least_4x_cheaper"]],
-                             *([f"AUROC {k}: default - paper", gap[k], good[k]] for k in gap)]))
+                             *([f"AUROC {k}: default - paper", gap[k],
+                                None if ci.get(k) is None else f"{ci[k][0]:+.3f} .. {ci[k][1]:+.3f}", good[k]]
+                               for k in gap)]))
     return tables
 
 
