@@ -4,7 +4,7 @@ import pytest
 
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import (
-    MODEL_CARD_KEY, Calibration, ModelCard, calibration_exceedances, images_for_fpr, list_models, list_versions,
+    MODEL_CARD_KEY, Calibration, ModelCard, beta_quantile, calibration_exceedances, images_for_fpr, list_models, list_versions,
     model_path, next_version, validate_model_name,
 )
 
@@ -33,6 +33,26 @@ def test_calibration_meets_the_target_rate_on_average_when_it_has_the_images_for
     assert Calibration(num_images=0).expected_fpr() is None  # not calibrated
     with pytest.raises(ValueError, match="must be in"):
         calibration_exceedances(1.0, 10)
+
+
+def test_the_rate_a_line_sees_varies_with_the_calibration_set_as_beta_quantiles_say():
+    # above all of n images (k = 0) the rate is Beta(1, n): closed-form quantiles
+    for n in (4, 60):
+        assert Calibration(target_fpr=0.01, num_images=n).fpr_upper(0.9) == pytest.approx(1 - 0.1 ** (1 / n))
+    assert Calibration(num_images=0).fpr_upper() is None
+    # k > 0 against simulation: uniform normal scores, threshold just above the (k + 1)-th highest of n
+    rng = np.random.default_rng(0)
+    for target, n in ((0.01, 199), (0.05, 60), (0.2, 30)):
+        cal = Calibration(target_fpr=target, num_images=n)
+        k = calibration_exceedances(target, n)
+        scores = rng.random((20000, n))
+        rate = 1 - np.partition(scores, n - k - 1, axis=1)[:, n - k - 1]  # the share of new scores above it
+        assert rate.mean() == pytest.approx(cal.expected_fpr(), rel=0.03)
+        for p in (0.5, 0.9, 0.99):
+            assert np.quantile(rate, p) == pytest.approx(cal.fpr_upper(p), rel=0.04)
+    assert beta_quantile(3, 7, 0.5) < beta_quantile(3, 7, 0.9) < beta_quantile(2, 7, 0.99)
+    with pytest.raises(ValueError, match="whole a, b >= 1"):
+        beta_quantile(0, 3, 0.5)
 
 
 def test_model_card_round_trips_through_json():

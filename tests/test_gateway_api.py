@@ -224,6 +224,7 @@ def test_model_listing_reads_the_card_from_the_model(client):
     assert toy["card"]["calibration"]["raw_threshold"] == pytest.approx(0.3) and toy["card"]["top_k"] == 16
     # 60 calibration images at a 1 % target: above all of them, 1 / 61 of normal images on average
     assert toy["card"]["calibration"]["expected_fpr"] == pytest.approx(1 / 61)
+    assert toy["card"]["calibration"]["fpr_upper_90"] == pytest.approx(1 - 0.1 ** (1 / 60))  # 3.8 %
 
 
 def test_health_and_readiness(client, tmp_path):

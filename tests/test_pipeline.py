@@ -44,6 +44,7 @@ def test_evaluate_writes_metrics_report_figures_and_official_maps(trained):
     assert 0.0 <= metrics["pixel_auroc"] <= 1.0
     assert metrics["threshold"]["raw"] > 0
     assert metrics["threshold"]["expected_fpr"] == pytest.approx(1 / 5)  # 4 calibration images, above all of them
+    assert metrics["threshold"]["fpr_upper_90"] == pytest.approx(1 - 0.1 ** (1 / 4))
     report = (out / "report.md").read_text()
     assert f"{metrics['image_auroc']['mean']:.3f}" in report and "structural" in proc.stdout
     scores = json.loads((out / "scores.json").read_text())

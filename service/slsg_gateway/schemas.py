@@ -83,7 +83,8 @@ class ModelVersionInfo(BaseModel):
     max_batch_size: int | None = None
     card: dict[str, Any] | None = Field(
         default=None, description="the model card; calibration.expected_fpr is the share of normal frames "
-                                  "expected at or above the threshold (null when uncalibrated)")
+                                  "expected at or above the threshold on average, calibration.fpr_upper_90 the "
+                                  "share it stays under for nine calibration sets in ten (null when uncalibrated)")
 
 
 class LoadRequest(BaseModel):

@@ -26,11 +26,13 @@ class ServedModel:
 
     def card_dict(self) -> dict | None:
         """The card as stored, plus what its calibration implies: the share of normal images a line
-        should expect flagged at the threshold (null when uncalibrated)."""
+        should expect flagged at the threshold, on average and for nine calibration sets in ten (null when
+        uncalibrated)."""
         if self.card is None:
             return None
         card = asdict(self.card)
         card["calibration"]["expected_fpr"] = self.card.calibration.expected_fpr()
+        card["calibration"]["fpr_upper_90"] = self.card.calibration.fpr_upper(0.9)
         return card
 
 

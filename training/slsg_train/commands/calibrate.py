@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(path, {k: v for k, v in payload.items() if k != "format"})
     print(f"raw threshold {cal.raw_threshold:.5f} for FPR {args.fpr:.2%} on {stats['num_images']} normal images "
           f"(scores {stats['min']:.4f}..{stats['max']:.4f}); saved to {path}")
+    print(f"normal images expected at or above it: {stats['expected_fpr']:.2%} on average, under "
+          f"{stats['fpr_upper_90']:.2%} for nine calibration sets in ten")
     warning = small_calibration_warning(cal)
     if warning:
         print(f"slsg calibrate: warning: {warning}", file=sys.stderr)

@@ -108,6 +108,7 @@ def _metrics(loaded: LoadedModel, category: LocoCategory, scores: list[float], t
     if cal is not None:
         threshold = {"raw": cal.raw_threshold, "target_fpr": cal.target_fpr, "pixel": cal.pixel_threshold,
                      "calibration_images": cal.num_images, "expected_fpr": cal.expected_fpr(),
+                     "fpr_upper_90": cal.fpr_upper(0.9),
                      "flagged_share_by_type": _decision_rates(s, t, cal.raw_threshold)}
     return {
         "category": category.name,

@@ -48,6 +48,7 @@ def calibration_from_scores(normal_scores: np.ndarray, target_fpr: float) -> tup
                       pixel_threshold=thr, num_images=int(scores.size))
     stats = {"num_images": int(scores.size), "min": float(scores.min()), "max": float(scores.max()),
              "mean": float(scores.mean()), "std": float(scores.std()), "expected_fpr": cal.expected_fpr(),
+             "fpr_upper_90": cal.fpr_upper(0.9),
              "at_or_above_threshold": int((scores.astype(np.float32) >= np.float32(thr)).sum())}
     return cal, stats
 
