@@ -107,7 +107,7 @@ def ensure_trained(cfg: TrainConfig, data: Path, run_dir: Path) -> tuple[Path, s
 def _training_summary(run_dir: Path) -> dict[str, Any]:
     """Cost figures from the run's log: GFLOP and parameters at the start, wall time to calibration."""
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    start = next(r for r in records if r["event"] == "start")
+    start = next(r for r in reversed(records) if r["event"] == "start")  # a restarted run logs a new start
     done = next((r for r in reversed(records) if r["event"] == "calibrated"), None)
     return {"gflop_per_image": round(start["gflop_per_image"], 3), "parameters": start["parameters"],
             "precision": start.get("precision"),
