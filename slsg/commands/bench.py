@@ -227,9 +227,12 @@ def _presets(args: argparse.Namespace):
     default_model = {"global_branch": True} if args.global_branch else {}
     if args.composition_steps is not None:
         default_model["composition_steps"] = args.composition_steps
-    spec = PresetComparison(args.data, args.category, args.out, args.paper_weights, args.allow_download,
-                            args.eval_data, parse_image_size(args.image_size), args.steps, args.pretrain_steps,
-                            args.batch_size, args.seeds, args.workers, args.device, args.precision, default_model)
+    spec = PresetComparison(args.data, args.category, args.out, paper_weights=args.paper_weights,
+                            allow_download=args.allow_download, eval_data=args.eval_data,
+                            image_size=parse_image_size(args.image_size), steps=args.steps,
+                            pretrain_steps=args.pretrain_steps, batch_size=args.batch_size, seeds=args.seeds,
+                            workers=args.workers, device=args.device, precision=args.precision,
+                            default_model=default_model)
     with contextlib.redirect_stdout(sys.stderr):  # training's messages; stdout is the report's
         report = {"environment": environment(args.threads), **compare_presets(spec)}
     return report, _preset_tables
