@@ -106,12 +106,11 @@ def beta_quantile(a: int, b: int, probability: float) -> float:
     if a < 1 or b < 1 or not 0 < probability < 1:
         raise ValueError(f"need whole a, b >= 1 and 0 < probability < 1; got a={a}, b={b}, p={probability}")
     n = a + b - 1
+    log_choose = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in range(a)]
 
     def cdf(x: float) -> float:
         log_x, log_1x = math.log(x), math.log1p(-x)
-        below = sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                             + i * log_x + (n - i) * log_1x) for i in range(a))
-        return 1.0 - below
+        return 1.0 - sum(math.exp(c + i * log_x + (n - i) * log_1x) for i, c in enumerate(log_choose))
 
     lo, hi = 0.0, 1.0
     for _ in range(60):  # 2^-60: far below any rate that matters

@@ -85,8 +85,9 @@ def _mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def ensure_trained(cfg: TrainConfig, data: Path, run_dir: Path) -> tuple[Path, str]:
-    """Train the run, resume it, or reuse it when finished; returns (checkpoint, what was done)."""
+def ensure_trained(cfg: TrainConfig, data: Path, data_hash: str, run_dir: Path) -> tuple[Path, str]:
+    """Train the run, resume it, or reuse it when finished (``data_hash``: the training data's, which a
+    reused run must match); returns (checkpoint, what was done)."""
     from slsg_train.training.trainer import TrainingRun
 
     ckpt = run_dir / "checkpoint.pt"
@@ -94,7 +95,7 @@ def ensure_trained(cfg: TrainConfig, data: Path, run_dir: Path) -> tuple[Path, s
         return TrainingRun(cfg, data, run_dir).run(), "trained"
     payload = load_checkpoint_payload(ckpt)
     diffs = _mismatch(payload["train_config"], cfg.to_dict())
-    if payload.get("data_hash") != LocoCategory(data, cfg.category).data_hash():
+    if payload.get("data_hash") != data_hash:
         diffs.append("data")
     if diffs:
         raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(diffs)}); choose another --out "
@@ -205,11 +206,12 @@ def compare_presets(spec: PresetComparison) -> dict[str, Any]:
     """Train (or reuse) and evaluate every preset for every seed; write comparison.json and the ROC figure."""
     check_paper_weights(spec)
     eval_data = spec.eval_data or spec.data
+    data_hash = LocoCategory(spec.data, spec.category).data_hash()  # reads every training image: once
     rows, scores = [], {}
     for seed in spec.seeds:  # preset pairs seed by seed, so a stopped comparison leaves paired runs
         for preset in PRESETS:
             run_dir = spec.run_dir(preset, seed)
-            ckpt, how = ensure_trained(spec.train_config(preset, seed), spec.data, run_dir)
+            ckpt, how = ensure_trained(spec.train_config(preset, seed), spec.data, data_hash, run_dir)
             metrics, scores[(preset, seed)] = _evaluate(ckpt, eval_data, spec.category, run_dir / "eval", spec.device)
             rows.append(_run_row(preset, seed, run_dir, how, metrics))
     summary = summarise(rows)
