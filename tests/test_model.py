@@ -15,6 +15,7 @@ from slsg_train.models import (
 )
 from slsg_train.models.blocks import DecoderStage, SpatialAttention
 from slsg_train.models.graph import SelfAttentiveGraph, relative_position_similarity
+from slsg_train.training.precision import channels_last
 
 torch.manual_seed(0)
 
@@ -140,6 +141,48 @@ def test_unfrozen_encoder_trains():
     assert model.encoder.training
     model(torch.randn(2, 3, 64, 64)).logits.mean().backward()
     assert all(p.grad is not None for p in model.encoder_parameters())
+
+
+def _conv_gradients(conv: nn.Conv2d, x: torch.Tensor, bf16: bool) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = conv(x)
+    (y.double() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+    return [y.detach().double(), x.grad.double(), conv.weight.grad.double()]
+
+
+@pytest.mark.parametrize("groups", [16, 1], ids=["depthwise", "dense"])
+def test_channels_last_dilated_convolutions_keep_right_bf16_gradients(groups):
+    # torch 2.13's NHWC bf16 weight gradient of a dilated convolution is garbage; channels_last() keeps
+    # those convolutions NCHW: everything within bf16 rounding of float64
+    torch.manual_seed(0)
+    reference = nn.Conv2d(16, 16, 3, padding=3, dilation=3, groups=groups).double()
+    x = torch.randn(4, 16, 64, 64, dtype=torch.float64)
+    expected = _conv_gradients(reference, x, bf16=False)
+    conv = channels_last(nn.Conv2d(16, 16, 3, padding=3, dilation=3, groups=groups).to(torch.float32))
+    conv.load_state_dict(reference.state_dict())
+    assert conv.weight.is_contiguous()
+    for _ in range(3):  # the broken kernel's errors also differ from call to call
+        conv.zero_grad()
+        for got, want in zip(_conv_gradients(conv, x.float().contiguous(memory_format=torch.channels_last), True),
+                             expected):
+            assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_channels_last_model_scores_like_the_nchw_one():
+    # (its gradients are compared nowhere: the graph's k-NN and the top-K flip on float rounding)
+    torch.manual_seed(0)
+    nchw = random_model(patch_memory=False, composition_check=False).eval()
+    nhwc = random_model(patch_memory=False, composition_check=False)
+    nhwc.load_state_dict(nchw.state_dict())
+    channels_last(nhwc).eval()
+    convs = [m for m in nhwc.modules() if isinstance(m, nn.Conv2d)]
+    dilated = [m for m in convs if max(m.dilation) > 1]
+    assert dilated and all(m.weight.is_contiguous() and m._forward_pre_hooks for m in dilated)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs if m not in dilated)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x).logits, nchw(x).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_parameter_groups_partition_the_model():

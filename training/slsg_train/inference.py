@@ -12,6 +12,7 @@ import torch
 from slsg.contract import Calibration
 from slsg_train.checkpoint import build_model, load_checkpoint_payload
 from slsg_train.training.dataset import to_tensor
+from slsg_train.training.precision import channels_last
 
 
 @dataclass
@@ -31,7 +32,7 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> Lo
     payload = load_checkpoint_payload(checkpoint)
     model = build_model(payload["model_config"])
     model.load_state_dict(payload["model_state"])
-    model.to(device).eval()
+    channels_last(model.to(device)).eval()
     cal = Calibration(**payload["calibration"]) if payload.get("calibration") else None
     return LoadedModel(model, payload, tuple(payload["image_size"]), int(payload["top_k"]), cal)
 

@@ -84,6 +84,7 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
     from slsg_train.simulation.config import SimulationConfig
     from slsg_train.training.calibration import fit_reference_checks
     from slsg_train.training.dataset import load_resized
+    from slsg_train.training.precision import channels_last
 
     config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), **switches)
     model = SLSG(dataclasses.replace(config, backbone_weights=None, **{name: False for name in REFERENCE_CHECKS}))
@@ -96,7 +97,7 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
             and not {"composition_check", "composition_steps"} & set(switches))
     if keep:
         model.composition_check.load_state_dict(trained.state_dict())
-    model.to(device)
+    channels_last(model.to(device))
     # the run's seed, as training used it: a new autoencoder's initialisation and the coreset's picks
     seed = loaded.payload.get("train_config", {}).get("seed", 0)
     torch.manual_seed(seed)

@@ -18,7 +18,7 @@ from slsg_train.simulation import AnomalySimulator, SimulationConfig, TextureBan
 from slsg_train.training.config import LossConfig
 from slsg_train.training.dataset import SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized
 from slsg_train.training.losses import training_step_loss
-from slsg_train.training.precision import resolve_precision
+from slsg_train.training.precision import channels_last, resolve_precision
 from slsg_train.training.trainer import resolve_device
 
 
@@ -52,7 +52,7 @@ def benchmark_pipeline(data_root: str | Path, category: str, image_size: tuple[i
     images = load_resized(LocoCategory(data_root, category).train_paths, image_size)
     sim_cfg = SimulationConfig().for_category(category)
     dataset = SimulatedAnomalyDataset(images, AnomalySimulator(sim_cfg, TextureBank.from_source(None)), seed=0)
-    model = SLSG(preset(preset_name)).to(device).train()
+    model = channels_last(SLSG(preset(preset_name)).to(device)).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     total = warmup + steps
     pregenerated = [collate_pairs([dataset[g] for g in idx]) for idx in StepBatchSampler(0, total, batch_size)]

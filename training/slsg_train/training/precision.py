@@ -1,4 +1,4 @@
-"""Mixed precision for training: bfloat16 autocast where the device computes it natively.
+"""How the network computes: bfloat16 autocast where the device has it natively, channels-last layout.
 
 Only the forward passes of pre-training and SLSG's training run their convolutions and matrix
 products in bfloat16 (``torch.autocast``). The weights, the optimiser state, the losses and everything
@@ -6,6 +6,12 @@ after stay float32: fitting the reference checks (the composition check's autoen
 is its residual), calibration, export. bfloat16 keeps float32's exponent range, so unlike float16 it
 needs no loss scaling. On a CPU with AVX512-BF16 a 256x256 SLSG step takes about half the time; on
 CUDA GPUs from Ampere on, the tensor cores do the same.
+
+Every model that trains or infers keeps its 4-D weights, and so its activations, channels-last (NHWC):
+oneDNN's convolutions and bilinear resizes run natively in that layout and reorder NCHW tensors at
+each call. A 256x256 training step of the default preset on 2 CPU cores takes 0.96 s instead of
+1.43 s in bfloat16 (1.91 s instead of 2.48 s in float32), inference 1.3x faster; the numbers agree
+within float rounding. Saved weights load into either layout, and the exported graph is the same.
 """
 
 from __future__ import annotations
@@ -42,3 +48,25 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with its 4-D parameters and buffers in the channels-last layout (in place), except
+    its dilated convolutions, which keep NCHW weights and get NCHW inputs.
+
+    Why the exception: torch 2.13's oneDNN computes the weight gradient of a dilated convolution in
+    NHWC under bfloat16 autocast wrongly (depthwise or dense: errors of 150 % to NaN against float64,
+    different from call to call; NCHW's are 0.4 %, bfloat16 rounding). Forward passes and input
+    gradients are right. The skip attention's dilated depthwise convolution is the only one here."""
+    module.to(memory_format=torch.channels_last)
+    for conv in module.modules():
+        if isinstance(conv, torch.nn.Conv2d) and max(conv.dilation) > 1:
+            conv.to(memory_format=torch.contiguous_format)
+            if not getattr(conv, "_nchw_input_hook", False):
+                conv.register_forward_pre_hook(_nchw_input)
+                conv._nchw_input_hook = True
+    return module
+
+
+def _nchw_input(conv: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)

@@ -34,7 +34,7 @@ from slsg_train.training.dataset import (
     NormalImageDataset, SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized,
 )
 from slsg_train.training.losses import training_step_loss
-from slsg_train.training.precision import autocast, resolve_precision
+from slsg_train.training.precision import autocast, channels_last, resolve_precision
 from slsg_train.training.pretrain import RestorationDecoder, RestorationModel, corrupt_patches, restoration_loss
 
 
@@ -202,7 +202,7 @@ class TrainingRun:
         model_cfg = SLSGConfig.from_dict(self.model_config)
         if payload:
             model_cfg = dataclasses.replace(model_cfg, backbone_weights=None)
-        model = SLSG(model_cfg).to(self.device)
+        model = channels_last(SLSG(model_cfg).to(self.device))
         if payload:
             model.load_state_dict(payload["model_state"])
         stage = payload["stage"] if payload else "pretrain"
@@ -259,7 +259,7 @@ class TrainingRun:
     def _pretrain(self, model, images: list[np.ndarray], start: int, payload: dict | None) -> bool:
         cfg, pcfg = self.cfg, self.cfg.pretrain
         encoder = model.encoder
-        decoder = RestorationDecoder(encoder.channels, encoder.strides).to(self.device)
+        decoder = channels_last(RestorationDecoder(encoder.channels, encoder.strides).to(self.device))
         if payload and "decoder_state" in payload:
             decoder.load_state_dict(payload["decoder_state"])
         encoder.requires_grad_(True)
