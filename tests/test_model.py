@@ -169,6 +169,57 @@ def test_channels_last_dilated_convolutions_keep_right_bf16_gradients(groups):
             assert (got - want).abs().max() <= 0.02 * want.abs().max()
 
 
+def _distinct_convolutions(model: nn.Module, x: torch.Tensor) -> dict[tuple, nn.Conv2d]:
+    """Every distinct Conv2d ``model`` runs on ``x``, keyed by its settings and input shape."""
+    seen: dict[tuple, nn.Conv2d] = {}
+
+    def record(conv, args, out):
+        key = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+               conv.groups, tuple(args[0].shape[1:]))
+        seen.setdefault(key, conv)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_every_convolution_of_our_models_computes_right_in_channels_last():
+    # the layout is a speed choice only: each kind of convolution that training, pre-training and the
+    # composition check run (encoders unfrozen) gives float64's output and gradients within float32's
+    # (or bfloat16's) rounding, so a torch update that breaks one more kernel in NHWC fails here
+    from slsg_train.models.composition import CompositionCheck
+    from slsg_train.training.pretrain import RestorationDecoder, RestorationModel
+
+    runs: list[tuple[nn.Module, torch.Tensor]] = []
+    for name in ("default", "paper"):
+        model = random_model(name, freeze_encoder=False).eval()
+        encoder = model.encoder
+        runs += [(model, torch.randn(1, 3, 64, 64)),
+                 (RestorationModel(encoder, RestorationDecoder(encoder.channels, encoder.strides)).eval(),
+                  torch.randn(1, 3, 64, 64))]
+    check = CompositionCheck([16, 24, 40, 112, 320]).eval()
+    runs.append((nn.Sequential(check.encoder, check.decoder), torch.randn(1, 3, 128, 128)))
+    kinds = {key: conv for model, x in runs for key, conv in _distinct_convolutions(model, x).items()}
+    assert len(kinds) > 100 and any(max(key[5]) > 1 for key in kinds)
+    wrong = []
+    for (cin, cout, kernel, stride, padding, dilation, groups, shape) in kinds:
+        torch.manual_seed(0)
+        reference = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups).double()
+        x = torch.randn(2, *shape, dtype=torch.float64)
+        expected = _conv_gradients(reference, x, bf16=False)
+        for bf16, tolerance in ((False, 1e-4), (True, 0.02)):
+            conv = channels_last(nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups))
+            conv.load_state_dict(reference.state_dict())
+            got = _conv_gradients(conv, x.float().contiguous(memory_format=torch.channels_last), bf16)
+            errors = [float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, expected)]
+            if not max(errors) <= tolerance:  # NaN counts as wrong
+                wrong.append((cin, cout, kernel, stride, dilation, groups, shape, "bf16" if bf16 else "fp32", errors))
+    assert not wrong, wrong
+
+
 def test_channels_last_model_scores_like_the_nchw_one():
     # (its gradients are compared nowhere: the graph's k-NN and the top-K flip on float rounding)
     torch.manual_seed(0)
