@@ -10,7 +10,7 @@ CUDA GPUs from Ampere on, the tensor cores do the same.
 Every model that trains or infers keeps its 4-D weights, and so its activations, channels-last (NHWC):
 oneDNN's convolutions and bilinear resizes run natively in that layout and reorder NCHW tensors at
 each call. A 256x256 training step of the default preset on 2 CPU cores takes 0.96 s instead of
-1.43 s in bfloat16 (1.91 s instead of 2.48 s in float32), inference 1.3x faster; the numbers agree
+1.43 s in bfloat16 (1.91 s instead of 2.48 s in float32), inference 1.1-1.3x faster; the numbers agree
 within float rounding. Saved weights load into either layout, and the exported graph is the same.
 """
 
