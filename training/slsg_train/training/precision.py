@@ -62,9 +62,8 @@ def channels_last(module: torch.nn.Module) -> torch.nn.Module:
     for conv in module.modules():
         if isinstance(conv, torch.nn.Conv2d) and max(conv.dilation) > 1:
             conv.to(memory_format=torch.contiguous_format)
-            if not getattr(conv, "_nchw_input_hook", False):
+            if _nchw_input not in conv._forward_pre_hooks.values():  # converting twice adds no second hook
                 conv.register_forward_pre_hook(_nchw_input)
-                conv._nchw_input_hook = True
     return module
 
 
