@@ -139,7 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "roc_presets.png; finished runs with the same settings are reused")
     presets.add_argument("--paper-weights", default="imagenet",
                          help="the paper preset's ResNet-18 ImageNet weights: torchvision's resnet18-f37072fd.pth "
-                              "(default 'imagenet': torch.hub's cache, or the download with --allow-download)")
+                              "(default 'imagenet': torch.hub's cache, or the download with --allow-download); "
+                              "not read once every paper run is finished")
     presets.add_argument("--allow-download", action="store_true", help="let the paper preset fetch its weights")
     presets.add_argument("--eval-data", type=Path, default=None,
                          help="data set root to evaluate on (default --data), e.g. a larger test set")
