@@ -592,6 +592,26 @@ def test_restoration_inputs_are_simulated_logical_anomalies_of_each_training_ima
         restoration_inputs([], SimulationConfig())
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_composition_check_trains_in_the_given_precision_and_scores_in_float32(precision, dtype):
+    from slsg_train.models.composition import CompositionCheck
+    from slsg_train.training.composition import train_composition_check
+
+    torch.manual_seed(0)
+    inputs, maps = torch.randn(4, 3, 128, 128), [torch.randn(4, 8, 8, 8), torch.randn(4, 16, 4, 4)]
+    check = channels_last(CompositionCheck([8, 16]))
+    features = check.features(maps)
+    seen = []
+    hook = check.decoder[-1].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    report = train_composition_check(check, inputs, features, 3, batch_size=2, progress=False, precision=precision)
+    assert seen == [dtype] * 3 and report["precision"] == precision
+    assert all(p.dtype == torch.float32 for p in check.parameters())  # float32 master weights
+    seen.clear()
+    error = check.squared_error(inputs, features)  # scoring, after training: float32 whatever it trained in
+    hook.remove()
+    assert seen == [torch.float32] and error.dtype == torch.float32 and torch.isfinite(error).all()
+
+
 def test_restoration_share_swaps_part_of_each_batch_and_zero_trains_as_without():
     from slsg_train.models.composition import CompositionCheck
     from slsg_train.training.composition import _with_restoration, train_composition_check

@@ -171,6 +171,8 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
     assert fit["composition_check"]["steps"] == 5 and fit["composition_check"]["images"] == 8
     # half of its batches are simulated logical anomalies to undo: 4 copies of each training image
     assert fit["composition_check"]["restoration_share"] == 0.5 and fit["composition_check"]["restoration_inputs"] == 32
+    # its autoencoder trains in the run's precision, as SLSG did
+    assert fit["composition_check"]["precision"] == lines[events.index("start")]["precision"]
 
 
 @pytest.mark.parametrize("text, message", [

@@ -84,7 +84,7 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
     from slsg_train.simulation.config import SimulationConfig
     from slsg_train.training.calibration import fit_reference_checks
     from slsg_train.training.dataset import load_resized
-    from slsg_train.training.precision import channels_last
+    from slsg_train.training.precision import channels_last, resolve_precision
 
     config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), **switches)
     model = SLSG(dataclasses.replace(config, backbone_weights=None, **{name: False for name in REFERENCE_CHECKS}))
@@ -99,11 +99,14 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
         model.composition_check.load_state_dict(trained.state_dict())
     channels_last(model.to(device))
     # the run's seed, as training used it: a new autoencoder's initialisation and the coreset's picks
-    seed = loaded.payload.get("train_config", {}).get("seed", 0)
+    train_config = loaded.payload.get("train_config", {})
+    seed = train_config.get("seed", 0)
     torch.manual_seed(seed)
-    simulation = loaded.payload.get("train_config", {}).get("simulation")
+    simulation = train_config.get("simulation")
+    # a new autoencoder trains in the run's precision on this device (runs from before it existed: fp32)
+    precision = resolve_precision(train_config.get("precision", "fp32"), torch.device(device))
     fit_reference_checks(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device,
-                         seed=seed, train_composition=not keep,
+                         seed=seed, train_composition=not keep, precision=precision,
                          simulation=SimulationConfig.from_dict(simulation) if simulation else None)
     loaded.payload["model_config"] = config.to_dict()
     return model.eval()

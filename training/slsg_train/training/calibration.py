@@ -63,7 +63,8 @@ def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr:
 @torch.no_grad()
 def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: list[np.ndarray], top_k: int,
                          device: torch.device | str = "cpu", batch_size: int = 16, seed: int = 0,
-                         progress: bool = True, train_composition: bool = True, simulation=None) -> dict:
+                         progress: bool = True, train_composition: bool = True, simulation=None,
+                         precision: str = "fp32") -> dict:
     """Fit the model's reference checks; call before calibrating.
 
     The patch memory: its coreset of the training images' patches. The composition check: its
@@ -73,7 +74,8 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     Gaussian of the training images' pooled features, its scale against the (now map-fused) local score.
     ``train_composition=False`` keeps the composition check's trained autoencoder and refits its scale.
     ``simulation`` (the run's ``SimulationConfig``; default settings when None) makes the logical anomalies
-    the autoencoder learns to undo (``composition_restoration`` of the model's config).
+    the autoencoder learns to undo (``composition_restoration`` of the model's config). ``precision`` (a
+    resolved one) is the autoencoder's training forward passes'; every fit and score is float32.
     """
     from slsg_train.models import image_score
     from slsg_train.models.patch_memory import resize_patches
@@ -115,7 +117,7 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     if composition is not None:
         small, stride16 = torch.cat(small), torch.cat(stride16)
         report["composition_check"] = (_train_composition(model, train_images, small, stride16, simulation, seed,
-                                                          progress) if train_composition else {"kept": True})
+                                                          progress, precision) if train_composition else {"kept": True})
         composition.fit_normal_error(small, stride16)  # a kept autoencoder's too: older ones have none
 
     # and one over the calibration images gives every check's raw scores there
@@ -149,7 +151,7 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
 
 
 def _train_composition(model, train_images: list[np.ndarray], small: torch.Tensor, stride16: torch.Tensor,
-                       simulation, seed: int, progress: bool) -> dict:
+                       simulation, seed: int, progress: bool, precision: str) -> dict:
     """Train the model's composition check on the training images (their autoencoder inputs ``small`` and
     features ``stride16``), with simulated logical anomalies to undo when its config asks for them."""
     from slsg_train.simulation.config import SimulationConfig
@@ -159,4 +161,5 @@ def _train_composition(model, train_images: list[np.ndarray], small: torch.Tenso
     restoration = (restoration_inputs(train_images, simulation or SimulationConfig(), seed, progress=progress)
                    if share > 0 else None)
     return train_composition_check(model.composition_check, small, stride16, model.config.composition_steps,
-                                   seed=seed, progress=progress, restoration=restoration, restoration_share=share)
+                                   seed=seed, progress=progress, restoration=restoration, restoration_share=share,
+                                   precision=precision)

@@ -1,10 +1,10 @@
 """How the network computes: bfloat16 autocast where the device has it natively, channels-last layout.
 
-Only the forward passes of pre-training and SLSG's training run their convolutions and matrix
-products in bfloat16 (``torch.autocast``). The weights, the optimiser state, the losses and everything
-after stay float32: fitting the reference checks (the composition check's autoencoder too: its score
-is its residual), calibration, export. bfloat16 keeps float32's exponent range, so unlike float16 it
-needs no loss scaling. On a CPU with AVX512-BF16 a 256x256 SLSG step takes about half the time; on
+Only training's forward passes run their convolutions and matrix products in bfloat16
+(``torch.autocast``): pre-training's, SLSG's and the composition check's autoencoder's. The weights,
+the optimiser state, the losses and every score stay float32: the reference checks' fits and scores
+(the autoencoder's residual too), calibration, export. bfloat16 keeps float32's exponent range, so
+unlike float16 it needs no loss scaling. On a CPU with AVX512-BF16 a 256x256 SLSG step takes about half the time; on
 CUDA GPUs from Ampere on, the tensor cores do the same.
 
 Every model that trains or infers keeps its 4-D weights, and so its activations, channels-last (NHWC):

@@ -239,7 +239,7 @@ class TrainingRun:
             calib_images = load_resized(calib_paths, cfg.image_size)
             if model.reference_encoder is not None:
                 fit = fit_reference_checks(model, images, calib_images, self.top_k, self.device, seed=cfg.seed,
-                                           simulation=sim_cfg)
+                                           simulation=sim_cfg, precision=self.precision)
                 self.log("reference_checks", **fit)
             calibration, stats = calibrate_threshold(model, calib_images, self.top_k, cfg.calibration_fpr, self.device)
             save_checkpoint(self.ckpt_path, self._payload(model, "done", cfg.steps, calibration=dataclasses.asdict(calibration),
