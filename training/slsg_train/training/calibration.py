@@ -75,7 +75,7 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     ``train_composition=False`` keeps the composition check's trained autoencoder and refits its scale.
     ``simulation`` (the run's ``SimulationConfig``; default settings when None) makes the logical anomalies
     the autoencoder learns to undo (``composition_restoration`` of the model's config). ``precision`` (a
-    resolved one) is the autoencoder's training forward passes'; every fit and score is float32.
+    resolved one) is what the autoencoder's training forward passes run in; every fit and score is float32.
     """
     from slsg_train.models import image_score
     from slsg_train.models.patch_memory import resize_patches
