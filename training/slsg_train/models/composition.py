@@ -7,8 +7,8 @@ AUROC on that defect. An autoencoder that rebuilds the reference encoder's strid
 whole image from a 16-number code can only draw images it has learnt, where colour and pin count go
 together; the part that breaks the rule is rebuilt as the rule says, and its features differ there
 (EfficientAD's logical branch, Batzner et al. 2024). It is trained after SLSG, on the training images
-and the frozen reference features, in about 5 minutes on 2 CPU cores (in bfloat16). On our synthetic data it took
-tray's swapped parts from 0.83 to 1.00 and cable's colour rule from 0.68 to 0.76. A small code alone
+and the frozen reference features, in about 5 minutes on 2 CPU cores (in bfloat16). On our synthetic
+data it took tray's swapped parts from 0.83 to 1.00 and cable's colour rule from 0.68 to 0.76. A small code alone
 does not force the rule (it has room for each part's look), so part of its training batches are
 simulated rule breaks it learns to undo (``training/composition.py``).
 

@@ -116,8 +116,9 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
         glob.fit_normal(torch.cat(pooled).numpy())
     if composition is not None:
         small, stride16 = torch.cat(small), torch.cat(stride16)
-        report["composition_check"] = (_train_composition(model, train_images, small, stride16, simulation, seed,
-                                                          progress, precision) if train_composition else {"kept": True})
+        report["composition_check"] = (
+            _train_composition(model, train_images, small, stride16, simulation, seed, progress, precision)
+            if train_composition else {"kept": True})
         composition.fit_normal_error(small, stride16)  # a kept autoencoder's too: older ones have none
 
     # and one over the calibration images gives every check's raw scores there

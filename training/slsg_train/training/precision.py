@@ -4,8 +4,8 @@ Only training's forward passes run their convolutions and matrix products in bfl
 (``torch.autocast``): pre-training's, SLSG's and the composition check's autoencoder's. The weights,
 the optimiser state, the losses and every score stay float32: the reference checks' fits and scores
 (the autoencoder's residual too), calibration, export. bfloat16 keeps float32's exponent range, so
-unlike float16 it needs no loss scaling. On a CPU with AVX512-BF16 a 256x256 SLSG step takes about half the time; on
-CUDA GPUs from Ampere on, the tensor cores do the same.
+unlike float16 it needs no loss scaling. On a CPU with AVX512-BF16 a 256x256 SLSG step takes about half
+the time; on CUDA GPUs from Ampere on, the tensor cores do the same.
 
 Every model that trains or infers keeps its 4-D weights, and so its activations, channels-last (NHWC):
 oneDNN's convolutions and bilinear resizes run natively in that layout and reorder NCHW tensors at
