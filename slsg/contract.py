@@ -7,7 +7,9 @@ signature, so every client sends the same thing:
 - input ``image``: UINT8 RGB, NHWC ``[-1, H, W, 3]`` at the model's input size
   (cast, scaling, ImageNet normalisation and the transpose happen in the graph);
 - output ``anomaly_map``: FP32 ``[-1, 1, H, W]``, anomaly-class probability;
-- output ``score``: FP32 ``[-1, 1]``, calibrated so that 0.5 is the decision threshold.
+- output ``score``: FP32 ``[-1, 1]``, calibrated so that 0.5 is the decision threshold; above it the
+  score keeps rising with the evidence and never reaches 1, so strong anomalies stay in order
+  (see :meth:`Calibration.calibrated_score`).
 
 The ONNX metadata entry ``slsg.model_card`` holds a JSON ``ModelCard``.
 """
@@ -28,6 +30,10 @@ MODEL_CARD_KEY = "slsg.model_card"
 MODEL_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.pbtxt"
 DECISION_THRESHOLD = 0.5  # calibrated scores: >= 0.5 is anomalous
+# raw scores are float32 probabilities: the largest one under 1, and the smallest a log-odds is taken of
+_FLOAT32_BELOW_ONE = 1.0 - 2.0**-24
+_SMALLEST_SCORE = 1e-12
+MIN_LOG_ODDS_SCALE = 1.0  # the score's unit above the threshold, in log-odds, at least a factor e in odds
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,11 +43,13 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 @dataclass
 class Calibration:
-    """Maps a raw image score (mean of the top-K map pixels) to [0, 1] with 0.5 at the threshold.
+    """Maps a raw image score (mean of the top-K map pixels, a probability) to [0, 1] with 0.5 at the threshold.
 
-    ``score_min`` is the lowest raw score seen on normal calibration images and
-    ``score_max`` the top of the raw range (1.0 for a probability map); the mapping is
-    piecewise linear: [score_min, raw_threshold] -> [0, 0.5], [raw_threshold, score_max] -> [0.5, 1].
+    ``score_min`` and ``score_median`` are the lowest and the median raw score of the normal calibration
+    images. Below the threshold the map is linear in the raw score, ``score_min`` -> 0; above it, it
+    is in the raw score's log-odds (:meth:`calibrated_score`). ``score_max`` is no longer used (cards
+    kept it when the map above the threshold was linear up to it); ``score_median`` is None on cards
+    from before it existed.
     """
 
     raw_threshold: float = 0.5
@@ -50,6 +58,7 @@ class Calibration:
     target_fpr: float = 0.01
     pixel_threshold: float = 0.5  # anomaly-map probability above which a pixel belongs to a region
     num_images: int = 0
+    score_median: float | None = None
 
     def expected_fpr(self) -> float | None:
         """The share of new normal images at or above the threshold, on average (None before calibration):
@@ -68,20 +77,45 @@ class Calibration:
         k = calibration_exceedances(self.target_fpr, n)
         return beta_quantile(k + 1, n - k, probability)
 
-    def bounds(self) -> tuple[float, float]:
-        """(lo, hi): the raw scores mapped onto 0 and 1, each at least 1e-6 from the threshold."""
-        return min(self.score_min, self.raw_threshold - 1e-6), max(self.score_max, self.raw_threshold + 1e-6)
+    def score_floor(self) -> float:
+        """The raw score mapped onto 0, at least 1e-6 below the threshold."""
+        return min(self.score_min, self.raw_threshold - 1e-6)
 
-    def normalise(self, raw: Any) -> Any:
-        """Calibrated score(s) in [0, 1]; works on floats and numpy arrays."""
+    def log_odds_threshold(self) -> float:
+        """The raw threshold in log-odds (a threshold at or above 1, which no float32 score under 1
+        reaches, counts as the largest float32 under 1)."""
+        return _logit(self.raw_threshold)
+
+    def log_odds_scale(self) -> float:
+        """The score's unit above the threshold: how far, in log-odds, the median normal calibration
+        image lies below the threshold (the lowest one on older cards), at least 1."""
+        typical = self.score_min if self.score_median is None else self.score_median
+        return max(self.log_odds_threshold() - _logit(typical), MIN_LOG_ODDS_SCALE)
+
+    def calibrated_score(self, log_odds: Any) -> Any:
+        """Calibrated score(s) in [0, 1] of raw scores given as their log-odds; floats or numpy arrays.
+
+        Below the threshold: linear in the raw score, from ``score_min`` (0) to the threshold (0.5).
+        Above it: 1 - 0.5 / (1 + m), with m the log-odds above the threshold in units of
+        :meth:`log_odds_scale`: 0.75 for an image as far above the threshold as a typical normal image
+        is below it, 0.9 for four times that, and never 1. The raw score itself cannot do this: a mean
+        of K probabilities is exactly 1.0 in float32 for most clear anomalies, its log-odds is not.
+        """
         import numpy as np
 
-        raw = np.asarray(raw, dtype=np.float64)
-        lo, hi = self.bounds()
-        below = 0.5 * (raw - lo) / (self.raw_threshold - lo)
-        above = 0.5 + 0.5 * (raw - self.raw_threshold) / (hi - self.raw_threshold)
-        out = np.clip(np.where(raw < self.raw_threshold, below, above), 0.0, 1.0)
+        log_odds = np.asarray(log_odds, dtype=np.float64)
+        threshold, floor = self.log_odds_threshold(), self.score_floor()
+        with np.errstate(over="ignore"):
+            raw = 1.0 / (1.0 + np.exp(-log_odds))
+        below = 0.5 * (raw - floor) / (self.raw_threshold - floor)
+        above = 1.0 - 0.5 / (1.0 + np.maximum(log_odds - threshold, 0.0) / self.log_odds_scale())
+        out = np.clip(np.where(log_odds < threshold, below, above), 0.0, 1.0)
         return out if out.ndim else float(out)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, _SMALLEST_SCORE), _FLOAT32_BELOW_ONE)
+    return math.log(p) - math.log1p(-p)
 
 
 def calibration_exceedances(target_fpr: float, num_images: int) -> int:
@@ -149,9 +183,13 @@ class ModelCard:
     @classmethod
     def from_json(cls, text: str) -> "ModelCard":
         data = json.loads(text)
-        data["calibration"] = Calibration(**data.get("calibration", {}))
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        data["calibration"] = Calibration(**_known_fields(Calibration, data.get("calibration", {})))
+        return cls(**_known_fields(cls, data))
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without keys ``cls`` does not have: a card written by a newer exporter still reads."""
+    return {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
 
 
 def validate_model_name(name: str) -> str:

@@ -2,7 +2,8 @@
 
 It is a real ONNX graph (run by ONNX Runtime and Triton for real): the anomaly map is the
 per-pixel "redness" max(0, R - (G + B) / 2) / 255, and the raw score is the map's mean of
-the top-K pixels, calibrated with the card's ``Calibration``. So tests can make anomalous
+the top-K pixels, calibrated with the card's ``Calibration`` (``Calibration.calibrated_score`` of
+its log-odds). So tests can make anomalous
 frames on purpose by painting red patches on a grey image.
 """
 
@@ -19,7 +20,7 @@ from slsg.contract import (
 
 def make_card(name: str = "toy", size: int = 64, top_k: int = 16, **kw) -> ModelCard:
     cal = kw.pop("calibration", Calibration(raw_threshold=0.3, score_min=0.0, score_max=1.0, pixel_threshold=0.3,
-                                            num_images=60))
+                                            num_images=60, score_median=0.05))
     return ModelCard(name=name, category="toy", backbone="redness", input_height=size, input_width=size,
                      top_k=top_k, calibration=cal, project_version="test", **kw)
 
@@ -31,8 +32,7 @@ def write_contract_model(path: str | Path, card: ModelCard) -> Path:
 
     h, w, k = card.input_height, card.input_width, card.top_k
     cal = card.calibration
-    lo = min(cal.score_min, cal.raw_threshold - 1e-6)
-    hi = max(cal.score_max, cal.raw_threshold + 1e-6)
+    lo = cal.score_floor()
     c = lambda name, value, dtype=np.float32: helper.make_tensor(  # noqa: E731
         name, TensorProto.FLOAT if dtype == np.float32 else TensorProto.INT64,
         [len(np.atleast_1d(value))], np.atleast_1d(np.asarray(value, dtype)).tolist())
@@ -40,8 +40,8 @@ def write_contract_model(path: str | Path, card: ModelCard) -> Path:
         c("inv255", 1 / 255), c("half", 0.5), c("zero", 0.0), c("one", 1.0),
         c("idx_r", [0], np.int64), c("idx_g", [1], np.int64), c("idx_b", [2], np.int64),
         c("perm_shape", [0, 1, h * w], np.int64), c("k", [k], np.int64),
-        c("thr", cal.raw_threshold), c("lo", lo), c("hi", hi),
-        c("slope_lo", 0.5 / (cal.raw_threshold - lo)), c("slope_hi", 0.5 / (hi - cal.raw_threshold)),
+        c("thr", cal.raw_threshold), c("lo", lo), c("slope_lo", 0.5 / (cal.raw_threshold - lo)),
+        c("log_odds_thr", cal.log_odds_threshold()), c("log_odds_scale", cal.log_odds_scale()),
     ]
     nodes = [
         helper.make_node("Cast", [INPUT_IMAGE], ["xf"], to=TensorProto.FLOAT),
@@ -57,12 +57,20 @@ def write_contract_model(path: str | Path, card: ModelCard) -> Path:
         helper.make_node("Reshape", [OUTPUT_ANOMALY_MAP, "perm_shape"], ["flat"]),
         helper.make_node("TopK", ["flat", "k"], ["topv", "topi"], axis=-1),
         helper.make_node("ReduceMean", ["topv"], ["raw3"], axes=[-1], keepdims=0),  # [N, 1]
-        # piecewise-linear calibration: below = (raw-lo)*slope_lo ; above = 0.5 + (raw-thr)*slope_hi
+        # calibration: below = (raw - lo) * slope_lo; above = 1 - 0.5 / (1 + max(L - L_thr, 0) / scale),
+        # L = log(raw) - log(1 - raw) (infinite at raw 1, where the score is 1)
         helper.make_node("Sub", ["raw3", "lo"], ["d_lo"]),
         helper.make_node("Mul", ["d_lo", "slope_lo"], ["below"]),
-        helper.make_node("Sub", ["raw3", "thr"], ["d_hi"]),
-        helper.make_node("Mul", ["d_hi", "slope_hi"], ["above0"]),
-        helper.make_node("Add", ["above0", "half"], ["above"]),
+        helper.make_node("Sub", ["one", "raw3"], ["raw_c"]),
+        helper.make_node("Log", ["raw3"], ["log_raw"]),
+        helper.make_node("Log", ["raw_c"], ["log_raw_c"]),
+        helper.make_node("Sub", ["log_raw", "log_raw_c"], ["log_odds"]),
+        helper.make_node("Sub", ["log_odds", "log_odds_thr"], ["margin0"]),
+        helper.make_node("Max", ["margin0", "zero"], ["margin"]),
+        helper.make_node("Div", ["margin", "log_odds_scale"], ["units"]),
+        helper.make_node("Add", ["units", "one"], ["units1"]),
+        helper.make_node("Div", ["half", "units1"], ["rest"]),
+        helper.make_node("Sub", ["one", "rest"], ["above"]),
         helper.make_node("Less", ["raw3", "thr"], ["is_below"]),
         helper.make_node("Where", ["is_below", "below", "above"], ["unclipped"]),
         helper.make_node("Clip", ["unclipped", "zero", "one"], [OUTPUT_SCORE]),

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -9,14 +11,41 @@ from slsg.contract import (
 )
 
 
+def logit(p):
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(p) - np.log1p(-p)
+
+
 def test_calibration_maps_threshold_to_half_and_is_monotone():
-    cal = Calibration(raw_threshold=0.2, score_min=0.05, score_max=1.0)
-    assert cal.normalise(0.2) == pytest.approx(0.5)
-    assert cal.normalise(0.05) == pytest.approx(0.0)
-    assert cal.normalise(1.0) == pytest.approx(1.0)
-    raw = np.linspace(-1, 2, 301)
-    out = cal.normalise(raw)
-    assert np.all(np.diff(out) >= 0) and out.min() == 0.0 and out.max() == 1.0
+    cal = Calibration(raw_threshold=0.5, score_min=0.01, score_median=0.1)
+    assert cal.log_odds_threshold() == pytest.approx(0.0) and cal.log_odds_scale() == pytest.approx(np.log(9))
+    assert cal.calibrated_score(0.0) == pytest.approx(0.5)
+    assert cal.calibrated_score(logit(0.01)) == pytest.approx(0.0)
+    assert cal.calibrated_score(logit(0.255)) == pytest.approx(0.25)  # below: linear in the raw score
+    assert cal.calibrated_score(np.log(9)) == pytest.approx(0.75)  # as far above as the median normal is below
+    assert cal.calibrated_score(4 * np.log(9)) == pytest.approx(0.9)
+    assert cal.calibrated_score(-np.inf) == 0.0 and cal.calibrated_score(np.inf) == 1.0
+    log_odds = np.linspace(-50, 200, 2501)
+    out = cal.calibrated_score(log_odds)
+    assert out.min() == 0.0 and out.max() < 1.0
+    assert np.all(np.diff(out) >= 0) and np.all(np.diff(out[log_odds > 0]) > 0)  # above: strictly rising
+
+
+def test_clear_anomalies_keep_their_order_where_raw_scores_round_to_one():
+    cal = Calibration(raw_threshold=0.9, score_min=0.01, score_median=0.2)
+    strong = np.array([20.0, 30.0, 45.0])  # log-odds of raw scores that are all 1.0 in float32
+    assert np.all(1 / (1 + np.exp(-strong.astype(np.float32))) == np.float32(1.0))
+    scores = np.float32(cal.calibrated_score(strong))
+    assert np.all(np.diff(scores) > 0) and scores.max() < 1.0
+
+
+def test_calibration_scale_is_floored_and_falls_back_on_older_cards():
+    assert Calibration(raw_threshold=0.5, score_min=0.45, score_median=0.48).log_odds_scale() == 1.0
+    assert Calibration(raw_threshold=0.5, score_min=0.1).log_odds_scale() == pytest.approx(np.log(9))  # no median
+    # a threshold above every float32 score under 1 (normal images scored 1.0): finite, at the largest one
+    assert Calibration(raw_threshold=1.0000001).log_odds_threshold() == pytest.approx(logit(1 - 2.0**-24))
+    assert np.isfinite(Calibration().log_odds_scale())  # an uncalibrated card: score_min 0
 
 
 def test_calibration_meets_the_target_rate_on_average_when_it_has_the_images_for_it():
@@ -61,6 +90,13 @@ def test_model_card_round_trips_through_json():
     assert again == card
 
 
+def test_a_card_from_a_newer_exporter_reads_without_its_new_fields():
+    data = json.loads(make_card().to_json())
+    data["calibration"]["a_later_statistic"] = 0.3
+    data["a_later_field"] = {"x": 1}
+    assert ModelCard.from_json(json.dumps(data)) == make_card()
+
+
 def test_repository_versions(tmp_path):
     assert list_models(tmp_path) == [] and next_version(tmp_path, "m") == 1
     write_contract_model(model_path(tmp_path, "m", 1), make_card("m"))
@@ -83,5 +119,9 @@ def test_toy_contract_model_scores_red_patches(tmp_path):
     frames[1, 4:12, 4:12] = (255, 0, 0)
     amap, score = sess.run(None, {"image": frames})
     assert amap.shape == (2, 1, 32, 32) and score.shape == (2, 1)
-    assert score[0, 0] == pytest.approx(card.calibration.normalise(0.0))
-    assert score[1, 0] == pytest.approx(card.calibration.normalise(1.0)) and score[1, 0] > 0.5
+    assert score[0, 0] == pytest.approx(card.calibration.calibrated_score(-np.inf))
+    assert score[1, 0] == pytest.approx(card.calibration.calibrated_score(np.inf)) and score[1, 0] > 0.5
+    frames[1, 4:12, 4:12] = (230, 77, 77)  # redness 0.6, above the threshold of 0.3 but not saturated
+    score = sess.run(None, {"image": frames})[1]
+    assert score[1, 0] == pytest.approx(card.calibration.calibrated_score(logit(0.6)), abs=1e-5)
+    assert 0.5 < score[1, 0] < 1.0

@@ -100,7 +100,7 @@ def test_region_lands_on_painted_patch_in_original_pixels(client, fmt, media):
     r = post_image(client, encode(frame(patch=PATCH), fmt), media)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["is_anomalous"] is True and body["score"] > 0.9
+    assert body["is_anomalous"] is True and body["score"] > 0.85  # a raw score above 0.983: JPEG keeps it near 1
     assert len(body["regions"]) == 1
     region = body["regions"][0]
     box = region["box"]
@@ -119,7 +119,7 @@ def test_multipart_upload_gives_the_same_answer_as_raw_body(client):
 
 
 def test_sensitivity_override_changes_the_decision(client):
-    # redness 100/255 -> calibrated score ~0.57: anomalous at the default 0.5, normal at strict's 0.6
+    # redness 100/255 -> calibrated score ~0.58: anomalous at the default 0.5, normal at strict's 0.6
     data = encode(frame(patch=PATCH, colour=(200, 100, 100)))
     default, strict = post_image(client, data, model="toy").json(), post_image(client, data, model="strict").json()
     assert default["score"] == pytest.approx(strict["score"]) and 0.5 < default["score"] < 0.6

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from slsg_train.models import (
-    PRESETS, SLSG, SLSGConfig, anomaly_probability, count_flops, count_parameters, image_score, preset,
-    top_k_for_size,
+    PRESETS, SLSG, SLSGConfig, anomaly_probability, count_flops, count_parameters, image_score,
+    image_score_log_odds, preset, top_k_for_size,
 )
 from slsg_train.models.blocks import DecoderStage, SpatialAttention
 from slsg_train.models.graph import SelfAttentiveGraph, relative_position_similarity
@@ -287,6 +287,33 @@ def test_image_score_is_the_mean_of_the_top_k_pixels():
         image_score(prob, 97)
 
 
+def test_image_score_log_odds_is_the_top_k_means_log_odds_without_rounding_to_one():
+    log_odds = torch.randn(3, 1, 8, 12, dtype=torch.float64) * 3
+    p = image_score(torch.sigmoid(log_odds), 5)
+    np.testing.assert_allclose(image_score_log_odds(log_odds, 5).numpy(), torch.logit(p).numpy(), rtol=1e-12)
+    # a map whose top pixels all round to probability 1 in float32: the log-odds still tell them apart
+    strong = torch.full((3, 1, 8, 12), -5.0)
+    strong[:, 0, :2, :3] = torch.tensor([20.0, 30.0, 45.0]).view(3, 1, 1)
+    assert torch.all(image_score(torch.sigmoid(strong), 6) == 1.0)
+    np.testing.assert_allclose(image_score_log_odds(strong, 6).numpy(), [20, 30, 45], rtol=1e-6)
+    # one pixel below the rest: log(mean p) - log(mean (1 - p)), dominated by the weakest pixel's 1 - p
+    strong[0, 0, 0, 0] = 10.0
+    expected = np.log(np.mean(1 / (1 + np.exp(-np.array([10.0] + [20.0] * 5))))) - np.log(
+        np.mean(1 / (1 + np.exp(np.array([10.0] + [20.0] * 5)))))
+    assert image_score_log_odds(strong, 6)[0].item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="top-K"):
+        image_score_log_odds(strong, 97)
+
+
+def test_score_log_odds_is_the_log_odds_of_the_image_score():
+    model = random_model().eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+        scores = model.score_images(out, 8)
+        np.testing.assert_allclose(model.score_log_odds(out, 8).numpy(), torch.logit(scores).numpy(), atol=1e-4)
+        assert torch.equal(model.anomaly_map(out), torch.sigmoid(model.anomaly_log_odds(out)))
+
+
 def test_default_preset_is_at_least_four_times_cheaper_than_the_paper():
     paper = count_flops(random_model("paper"), 256, 256)
     default = count_flops(random_model("default"), 256, 256)
@@ -351,9 +378,11 @@ def test_fitted_global_branch_flags_a_global_change_the_map_cannot_see():
         out = model.eval()(torch.stack([to_tensor(im) for im in calib + wrong_colour]))
     distance = out.global_distance.numpy()
     assert distance[8:].min() > distance[:8].max()  # every wrong-colour scene is farther than every normal one
-    _, scores = predict(model, calib + wrong_colour, 8)
+    scores = predict(model, calib + wrong_colour, 8).scores
     combined = model.score_images(out, 8).numpy()
     np.testing.assert_allclose(scores, combined, atol=1e-6)
+    log_odds = model.score_log_odds(out, 8).numpy()  # the same combination, in log-odds
+    np.testing.assert_allclose(log_odds, np.log(combined) - np.log1p(-combined), atol=1e-3)
     local = image_score(anomaly_probability(out.logits), 8).numpy()
     assert np.all(combined >= local - 1e-7)  # max(local, global): the paper's score is a floor
     assert combined[8:].min() > np.median(combined[:8])
@@ -453,7 +482,7 @@ def test_fitted_patch_memory_scores_and_locates_a_local_defect():
     stained, centres = _scenes_with_stain(rng, 6)
     fit = fit_reference_checks(model, normal, calib, top_k=8, progress=False)
     assert fit["patch_memory"]["candidates"] == 24 * 8 * 8 and bool(model.patch_memory.fitted)
-    _, scores = predict(model, calib + stained, 8)
+    scores = predict(model, calib + stained, 8).scores
     assert scores[8:].min() > scores[:8].max()  # every stained scene above every normal one
     with torch.no_grad():
         out = model.eval()(torch.stack([to_tensor(im) for im in stained]))
@@ -568,7 +597,7 @@ def test_fitted_composition_check_flags_parts_that_do_not_go_together():
     normal_error, mismatch_error = error[:8], error[8:]
     auroc = (mismatch_error[:, None] > normal_error[None]).mean()
     assert auroc >= 0.85, (normal_error, mismatch_error)
-    _, scores = predict(model, calib + mismatched, 8)
+    scores = predict(model, calib + mismatched, 8).scores
     assert np.median(scores[8:]) > np.median(scores[:8])
 
 

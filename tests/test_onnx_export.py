@@ -47,11 +47,13 @@ def real_image() -> np.ndarray:
     return (resize(data.chelsea(), (HEIGHT, WIDTH), anti_aliasing=True) * 255).round().astype(np.uint8)
 
 
-def test_calibrate_equals_contract_normalise():
-    raw = torch.linspace(-0.2, 1.2, 141, dtype=torch.float64)
-    for cal in (Calibration(), Calibration(raw_threshold=0.3, score_min=0.1, score_max=0.9),
-                Calibration(raw_threshold=0.05, score_min=0.2)):  # threshold below score_min
-        np.testing.assert_allclose(calibrate(raw, cal).numpy(), cal.normalise(raw.numpy()), atol=1e-12)
+def test_calibrate_equals_contract_calibrated_score():
+    log_odds = torch.cat([torch.linspace(-30, 60, 181, dtype=torch.float64), torch.tensor([-torch.inf, torch.inf])])
+    for cal in (Calibration(), Calibration(raw_threshold=0.3, score_min=0.1, score_median=0.2),
+                Calibration(raw_threshold=0.05, score_min=0.2),  # threshold below score_min
+                Calibration(raw_threshold=1.0000001, score_min=0.9, score_median=0.99)):  # above every score
+        np.testing.assert_allclose(calibrate(log_odds, cal).numpy(), cal.calibrated_score(log_odds.numpy()),
+                                   atol=1e-12)
 
 
 def test_export_round_trip_matches_pytorch(model, card, tmp_path):
@@ -80,15 +82,44 @@ def test_export_round_trip_matches_pytorch(model, card, tmp_path):
     assert onnx_map.dtype == onnx_score.dtype == np.float32
     assert torch_map.std() > 0.05  # a map with structure, so the comparison means something
     np.testing.assert_allclose(onnx_map, torch_map.numpy(), atol=1e-4)
-    # The score is the contract's calibration of the top-K mean of the map.
-    raw = np.sort(onnx_map.reshape(5, -1), axis=1)[:, -card.top_k:].mean(axis=1)
-    np.testing.assert_allclose(onnx_score[:, 0], card.calibration.normalise(raw), atol=1e-5)
+    # The score is the contract's calibration of the top-K mean of the map (by its log-odds).
+    raw = np.sort(onnx_map.reshape(5, -1).astype(np.float64), axis=1)[:, -card.top_k:].mean(axis=1)
+    log_odds = np.log(raw) - np.log1p(-raw)
+    np.testing.assert_allclose(onnx_score[:, 0], card.calibration.calibrated_score(log_odds), atol=1e-5)
     assert (onnx_score < 0.5).any() and (onnx_score > 0.5).any()  # both branches of the calibration
 
 
+def test_clear_anomalies_keep_their_order_through_onnx(model, card, tmp_path):
+    """A head biased 30 log-odds towards the anomaly: every pixel's probability, and so the paper's raw
+    score, is 1.0 in float32; the exported score still ranks the images by their log-odds."""
+    import copy
+
+    confident = copy.deepcopy(model)
+    with torch.no_grad():
+        confident.segmentation_head[-1].bias[1] += 30.0
+    cal = Calibration(raw_threshold=0.9, score_min=0.05, score_median=0.2)
+    sure = ModelCard.from_json(card.to_json())
+    sure.calibration = cal
+    result = export_onnx(confident, sure, tmp_path / "model.onnx")
+    assert result.max_score_diff <= 1e-4
+    frames = np.concatenate([real_image()[None],
+                             np.random.default_rng(5).integers(0, 256, (5, HEIGHT, WIDTH, 3), dtype=np.uint8)])
+    score = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"]).run(
+        [OUTPUT_SCORE], {INPUT_IMAGE: frames})[0][:, 0]
+    with torch.no_grad():
+        x = InferenceGraph(confident, sure.top_k, cal).double()
+        out = x.model(((torch.from_numpy(frames).permute(0, 3, 1, 2).double() - x.mean) / x.std))
+        raw = confident.score_images(out, sure.top_k).float()
+        log_odds = confident.score_log_odds(out, sure.top_k).numpy()
+    assert torch.all(raw == 1.0)  # the paper's score cannot tell these images apart
+    assert len(set(score.tolist())) == len(frames) and 0.5 < score.min() and score.max() < 1.0
+    assert np.array_equal(np.argsort(score), np.argsort(log_odds))
+    np.testing.assert_allclose(score, cal.calibrated_score(log_odds), atol=1e-5)
+
+
 def test_score_gain_is_the_calibrations_steepest_slope():
-    assert score_gain(Calibration()) == 1.0  # raw 0..1 onto 0..1 through 0.5: the identity
-    assert score_gain(Calibration(raw_threshold=0.8, score_min=0.5)) == pytest.approx(2.5)  # 0.5 over 0.2 above
+    assert score_gain(Calibration()) == 1.0  # raw 0..0.5 onto 0..0.5 below the threshold
+    assert score_gain(Calibration(raw_threshold=0.8, score_min=0.5)) == pytest.approx(0.5 / 0.3)
     assert score_gain(Calibration(raw_threshold=0.5, score_min=0.4999)) == pytest.approx(5000)
 
 

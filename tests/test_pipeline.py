@@ -49,6 +49,9 @@ def test_evaluate_writes_metrics_report_figures_and_official_maps(trained):
     assert f"{metrics['image_auroc']['mean']:.3f}" in report and "structural" in proc.stdout
     scores = json.loads((out / "scores.json").read_text())
     assert len(scores) == 9 and {s["image"] for s in scores} >= {"good/000", "logical_anomalies/000"}
+    # the calibrated score, what the exported model answers, decides as the raw threshold does
+    raw_threshold = metrics["threshold"]["raw"]
+    assert all(0 <= s["calibrated"] <= 1 and (s["calibrated"] >= 0.5) == (s["score"] >= raw_threshold) for s in scores)
     by_defect = metrics["image_auroc_by_defect"]
     named = {d for s in scores for d in s["defects"]}
     assert set(by_defect) == named and all(not s["defects"] for s in scores if s["type"] == "good")
@@ -95,6 +98,14 @@ def test_export_writes_a_verified_versioned_model(trained, tmp_path):
     amap, score = sess.run(None, {"image": frames})
     assert amap.shape == (3, 1, 64, 64) and score.shape == (3, 1)
     assert np.all((score >= 0) & (score <= 1)) and np.all((amap >= 0) & (amap <= 1))
+    # on the test images it answers the calibrated scores the evaluation reported
+    from slsg_train.training.dataset import resize_rgb
+
+    rows = json.loads((trained["run"] / "eval" / "scores.json").read_text())
+    frames = np.stack([resize_rgb(np.asarray(Image.open(trained["data"] / "tray" / "test" / f"{r['image']}.png")
+                                             .convert("RGB")), (64, 64)) for r in rows])
+    _, score = sess.run(None, {"image": frames})
+    np.testing.assert_allclose(score[:, 0], [r["calibrated"] for r in rows], atol=1e-4)
 
 
 def test_export_refuses_to_overwrite_a_version_and_keeps_it(trained, tmp_path):

@@ -177,6 +177,7 @@ def test_threshold_leaves_the_allowed_calibration_images_above_it_and_warns_when
     cal, stats = calibration_from_scores(scores, 0.01)
     assert stats["at_or_above_threshold"] == 9 and 0.990 < cal.raw_threshold < 0.991  # 9 of 1000, k = 9
     assert stats["expected_fpr"] == pytest.approx(10 / 1001) and small_calibration_warning(cal) is None
+    assert cal.score_min == 0.0 and cal.score_median == pytest.approx(0.4995)  # the score's unit above the threshold
     cal, stats = calibration_from_scores(scores[:60], 0.01)
     assert stats["at_or_above_threshold"] == 0 and cal.raw_threshold > scores[:60].max()
     warning = small_calibration_warning(cal)

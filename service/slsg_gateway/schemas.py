@@ -49,7 +49,8 @@ class Heatmap(BaseModel):
 class InspectionResult(BaseModel):
     model: str
     version: int
-    score: float = Field(description="calibrated anomaly score; 0.5 is the calibrated threshold")
+    score: float = Field(description="calibrated anomaly score; 0.5 is the calibrated threshold, and above it "
+                                      "the score keeps rising with the evidence without reaching 1")
     threshold: float = Field(description="decision threshold used for this model")
     is_anomalous: bool
     image_width: int

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,19 +37,28 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> Lo
     return LoadedModel(model, payload, tuple(payload["image_size"]), int(payload["top_k"]), cal)
 
 
+class Prediction(NamedTuple):
+    maps: np.ndarray  # [N, H, W] anomaly probabilities
+    scores: np.ndarray  # [N] raw image scores (mean of the top-K pixels), float32
+    log_odds: np.ndarray  # [N] their log-odds, exact where a score rounds to 1 (what the calibration maps)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: list[np.ndarray], top_k: int, device: torch.device | str = "cpu",
-            batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly maps [N, H, W] and raw image scores [N] (mean of the top-K pixels), as the model scores."""
+            batch_size: int = 8) -> Prediction:
+    """Anomaly maps, raw image scores and their log-odds for uint8 frames, as the model scores them."""
     was_training = model.training
     model.eval()
-    maps, scores = [], []
+    maps, scores, log_odds = [], [], []
     for start in range(0, len(images), batch_size):
         x = torch.stack([to_tensor(im) for im in images[start:start + batch_size]]).to(device)
         out = model(x)
-        maps.append(model.anomaly_map(out)[:, 0].float().cpu().numpy())
+        fused = model.anomaly_log_odds(out)
+        maps.append(torch.sigmoid(fused)[:, 0].float().cpu().numpy())
         scores.append(model.score_images(out, top_k).float().cpu().numpy())
+        log_odds.append(model.score_log_odds(out, top_k, fused).float().cpu().numpy())
     model.train(was_training)
     if not maps:
-        return np.zeros((0, 0, 0), np.float32), np.zeros((0,), np.float32)
-    return np.concatenate(maps), np.concatenate(scores)
+        empty = np.zeros((0,), np.float32)
+        return Prediction(np.zeros((0, 0, 0), np.float32), empty, empty)
+    return Prediction(np.concatenate(maps), np.concatenate(scores), np.concatenate(log_odds))

@@ -211,8 +211,8 @@ def plot_roc_comparison(runs: Sequence[tuple[str, str, Sequence[float], Sequence
 
 
 def plot_score_histograms(scores: Sequence[float], types: Sequence[str], path: str | Path,
-                          threshold: float | None = None) -> Path:
-    """Image-score histograms, good against each anomalous type, on shared bins."""
+                          threshold: float | None = None, label: str = "image score") -> Path:
+    """Image-score histograms, good against each anomalous type, on shared bins; ``label`` names the score."""
     s, t = _scores_by_type(scores, types)
     anomalous = sorted(set(t) - {GOOD})
     bins = np.histogram_bin_edges(s, bins=min(40, max(10, s.size // 5)))
@@ -224,8 +224,8 @@ def plot_score_histograms(scores: Sequence[float], types: Sequence[str], path: s
             axes.hist(s[t == anomaly_type], bins=bins, alpha=0.6, color="tab:red", label=type_key(anomaly_type))
         if threshold is not None:
             axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
-        axes.set(xlabel="image score", ylabel="images", title=f"{GOOD} vs {type_key(anomaly_type)}")
-        axes.legend()
+        axes.set(xlabel=label, ylabel="images", title=f"{GOOD} vs {type_key(anomaly_type)}")
+        axes.legend(loc="upper center")  # good images left, anomalies right
     return _save(figure, path)
 
 

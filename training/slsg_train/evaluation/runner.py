@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from slsg.contract import DECISION_THRESHOLD
 from slsg_train.data.loco import LocoCategory, TestSample
 from slsg_train.evaluation.report import (
     HeatmapItem, plot_heatmap_grid, plot_roc_curves, plot_score_histograms, plot_spro_curves, render_report_md,
@@ -63,14 +64,20 @@ def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str 
         raise ValueError(f"{category.path / 'test'} holds no test images")
     spro, pixel = SPROByType(), PixelROC()
     scores, types, defects, names, thumbs = [], [], [], [], []
+    cal = loaded.calibration
+    calibrated: list[float] | None = [] if cal else None
     t0 = time.perf_counter()
     bar = tqdm(total=len(samples), desc=f"evaluate {category.name}", unit="img", dynamic_ncols=True)
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
         originals = [s.load_image() for s in batch]
-        maps, raw = predict(loaded.model, [resize_rgb(im, loaded.image_size) for im in originals], loaded.top_k,
-                            device, batch_size)
-        for sample, image, amap, score in zip(batch, originals, maps, raw):
+        maps, raw, log_odds = predict(loaded.model, [resize_rgb(im, loaded.image_size) for im in originals],
+                                      loaded.top_k, device, batch_size)
+        # what the exported model answers, and what ranks the heat-map grid: raw scores tie at 1.0
+        shown = np.atleast_1d(cal.calibrated_score(log_odds)) if cal else raw
+        if calibrated is not None:
+            calibrated.extend(shown.tolist())
+        for sample, image, amap, score, shown_score in zip(batch, originals, maps, raw, shown):
             full = upsample_map(amap, sample.size)
             image_maps = _image_maps(sample, full)
             spro.add(image_maps)
@@ -81,7 +88,7 @@ def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str 
             types.append(sample.anomaly_type)
             defects.append(sorted({m.defect.defect_name for m in sample.masks}))
             names.append(f"{sample.anomaly_type}/{sample.index}")
-            thumbs.append(HeatmapItem(_thumbnail(image), amap, float(score), sample.anomaly_type,
+            thumbs.append(HeatmapItem(_thumbnail(image), amap, float(shown_score), sample.anomaly_type,
                                       f"{sample.anomaly_type}/{sample.index}"))
         bar.update(len(batch))
     bar.close()
@@ -89,8 +96,8 @@ def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str 
     metrics = _metrics(loaded, category, scores, types, spro, pixel, seconds)
     if any(defects):
         metrics["image_auroc_by_defect"] = image_auroc_by_defect(scores, defects)
-    files = _write_outputs(out_dir, metrics, scores, types, spro, thumbs)
-    _write_scores(out_dir / "scores.json", scores, types, names, defects)
+    files = _write_outputs(out_dir, metrics, scores, calibrated, types, spro, thumbs)
+    _write_scores(out_dir / "scores.json", scores, calibrated, types, names, defects)
     files.append(out_dir / "scores.json")
     return EvaluationResult(metrics, out_dir, files)
 
@@ -123,15 +130,19 @@ def _metrics(loaded: LoadedModel, category: LocoCategory, scores: list[float], t
     }
 
 
-def _write_outputs(out_dir: Path, metrics: dict, scores: list[float], types: list[str], spro: SPROByType,
-                   thumbs: list[HeatmapItem]) -> list[Path]:
-    raw_threshold = metrics["threshold"].get("raw")
+def _write_outputs(out_dir: Path, metrics: dict, scores: list[float], calibrated: list[float] | None,
+                   types: list[str], spro: SPROByType, thumbs: list[HeatmapItem]) -> list[Path]:
     files = [write_metrics_json(out_dir / "metrics.json", metrics)]
     report = out_dir / "report.md"
     report.write_text(render_report_md(metrics) + _figure_links())
     files.append(report)
     files.append(plot_roc_curves(scores, types, out_dir / "roc_curves.png"))
-    files.append(plot_score_histograms(scores, types, out_dir / "score_histograms.png", threshold=raw_threshold))
+    histograms = out_dir / "score_histograms.png"
+    if calibrated is None:  # no threshold yet: the raw scores
+        files.append(plot_score_histograms(scores, types, histograms))
+    else:  # what the exported model answers; raw scores of clear anomalies are all 1.0
+        files.append(plot_score_histograms(calibrated, types, histograms, threshold=DECISION_THRESHOLD,
+                                           label="calibrated score"))
     curves = {name: c.curve()[:2] for name, c in spro.curves().items()}  # (fpr, mean sPRO)
     if curves:
         files.append(plot_spro_curves(curves, out_dir / "spro_curves.png"))
@@ -139,10 +150,13 @@ def _write_outputs(out_dir: Path, metrics: dict, scores: list[float], types: lis
     return files
 
 
-def _write_scores(path: Path, scores: list[float], types: list[str], names: list[str],
-                  defects: list[list[str]]) -> None:
-    """One entry per test image: which image, its type and defects, its raw score."""
+def _write_scores(path: Path, scores: list[float], calibrated: list[float] | None, types: list[str],
+                  names: list[str], defects: list[list[str]]) -> None:
+    """One entry per test image: which image, its type and defects, its raw score and (with a
+    calibration) the calibrated score the exported model answers."""
     rows = [{"image": n, "type": t, "defects": d, "score": s} for s, t, n, d in zip(scores, types, names, defects)]
+    for row, score in zip(rows, calibrated or []):
+        row["calibrated"] = score
     path.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")
 
 

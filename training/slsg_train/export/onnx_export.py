@@ -4,7 +4,8 @@ contract (``slsg.contract``), and prove it computes what PyTorch computes.
 The graph takes uint8 RGB NHWC ``image`` and does the cast, scaling, ImageNet normalisation and
 transpose itself, so clients send raw pixels. Outputs: ``anomaly_map`` (anomaly-class
 probability, [N, 1, H, W]) and ``score`` ([N, 1], the top-K mean calibrated with the card's
-``Calibration``: piecewise linear, 0.5 at the threshold, clipped to [0, 1]).
+``Calibration``: 0.5 at the threshold, in [0, 1], from the top-K mean's log-odds, which the graph
+takes from the logits so that clear anomalies do not all round to 1).
 
 After the export, ONNX Runtime runs the file on random images (batch 1 and 3) and on any real
 images given; if an output differs from PyTorch by more than the tolerance, or anything fails,
@@ -48,18 +49,18 @@ class ExportError(RuntimeError):
 class ExportCheck:
     path: Path
     max_map_diff: float  # largest |ORT - torch| of anomaly_map over all checked batches
-    max_score_diff: float  # ... and of the score, in raw-score units (see score_gain)
+    max_score_diff: float  # ... and of the score, over the calibration's slope (see score_gain)
     checked_images: int  # random + real images compared
     opset: int
     near_tie_images: int = 0  # images accepted under the near-tie rule (see verify_onnx)
 
 
-def calibrate(raw: Tensor, calibration: Calibration) -> Tensor:
-    """Torch version of ``Calibration.normalise`` (piecewise linear, 0.5 at raw_threshold, in [0, 1])."""
-    thr, (lo, hi) = calibration.raw_threshold, calibration.bounds()
-    below = 0.5 * (raw - lo) / (thr - lo)
-    above = 0.5 + 0.5 * (raw - thr) / (hi - thr)
-    return torch.where(raw < thr, below, above).clamp(0.0, 1.0)
+def calibrate(log_odds: Tensor, calibration: Calibration) -> Tensor:
+    """Torch version of ``Calibration.calibrated_score``: raw scores' log-odds -> [0, 1], 0.5 at the threshold."""
+    floor, threshold = calibration.score_floor(), calibration.log_odds_threshold()
+    below = 0.5 * (torch.sigmoid(log_odds) - floor) / (calibration.raw_threshold - floor)
+    above = 1.0 - 0.5 / (1.0 + (log_odds - threshold).clamp_min(0.0) / calibration.log_odds_scale())
+    return torch.where(log_odds < threshold, below, above).clamp(0.0, 1.0)
 
 
 class InferenceGraph(nn.Module):
@@ -78,9 +79,9 @@ class InferenceGraph(nn.Module):
         # the buffers' dtype (float32 when exported; float64 for the verification reference)
         x = ((image.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) / self.std).contiguous()
         out = self.model(x)
-        prob = self.model.anomaly_map(out)
-        raw = self.model.score_images(out, self.top_k).unsqueeze(1)  # [N, 1]
-        return prob, calibrate(raw, self.calibration)
+        fused = self.model.anomaly_log_odds(out)
+        log_odds = self.model.score_log_odds(out, self.top_k, fused).unsqueeze(1)  # [N, 1]
+        return torch.sigmoid(fused), calibrate(log_odds, self.calibration)
 
 
 def _check_inputs(card: ModelCard, verify_images: list[np.ndarray]) -> None:
@@ -132,17 +133,17 @@ def _verify_batches(card: ModelCard, verify_images: list[np.ndarray]) -> list[np
 
 
 def score_gain(calibration: Calibration) -> float:
-    """The calibrated score's steepest slope over the raw score, at least 1. Normal calibration
-    scores that lie close together (a few images, or all on one check's value) make it steep: a
-    float32 rounding of the raw score then moves the calibrated one by thousands of times as much."""
-    thr, (lo, hi) = calibration.raw_threshold, calibration.bounds()
-    return max(1.0, 0.5 / (thr - lo), 0.5 / (hi - thr))
+    """The calibrated score's steepest slope over the raw score below the threshold, at least 1 (above
+    it, the slope over the raw score's log-odds is at most 0.5). Normal calibration scores that lie
+    close together (a few images, or all on one check's value) make it steep: a float32 rounding of
+    the raw score then moves the calibrated one by thousands of times as much."""
+    return max(1.0, 0.5 / (calibration.raw_threshold - calibration.score_floor()))
 
 
 def _image_diffs(onnx_out: list[np.ndarray], reference: tuple[Tensor, Tensor], size: int,
                  gain: float) -> np.ndarray:
     """[N, 2]: per image, max |ORT - reference| of the anomaly map and of the score, the score's
-    divided by ``gain`` (:func:`score_gain`): in raw-score units, like the map's."""
+    divided by ``gain`` (:func:`score_gain`): in the units of its input, like the map's."""
     (onnx_map, onnx_score), (torch_map, torch_score) = onnx_out, reference
     if onnx_map.shape != tuple(torch_map.shape) or onnx_score.shape != tuple(torch_score.shape):
         raise ExportError(
@@ -195,7 +196,8 @@ def verify_onnx(path: Path, graph: InferenceGraph, batches: list[np.ndarray],
     matching when ONNX Runtime agrees within ``tolerance`` with float32 PyTorch, or with float64
     PyTorch (which settles ties float32 got wrong), or with float64 PyTorch after one near-tie
     (gap < ``NEAR_TIE_MARGIN``) is resolved the other way: then the only difference is that choice.
-    The score is compared in raw-score units (:func:`score_gain`), as the map is.
+    The score's difference is divided by the calibration's slope (:func:`score_gain`) to compare
+    it as the map's.
     """
     import onnxruntime as ort
 
@@ -220,7 +222,7 @@ def verify_onnx(path: Path, graph: InferenceGraph, batches: list[np.ndarray],
                 else:
                     raise ExportError(
                         f"ONNX Runtime differs from PyTorch by {diffs[i].max():.3g} (anomaly_map {diffs[i, 0]:.3g}, "
-                        f"score {diffs[i, 1]:.3g} in raw-score units) > tolerance {tolerance:g}")
+                        f"score {diffs[i, 1]:.3g} over the calibration's slope) > tolerance {tolerance:g}")
         worst = np.maximum(worst, diffs.max(axis=0))
     return ExportCheck(path, float(worst[0]), float(worst[1]), sum(len(b) for b in batches), 0, near_ties)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .patch_memory import resize_patches
-from .reference import fitted_scale, on_local_scale, scale_buffer
+from .reference import fitted_scale, local_log_odds, scale_buffer
 
 INPUT_SIZE = 128  # the autoencoder sees every image at 128x128, whatever the model's input size
 GRID = 16         # ... and draws a 16x16 feature grid, resized to the stride-16 grid of the input
@@ -108,9 +108,9 @@ class CompositionCheck(nn.Module):
         error = self.squared_error(x, self.features(maps))
         return error - on_grid(self.normal_error, tuple(error.shape[-2:]))
 
-    def probability(self, error: Tensor, size: tuple[int, int]) -> Tensor:
-        """[B, 1, h, w] errors (:meth:`forward`'s) -> [B, 1, H, W] on the local map's probability scale."""
-        return on_local_scale(resize_patches(error, size), self.scale, self.weight)
+    def log_odds(self, error: Tensor, size: tuple[int, int]) -> Tensor:
+        """[B, 1, h, w] errors (:meth:`forward`'s) -> [B, 1, H, W] in log-odds on the local map's scale."""
+        return local_log_odds(resize_patches(error, size), self.scale, self.weight)
 
     @torch.no_grad()
     def fit_standardisation(self, features: Tensor) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .reference import fitted_scale, on_local_scale, scale_buffer
+from .reference import fitted_scale, local_log_odds, scale_buffer
 
 
 class GlobalFeatureBranch(nn.Module):
@@ -71,4 +71,8 @@ class GlobalFeatureBranch(nn.Module):
 
     def combine(self, local_score: Tensor, distance: Tensor) -> Tensor:
         """max(local score, distance mapped onto the local score's scale) -> [B]."""
-        return torch.maximum(local_score, on_local_scale(distance, self.scale, self.weight))
+        return torch.maximum(local_score, torch.sigmoid(self.log_odds(distance)))
+
+    def log_odds(self, distance: Tensor) -> Tensor:
+        """[B] distances -> log-odds on the local score's scale."""
+        return local_log_odds(distance, self.scale, self.weight)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .reference import fitted_scale, on_local_scale, scale_buffer
+from .reference import fitted_scale, local_log_odds, scale_buffer
 
 PROJECTION_DIM = 128  # coreset selection compares random projections (Johnson-Lindenstrauss), as PatchCore
 
@@ -71,9 +71,9 @@ class PatchMemoryBranch(nn.Module):
         nearest = ((self.memory * self.memory).sum(-1) - 2 * q @ self.memory.T).argmin(dim=-1)  # [B, hw]
         return ((q - self.memory[nearest]) ** 2).sum(-1).reshape(b, 1, h, w)
 
-    def probability(self, distance: Tensor, size: tuple[int, int]) -> Tensor:
-        """[B, 1, h, w] squared distances -> [B, 1, H, W] on the local map's probability scale."""
-        return on_local_scale(resize_patches(distance, size), self.scale, self.weight)
+    def log_odds(self, distance: Tensor, size: tuple[int, int]) -> Tensor:
+        """[B, 1, h, w] squared distances -> [B, 1, H, W] in log-odds on the local map's scale."""
+        return local_log_odds(resize_patches(distance, size), self.scale, self.weight)
 
     @torch.no_grad()
     def fit_memory(self, patches: Tensor, seed: int = 0, progress: bool = True) -> int:

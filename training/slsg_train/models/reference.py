@@ -56,10 +56,11 @@ def fitted_scale(distances: np.ndarray, local_scores: np.ndarray) -> Tensor:
     return torch.tensor([d.mean(), max(d.std(), 1e-6), logits.mean(), max(logits.std(), LOGIT_STD_FLOOR)])
 
 
-def on_local_scale(distance: Tensor, scale: Tensor, weight: float) -> Tensor:
-    """A distance (any shape) mapped to the probability a local score as unusual would have."""
+def local_log_odds(distance: Tensor, scale: Tensor, weight: float) -> Tensor:
+    """A distance (any shape) mapped to the log-odds a local score as unusual would have (its
+    probability is the sigmoid of that; the fusion works in log-odds, which do not round to 1)."""
     d_mean, d_std, l_mean, l_std = scale.unbind()
-    return torch.sigmoid(l_mean + l_std * weight * (distance - d_mean) / d_std)
+    return l_mean + l_std * weight * (distance - d_mean) / d_std
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

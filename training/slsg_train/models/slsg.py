@@ -305,16 +305,20 @@ class SLSG(nn.Module):
         return (glob(maps) if glob else None, patch(maps) if patch else None,
                 composition(x, maps) if composition else None)
 
-    def anomaly_map(self, output: SLSGOutput) -> Tensor:
-        """[B, 1, H, W]: the probability of the anomalous class, or with a fitted patch memory or
+    def anomaly_log_odds(self, output: SLSGOutput) -> Tensor:
+        """[B, 1, H, W]: the log-odds of the anomalous class, or with a fitted patch memory or
         composition check the pixelwise largest of that and their maps on the same scale."""
-        prob = anomaly_probability(output.logits)
-        size = tuple(prob.shape[-2:])
+        fused = anomaly_log_odds(output.logits)
+        size = tuple(fused.shape[-2:])
         if output.patch_distance is not None:
-            prob = torch.maximum(prob, self.patch_memory.probability(output.patch_distance, size))
+            fused = torch.maximum(fused, self.patch_memory.log_odds(output.patch_distance, size))
         if output.composition_error is not None:
-            prob = torch.maximum(prob, self.composition_check.probability(output.composition_error, size))
-        return prob
+            fused = torch.maximum(fused, self.composition_check.log_odds(output.composition_error, size))
+        return fused
+
+    def anomaly_map(self, output: SLSGOutput) -> Tensor:
+        """[B, 1, H, W]: the anomaly probability, :meth:`anomaly_log_odds` through a sigmoid."""
+        return torch.sigmoid(self.anomaly_log_odds(output))
 
     def score_images(self, output: SLSGOutput, k: int) -> Tensor:
         """Image scores [B]: the paper's mean of the top-K pixels of :meth:`anomaly_map`, or with a
@@ -323,6 +327,15 @@ class SLSG(nn.Module):
         if output.global_distance is None:
             return local
         return self.global_branch.combine(local, output.global_distance)
+
+    def score_log_odds(self, output: SLSGOutput, k: int, fused: Tensor | None = None) -> Tensor:
+        """[B]: the log-odds of :meth:`score_images`, computed without rounding to 1 on the way, so clear
+        anomalies keep their order where their scores are all 1.0 in float32. ``fused``: the
+        :meth:`anomaly_log_odds` of ``output`` when the caller has it."""
+        local = image_score_log_odds(self.anomaly_log_odds(output) if fused is None else fused, k)
+        if output.global_distance is None:
+            return local
+        return torch.maximum(local, self.global_branch.log_odds(output.global_distance))
 
 
 def _upgrade_state_dict(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -338,8 +351,14 @@ def _upgrade_state_dict(module: nn.Module, state_dict: dict, prefix: str, *args)
 
 
 def anomaly_probability(logits: Tensor) -> Tensor:
-    """[B, 2, H, W] logits -> [B, 1, H, W] softmax probability of the anomalous class."""
-    return torch.softmax(logits, dim=1)[:, 1:2]
+    """[B, 2, H, W] logits -> [B, 1, H, W] softmax probability of the anomalous class (for two classes,
+    the sigmoid of its log-odds)."""
+    return torch.sigmoid(anomaly_log_odds(logits))
+
+
+def anomaly_log_odds(logits: Tensor) -> Tensor:
+    """[B, 2, H, W] logits -> [B, 1, H, W] log-odds of the anomalous class (softmax's, for two classes)."""
+    return logits[:, 1:2] - logits[:, 0:1]
 
 
 def top_k_for_size(height: int, width: int) -> int:
@@ -351,7 +370,30 @@ def top_k_for_size(height: int, width: int) -> int:
 
 def image_score(prob_map: Tensor, k: int) -> Tensor:
     """Mean of the ``k`` largest pixels of each [B, 1, H, W] probability map -> [B]."""
-    pixels = prob_map.flatten(1)
+    return _top_k(prob_map, k).mean(dim=1)
+
+
+def image_score_log_odds(log_odds_map: Tensor, k: int) -> Tensor:
+    """The log-odds of :func:`image_score` of ``sigmoid(log_odds_map)`` -> [B]: log(mean p) - log(mean (1 - p))
+    over the top-K pixels, each mean taken in log space. Exact where p rounds to 1 in float32 (a logit
+    above about 17), and built from operations ONNX Runtime computes without overflow."""
+    top = _top_k(log_odds_map, k)
+    return _log_mean_exp(-_softplus(-top)) - _log_mean_exp(-_softplus(top))  # log sigmoid(z), log sigmoid(-z)
+
+
+def _top_k(score_map: Tensor, k: int) -> Tensor:
+    pixels = score_map.flatten(1)
     if not 1 <= k <= pixels.shape[1]:
-        raise ValueError(f"top-K must lie in [1, {pixels.shape[1]}] for a {tuple(prob_map.shape[-2:])} map, got {k}")
-    return pixels.topk(k, dim=1).values.mean(dim=1)
+        raise ValueError(f"top-K must lie in [1, {pixels.shape[1]}] for a {tuple(score_map.shape[-2:])} map, got {k}")
+    return pixels.topk(k, dim=1).values
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """log(1 + exp(x)), written so that no exp overflows."""
+    return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def _log_mean_exp(x: Tensor) -> Tensor:
+    """[B, K] -> [B]: log(mean(exp(x))) along dim 1, shifted by the row's largest value."""
+    top = x.amax(dim=1, keepdim=True)
+    return (top + torch.log(torch.exp(x - top).mean(dim=1, keepdim=True))).squeeze(1)

@@ -45,7 +45,7 @@ def calibration_from_scores(normal_scores: np.ndarray, target_fpr: float) -> tup
     scores = np.asarray(normal_scores, dtype=np.float64)
     thr = threshold_for_fpr(scores, target_fpr)
     cal = Calibration(raw_threshold=thr, score_min=float(scores.min()), score_max=1.0, target_fpr=target_fpr,
-                      pixel_threshold=thr, num_images=int(scores.size))
+                      pixel_threshold=thr, num_images=int(scores.size), score_median=float(np.median(scores)))
     stats = {"num_images": int(scores.size), "min": float(scores.min()), "max": float(scores.max()),
              "mean": float(scores.mean()), "std": float(scores.std()), "expected_fpr": cal.expected_fpr(),
              "fpr_upper_90": cal.fpr_upper(0.9),
@@ -56,7 +56,7 @@ def calibration_from_scores(normal_scores: np.ndarray, target_fpr: float) -> tup
 @torch.no_grad()
 def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr: float,
                         device: torch.device | str = "cpu") -> tuple[Calibration, dict]:
-    _, scores = predict(model, images, top_k, device)
+    scores = predict(model, images, top_k, device).scores
     return calibration_from_scores(scores, target_fpr)
 
 
@@ -133,7 +133,7 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     # each scale against the local score it is combined with: the map checks' against the paper's,
     # the global branch's against the map-fused one (predict uses the checks fitted so far)
     if patch is not None or composition is not None:
-        _, local = predict(model, calib_images, top_k, device)
+        local = predict(model, calib_images, top_k, device).scores
     if patch is not None:
         patch.fit_scale(torch.cat(patch_scores).numpy(), local)
         report["patch_memory"].update(distance_mean=float(patch.scale[0]), distance_std=float(patch.scale[1]))
@@ -142,7 +142,7 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
         report["composition_check"].update(error_mean=float(composition.scale[0]),
                                            error_std=float(composition.scale[1]))
     if glob is not None:
-        _, local = predict(model, calib_images, top_k, device)
+        local = predict(model, calib_images, top_k, device).scores
         d = torch.cat(distances).numpy()
         glob.fit_scale(d, local)
         report["global_branch"] = {"feature_dim": glob.dim, "distance_mean": float(d.mean()),
