@@ -60,6 +60,11 @@ class Calibration:
     num_images: int = 0
     score_median: float | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+        """A stored calibration (card or checkpoint); fields a newer version added are ignored."""
+        return cls(**_known_fields(cls, data))
+
     def expected_fpr(self) -> float | None:
         """The share of new normal images at or above the threshold, on average (None before calibration):
         see :func:`calibration_exceedances`."""
@@ -183,7 +188,7 @@ class ModelCard:
     @classmethod
     def from_json(cls, text: str) -> "ModelCard":
         data = json.loads(text)
-        data["calibration"] = Calibration(**_known_fields(Calibration, data.get("calibration", {})))
+        data["calibration"] = Calibration.from_dict(data.get("calibration", {}))
         return cls(**_known_fields(cls, data))
 
 

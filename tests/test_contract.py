@@ -95,6 +95,7 @@ def test_a_card_from_a_newer_exporter_reads_without_its_new_fields():
     data["calibration"]["a_later_statistic"] = 0.3
     data["a_later_field"] = {"x": 1}
     assert ModelCard.from_json(json.dumps(data)) == make_card()
+    assert Calibration.from_dict(data["calibration"]) == make_card().calibration  # as a checkpoint stores it
 
 
 def test_repository_versions(tmp_path):

@@ -33,7 +33,7 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> Lo
     model = build_model(payload["model_config"])
     model.load_state_dict(payload["model_state"])
     channels_last(model.to(device)).eval()
-    cal = Calibration(**payload["calibration"]) if payload.get("calibration") else None
+    cal = Calibration.from_dict(payload["calibration"]) if payload.get("calibration") else None
     return LoadedModel(model, payload, tuple(payload["image_size"]), int(payload["top_k"]), cal)
 
 
