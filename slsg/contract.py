@@ -6,10 +6,14 @@ signature, so every client sends the same thing:
 
 - input ``image``: UINT8 RGB, NHWC ``[-1, H, W, 3]`` at the model's input size
   (cast, scaling, ImageNet normalisation and the transpose happen in the graph);
-- output ``anomaly_map``: FP32 ``[-1, 1, H, W]``, anomaly-class probability;
 - output ``score``: FP32 ``[-1, 1]``, calibrated so that 0.5 is the decision threshold; above it the
   score keeps rising with the evidence and never reaches 1, so strong anomalies stay in order
-  (see :meth:`Calibration.calibrated_score`).
+  (see :meth:`Calibration.calibrated_score`);
+- output ``anomaly_map``: FP32 ``[-1, 1, H, W]``, each pixel's anomaly probability on the score's
+  scale (the same calibration, pixel by pixel: 0.5 at the threshold, never 1), so a heat map reads
+  the same for every model and regions keep their order. Cards from before that say
+  ``anomaly_map_scale: "probability"``: their map is the plain probability. Either way a region is
+  where the map exceeds the card's ``calibration.pixel_threshold``.
 
 The ONNX metadata entry ``slsg.model_card`` holds a JSON ``ModelCard``.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,9 @@ MODEL_CARD_KEY = "slsg.model_card"
 MODEL_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.pbtxt"
 DECISION_THRESHOLD = 0.5  # calibrated scores: >= 0.5 is anomalous
+# what a card's anomaly_map holds: the calibrated scale (exports since it existed) or the probability
+ANOMALY_MAP_CALIBRATED = "calibrated"
+ANOMALY_MAP_PROBABILITY = "probability"
 # raw scores are float32 probabilities: the largest one under 1, and the smallest a log-odds is taken of
 _FLOAT32_BELOW_ONE = 1.0 - 2.0**-24
 _SMALLEST_SCORE = 1e-12
@@ -56,7 +63,7 @@ class Calibration:
     score_min: float = 0.0
     score_max: float = 1.0
     target_fpr: float = 0.01
-    pixel_threshold: float = 0.5  # anomaly-map probability above which a pixel belongs to a region
+    pixel_threshold: float = 0.5  # anomaly-map value above which a pixel belongs to a region
     num_images: int = 0
     score_median: float | None = None
 
@@ -96,6 +103,11 @@ class Calibration:
         image lies below the threshold (the lowest one on older cards), at least 1."""
         typical = self.score_min if self.score_median is None else self.score_median
         return max(self.log_odds_threshold() - _logit(typical), MIN_LOG_ODDS_SCALE)
+
+    def on_calibrated_map(self) -> "Calibration":
+        """This calibration for a model whose anomaly map is calibrated like its score: the pixel
+        threshold (a probability) becomes its value on that map, 0.5 where it is the image threshold."""
+        return replace(self, pixel_threshold=float(self.calibrated_score(_logit(self.pixel_threshold))))
 
     def calibrated_score(self, log_odds: Any) -> Any:
         """Calibrated score(s) in [0, 1] of raw scores given as their log-odds; floats or numpy arrays.
@@ -181,6 +193,7 @@ class ModelCard:
     created: str = ""
     project_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    anomaly_map_scale: str = ANOMALY_MAP_CALIBRATED  # see the module docstring
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -189,6 +202,7 @@ class ModelCard:
     def from_json(cls, text: str) -> "ModelCard":
         data = json.loads(text)
         data["calibration"] = Calibration.from_dict(data.get("calibration", {}))
+        data.setdefault("anomaly_map_scale", ANOMALY_MAP_PROBABILITY)  # a card from before the field
         return cls(**_known_fields(cls, data))
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import (
-    MODEL_CARD_KEY, Calibration, ModelCard, beta_quantile, calibration_exceedances, images_for_fpr, list_models, list_versions,
+    ANOMALY_MAP_CALIBRATED, ANOMALY_MAP_PROBABILITY, MODEL_CARD_KEY, Calibration, ModelCard, beta_quantile, calibration_exceedances, images_for_fpr, list_models, list_versions,
     model_path, next_version, validate_model_name,
 )
 
@@ -96,6 +97,33 @@ def test_a_card_from_a_newer_exporter_reads_without_its_new_fields():
     data["a_later_field"] = {"x": 1}
     assert ModelCard.from_json(json.dumps(data)) == make_card()
     assert Calibration.from_dict(data["calibration"]) == make_card().calibration  # as a checkpoint stores it
+
+
+def test_a_card_says_what_its_anomaly_map_holds():
+    # cards from before the field had a probability map; a card made now is for a calibrated one
+    data = json.loads(make_card().to_json())
+    del data["anomaly_map_scale"]
+    assert ModelCard.from_json(json.dumps(data)).anomaly_map_scale == ANOMALY_MAP_PROBABILITY
+    fresh = ModelCard(name="m", category="c", backbone="b", input_height=64, input_width=64, top_k=8)
+    assert fresh.anomaly_map_scale == ANOMALY_MAP_CALIBRATED
+    assert ModelCard.from_json(fresh.to_json()).anomaly_map_scale == ANOMALY_MAP_CALIBRATED
+
+
+def test_the_pixel_threshold_moves_onto_the_calibrated_map():
+    cal = Calibration(raw_threshold=0.95, score_min=0.01, score_median=0.1, pixel_threshold=0.95, num_images=60)
+    on_map = cal.on_calibrated_map()
+    assert on_map.pixel_threshold == 0.5  # the image threshold, where the pixel threshold is (always, so far)
+    assert dataclasses.replace(on_map, pixel_threshold=cal.pixel_threshold) == cal  # nothing else changed
+    # a pixel threshold of its own lands where the calibration puts that probability
+    other = dataclasses.replace(cal, pixel_threshold=0.6).on_calibrated_map()
+    assert other.pixel_threshold == pytest.approx(0.5 * (0.6 - 0.01) / (0.95 - 0.01))
+    # so a map pixel is above it exactly where its probability is above the raw pixel threshold
+    log_odds = np.linspace(-8, 12, 2001)
+    probability = 1 / (1 + np.exp(-log_odds))
+    for raw_pixel in (0.6, 0.95):
+        c = dataclasses.replace(cal, pixel_threshold=raw_pixel)
+        np.testing.assert_array_equal(c.calibrated_score(log_odds) > c.on_calibrated_map().pixel_threshold + 1e-12,
+                                      probability > raw_pixel + 1e-12)
 
 
 def test_repository_versions(tmp_path):

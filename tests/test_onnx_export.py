@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,7 +14,8 @@ from skimage.transform import resize
 from torch import nn
 
 from slsg.contract import (
-    INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, Calibration, ModelCard,
+    ANOMALY_MAP_PROBABILITY, INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE,
+    Calibration, ModelCard,
 )
 from slsg_train.export import ExportError, InferenceGraph, calibrate, export_onnx
 from slsg_train.export.onnx_export import score_gain
@@ -82,18 +85,24 @@ def test_export_round_trip_matches_pytorch(model, card, tmp_path):
     assert onnx_map.dtype == onnx_score.dtype == np.float32
     assert torch_map.std() > 0.05  # a map with structure, so the comparison means something
     np.testing.assert_allclose(onnx_map, torch_map.numpy(), atol=1e-4)
-    # The score is the contract's calibration of the top-K mean of the map (by its log-odds).
-    raw = np.sort(onnx_map.reshape(5, -1).astype(np.float64), axis=1)[:, -card.top_k:].mean(axis=1)
+    # Map and score are the contract's calibration, the map's pixel by pixel, of the network's
+    # fused log-odds and of the top-K mean of its probabilities (float64 here).
+    with torch.no_grad():
+        reference = copy.deepcopy(InferenceGraph(model, card.top_k, card.calibration)).double()
+        x = (torch.from_numpy(batch).permute(0, 3, 1, 2).double() - reference.mean) / reference.std
+        pixel_log_odds = reference.model.anomaly_log_odds(reference.model(x)).numpy()
+    np.testing.assert_allclose(onnx_map, card.calibration.calibrated_score(pixel_log_odds), atol=1e-4)
+    assert (onnx_map < 0.5).any() and (onnx_map > 0.5).any()
+    probability = 1.0 / (1.0 + np.exp(-pixel_log_odds))
+    raw = np.sort(probability.reshape(5, -1), axis=1)[:, -card.top_k:].mean(axis=1)
     log_odds = np.log(raw) - np.log1p(-raw)
-    np.testing.assert_allclose(onnx_score[:, 0], card.calibration.calibrated_score(log_odds), atol=1e-5)
+    np.testing.assert_allclose(onnx_score[:, 0], card.calibration.calibrated_score(log_odds), atol=1e-4)
     assert (onnx_score < 0.5).any() and (onnx_score > 0.5).any()  # both branches of the calibration
 
 
 def test_clear_anomalies_keep_their_order_through_onnx(model, card, tmp_path):
     """A head biased 30 log-odds towards the anomaly: every pixel's probability, and so the paper's raw
     score, is 1.0 in float32; the exported score still ranks the images by their log-odds."""
-    import copy
-
     confident = copy.deepcopy(model)
     with torch.no_grad():
         confident.segmentation_head[-1].bias[1] += 30.0
@@ -115,6 +124,37 @@ def test_clear_anomalies_keep_their_order_through_onnx(model, card, tmp_path):
     assert len(set(score.tolist())) == len(frames) and 0.5 < score.min() and score.max() < 1.0
     assert np.array_equal(np.argsort(score), np.argsort(log_odds))
     np.testing.assert_allclose(score, cal.calibrated_score(log_odds), atol=1e-5)
+
+
+def test_clear_anomalies_keep_their_order_in_the_map(model, card, tmp_path):
+    """The same for the map: where every pixel's probability is 1.0 in float32, the exported map still
+    has one value per log-odds, under 1, so regions and heat maps keep their order."""
+    confident = copy.deepcopy(model)
+    with torch.no_grad():
+        confident.segmentation_head[-1].bias[1] += 30.0
+    sure = ModelCard.from_json(card.to_json())
+    sure.calibration = Calibration(raw_threshold=0.9, score_min=0.05, score_median=0.2)
+    result = export_onnx(confident, sure, tmp_path / "model.onnx")
+    assert result.max_map_diff <= 1e-4
+    frame = real_image()[None]
+    onnx_map = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"]).run(
+        [OUTPUT_ANOMALY_MAP], {INPUT_IMAGE: frame})[0].ravel()
+    with torch.no_grad():
+        x = InferenceGraph(confident, sure.top_k, sure.calibration).double()
+        pixel_log_odds = x.model.anomaly_log_odds(x.model((torch.from_numpy(frame).permute(0, 3, 1, 2).double()
+                                                             - x.mean) / x.std)).numpy().ravel()
+    assert np.all(torch.sigmoid(torch.from_numpy(pixel_log_odds).float()).numpy() == 1.0)
+    assert 0.5 < onnx_map.min() and onnx_map.max() < 1.0
+    assert len(np.unique(onnx_map)) > 0.9 * onnx_map.size  # the probability map has a single value
+    assert np.corrcoef(onnx_map, sure.calibration.calibrated_score(pixel_log_odds))[0, 1] > 0.9999
+
+
+def test_export_refuses_a_card_that_says_the_map_is_a_probability(model, card, tmp_path):
+    old_style = ModelCard.from_json(card.to_json())
+    old_style.anomaly_map_scale = ANOMALY_MAP_PROBABILITY
+    with pytest.raises(ExportError, match="anomaly_map_scale 'probability'"):
+        export_onnx(model, old_style, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_score_gain_is_the_calibrations_steepest_slope():
@@ -159,8 +199,6 @@ def test_card_size_must_suit_the_network(model, card, tmp_path):
 
 def test_float64_reference_graph_agrees_with_float32(model, card):
     """The verification's tie-break reference: the same graph in float64 (k-NN near-ties settled)."""
-    import copy
-
     graph = InferenceGraph(model, card.top_k, card.calibration).eval()
     frames = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, card.input_height, card.input_width, 3),
                                                                 dtype=np.uint8))
@@ -208,8 +246,6 @@ def test_reference_checks_export_and_match_pytorch(card, tmp_path):
 
 def test_a_flipped_near_tie_is_recognised_and_nothing_else_is(model, card, tmp_path, monkeypatch):
     """ONNX Runtime that picked another neighbour at a near-tie passes; the same flip beyond the margin fails."""
-    import copy
-
     import slsg_train.export.onnx_export as onnx_export
 
     frame = real_image()

@@ -104,8 +104,24 @@ def test_export_writes_a_verified_versioned_model(trained, tmp_path):
     rows = json.loads((trained["run"] / "eval" / "scores.json").read_text())
     frames = np.stack([resize_rgb(np.asarray(Image.open(trained["data"] / "tray" / "test" / f"{r['image']}.png")
                                              .convert("RGB")), (64, 64)) for r in rows])
-    _, score = sess.run(None, {"image": frames})
+    amap, score = sess.run(None, {"image": frames})
     np.testing.assert_allclose(score[:, 0], [r["calibrated"] for r in rows], atol=1e-4)
+    # its map is the checkpoint's map on the score's scale, and the card's pixel threshold moved with it:
+    # the regions are those of the probability map above the checkpoint's own pixel threshold
+    from slsg_gateway.regions import find_regions
+    from slsg_train.export.onnx_export import score_gain
+    from slsg_train.inference import load_model, predict
+
+    loaded = load_model(trained["checkpoint"])
+    assert card.anomaly_map_scale == "calibrated" and card.calibration.pixel_threshold == 0.5
+    assert loaded.calibration.pixel_threshold == loaded.calibration.raw_threshold != 0.5
+    prediction = predict(loaded.model, list(frames), loaded.top_k)
+    on_score_scale = loaded.calibration.calibrated_score(prediction.map_log_odds)
+    np.testing.assert_allclose(amap[:, 0], on_score_scale, atol=1e-4 * score_gain(loaded.calibration))
+    boxes = lambda regions: sorted((r.x0, r.y0, r.x1, r.y1, r.area) for r in regions)  # noqa: E731 (peaks may tie)
+    found = [boxes(find_regions(m, card.calibration.pixel_threshold, (64, 64))) for m in on_score_scale]
+    assert found == [boxes(find_regions(m, loaded.calibration.pixel_threshold, (64, 64))) for m in prediction.maps]
+    assert any(found) and not all(found)  # regions on some images, not on all
 
 
 def test_export_refuses_to_overwrite_a_version_and_keeps_it(trained, tmp_path):

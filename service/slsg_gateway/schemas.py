@@ -27,7 +27,9 @@ class Box(BaseModel):
 
 class Region(BaseModel):
     box: Box
-    peak: float = Field(description="highest anomaly-map value inside the region")
+    peak: float = Field(description="highest anomaly-map value inside the region: on the score's scale (0.5 = "
+                                     "threshold, never 1) where the model card's anomaly_map_scale is 'calibrated', "
+                                     "the anomaly probability on older models")
     area: int = Field(description="region area in original-image pixels")
 
 

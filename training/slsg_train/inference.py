@@ -41,24 +41,27 @@ class Prediction(NamedTuple):
     maps: np.ndarray  # [N, H, W] anomaly probabilities
     scores: np.ndarray  # [N] raw image scores (mean of the top-K pixels), float32
     log_odds: np.ndarray  # [N] their log-odds, exact where a score rounds to 1 (what the calibration maps)
+    map_log_odds: np.ndarray  # [N, H, W] the maps' log-odds, exact where a probability rounds to 1
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: list[np.ndarray], top_k: int, device: torch.device | str = "cpu",
             batch_size: int = 8) -> Prediction:
-    """Anomaly maps, raw image scores and their log-odds for uint8 frames, as the model scores them."""
+    """Anomaly maps, raw image scores and the log-odds of both for uint8 frames, as the model scores them."""
     was_training = model.training
     model.eval()
-    maps, scores, log_odds = [], [], []
+    maps, scores, log_odds, map_log_odds = [], [], [], []
     for start in range(0, len(images), batch_size):
         x = torch.stack([to_tensor(im) for im in images[start:start + batch_size]]).to(device)
         out = model(x)
         fused = model.anomaly_log_odds(out)
         maps.append(torch.sigmoid(fused)[:, 0].float().cpu().numpy())
+        map_log_odds.append(fused[:, 0].float().cpu().numpy())
         scores.append(model.score_images(out, top_k).float().cpu().numpy())
         log_odds.append(model.score_log_odds(out, top_k, fused).float().cpu().numpy())
     model.train(was_training)
     if not maps:
-        empty = np.zeros((0,), np.float32)
-        return Prediction(np.zeros((0, 0, 0), np.float32), empty, empty)
-    return Prediction(np.concatenate(maps), np.concatenate(scores), np.concatenate(log_odds))
+        empty, no_maps = np.zeros((0,), np.float32), np.zeros((0, 0, 0), np.float32)
+        return Prediction(no_maps, empty, empty, no_maps)
+    return Prediction(np.concatenate(maps), np.concatenate(scores), np.concatenate(log_odds),
+                      np.concatenate(map_log_odds))

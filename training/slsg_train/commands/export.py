@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"exported {result.model_path} (version {result.version}); config {result.config_path}")
     print(f"verified against PyTorch: max |diff| anomaly_map {result.max_map_diff:.2e}, "
-          f"score {result.max_score_diff:.2e} (over the calibration's slope)")
+          f"score {result.max_score_diff:.2e} (both over the calibration's slope)")
     if result.near_tie_images:
         print(f"{result.near_tie_images} image(s) matched once a near-tie in the graph's neighbour ranking was "
               "resolved the other way (float32 rounding; see verify_onnx)")

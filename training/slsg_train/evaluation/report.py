@@ -280,17 +280,23 @@ def highest_and_lowest(items: Sequence[HeatmapItem], n: int) -> list[tuple[str, 
     return [("highest", item) for item in ranked[:n]] + [("lowest", item) for item in ranked[-n:]]
 
 
-def plot_heatmap_grid(items: Sequence[HeatmapItem | tuple], path: str | Path, n: int = 8) -> Path:
+def plot_heatmap_grid(items: Sequence[HeatmapItem | tuple], path: str | Path, n: int = 8,
+                      scale: tuple[float, float] | None = None, scale_label: str | None = None) -> Path:
     """Grid of the ``n`` highest- and ``n`` lowest-scoring images with heat-map overlays.
 
-    All overlays share one colour scale (min/max over the shown maps), so they compare.
+    All overlays share one colour scale, so they compare: ``scale`` (vmin, vmax), e.g. (0, 1) for
+    calibrated maps, whose 0.5 is the threshold; by default the min/max over the shown maps.
+    ``scale_label`` says what the scale means in the title.
     """
     items = [HeatmapItem(*item) for item in items]
     if not items:
         raise ValueError("no images for the heat-map grid")
     chosen = highest_and_lowest(items, n)
-    vmin = min(float(np.min(item.anomaly_map)) for _, item in chosen)
-    vmax = max(float(np.max(item.anomaly_map)) for _, item in chosen)
+    if scale is None:
+        vmin = min(float(np.min(item.anomaly_map)) for _, item in chosen)
+        vmax = max(float(np.max(item.anomaly_map)) for _, item in chosen)
+    else:
+        vmin, vmax = scale
     columns = min(4, len(chosen))
     rows = math.ceil(len(chosen) / columns)
     figure = _new_figure(3.2 * columns, 3.0 * rows)
@@ -300,7 +306,8 @@ def plot_heatmap_grid(items: Sequence[HeatmapItem | tuple], path: str | Path, n:
         prefix = f"[{group}] " if group else ""
         axes.set_title(f"{prefix}{item.title}\n{type_key(item.anomaly_type)}  score {item.score:.3f}", fontsize=8)
         axes.axis("off")
-    figure.suptitle(f"Anomaly maps (colour scale {vmin:.3g} to {vmax:.3g})")
+    meaning = f"; {scale_label}" if scale_label else ""
+    figure.suptitle(f"Anomaly maps (colour scale {vmin:.3g} to {vmax:.3g}{meaning})")
     return _save(figure, path)
 
 

@@ -71,13 +71,15 @@ def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str 
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
         originals = [s.load_image() for s in batch]
-        maps, raw, log_odds = predict(loaded.model, [resize_rgb(im, loaded.image_size) for im in originals],
-                                      loaded.top_k, device, batch_size)
-        # what the exported model answers, and what ranks the heat-map grid: raw scores tie at 1.0
+        maps, raw, log_odds, map_log_odds = predict(
+            loaded.model, [resize_rgb(im, loaded.image_size) for im in originals], loaded.top_k, device, batch_size)
+        # what the exported model answers, and what the heat-map grid ranks and shows: raw scores and
+        # probabilities tie at 1.0
         shown = np.atleast_1d(cal.calibrated_score(log_odds)) if cal else raw
+        shown_maps = cal.calibrated_score(map_log_odds).astype(np.float32) if cal else maps
         if calibrated is not None:
             calibrated.extend(shown.tolist())
-        for sample, image, amap, score, shown_score in zip(batch, originals, maps, raw, shown):
+        for sample, image, amap, score, shown_score, shown_map in zip(batch, originals, maps, raw, shown, shown_maps):
             full = upsample_map(amap, sample.size)
             image_maps = _image_maps(sample, full)
             spro.add(image_maps)
@@ -88,7 +90,7 @@ def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str 
             types.append(sample.anomaly_type)
             defects.append(sorted({m.defect.defect_name for m in sample.masks}))
             names.append(f"{sample.anomaly_type}/{sample.index}")
-            thumbs.append(HeatmapItem(_thumbnail(image), amap, float(shown_score), sample.anomaly_type,
+            thumbs.append(HeatmapItem(_thumbnail(image), shown_map, float(shown_score), sample.anomaly_type,
                                       f"{sample.anomaly_type}/{sample.index}"))
         bar.update(len(batch))
     bar.close()
@@ -146,7 +148,10 @@ def _write_outputs(out_dir: Path, metrics: dict, scores: list[float], calibrated
     curves = {name: c.curve()[:2] for name, c in spro.curves().items()}  # (fpr, mean sPRO)
     if curves:
         files.append(plot_spro_curves(curves, out_dir / "spro_curves.png"))
-    files.append(plot_heatmap_grid(thumbs, out_dir / "heatmaps.png", n=min(8, max(1, len(thumbs) // 2))))
+    # calibrated maps on the gateway's fixed scale (0.5 = threshold), so the grid shows what an operator sees
+    files.append(plot_heatmap_grid(thumbs, out_dir / "heatmaps.png", n=min(8, max(1, len(thumbs) // 2)),
+                                   scale=None if calibrated is None else (0.0, 1.0),
+                                   scale_label=None if calibrated is None else "calibrated: 0.5 = threshold, green"))
     return files
 
 

@@ -2,10 +2,12 @@
 contract (``slsg.contract``), and prove it computes what PyTorch computes.
 
 The graph takes uint8 RGB NHWC ``image`` and does the cast, scaling, ImageNet normalisation and
-transpose itself, so clients send raw pixels. Outputs: ``anomaly_map`` (anomaly-class
-probability, [N, 1, H, W]) and ``score`` ([N, 1], the top-K mean calibrated with the card's
-``Calibration``: 0.5 at the threshold, in [0, 1], from the top-K mean's log-odds, which the graph
-takes from the logits so that clear anomalies do not all round to 1).
+transpose itself, so clients send raw pixels. Outputs: ``score`` ([N, 1], the top-K mean calibrated
+with the card's ``Calibration``: 0.5 at the threshold, in [0, 1], from the top-K mean's log-odds,
+which the graph takes from the logits so that clear anomalies do not all round to 1) and
+``anomaly_map`` ([N, 1, H, W], each pixel's anomaly probability through the same calibration, from
+its log-odds: 0.5 at the threshold, and strong anomalies, whose probabilities are all 1.0 in
+float32, keep their order).
 
 After the export, ONNX Runtime runs the file on random images (batch 1 and 3) and on any real
 images given; if an output differs from PyTorch by more than the tolerance, or anything fails,
@@ -28,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from slsg.contract import (
-    IMAGENET_MEAN, IMAGENET_STD, INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE,
-    Calibration, ModelCard,
+    ANOMALY_MAP_CALIBRATED, IMAGENET_MEAN, IMAGENET_STD, INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP,
+    OUTPUT_SCORE, Calibration, ModelCard,
 )
 from slsg_train.models.slsg import REFERENCE_CHECKS, SLSG, check_input_size
 
@@ -48,8 +50,8 @@ class ExportError(RuntimeError):
 @dataclass
 class ExportCheck:
     path: Path
-    max_map_diff: float  # largest |ORT - torch| of anomaly_map over all checked batches
-    max_score_diff: float  # ... and of the score, over the calibration's slope (see score_gain)
+    max_map_diff: float  # largest |ORT - torch| of anomaly_map over all checked batches / score_gain
+    max_score_diff: float  # ... and of the score
     checked_images: int  # random + real images compared
     opset: int
     near_tie_images: int = 0  # images accepted under the near-tie rule (see verify_onnx)
@@ -57,14 +59,16 @@ class ExportCheck:
 
 def calibrate(log_odds: Tensor, calibration: Calibration) -> Tensor:
     """Torch version of ``Calibration.calibrated_score``: raw scores' log-odds -> [0, 1], 0.5 at the threshold."""
-    floor, threshold = calibration.score_floor(), calibration.log_odds_threshold()
-    below = 0.5 * (torch.sigmoid(log_odds) - floor) / (calibration.raw_threshold - floor)
-    above = 1.0 - 0.5 / (1.0 + (log_odds - threshold).clamp_min(0.0) / calibration.log_odds_scale())
-    return torch.where(log_odds < threshold, below, above).clamp(0.0, 1.0)
+    # folded into as few elementwise ops as the formula allows: the graph runs it on every map pixel
+    floor, threshold, scale = calibration.score_floor(), calibration.log_odds_threshold(), calibration.log_odds_scale()
+    slope = 0.5 / (calibration.raw_threshold - floor)
+    below = torch.relu(torch.sigmoid(log_odds) * slope - floor * slope)  # <= 0.5 where it is taken
+    above = 1.0 - (0.5 * scale) / (torch.relu(log_odds - threshold) + scale)  # in [0.5, 1)
+    return torch.where(log_odds < threshold, below, above)
 
 
 class InferenceGraph(nn.Module):
-    """uint8 [N, H, W, 3] RGB -> (anomaly_map [N, 1, H, W], score [N, 1]), both float32."""
+    """uint8 [N, H, W, 3] RGB -> (anomaly_map [N, 1, H, W], score [N, 1]), both float32 and calibrated."""
 
     def __init__(self, model: SLSG, top_k: int, calibration: Calibration) -> None:
         super().__init__()
@@ -81,7 +85,7 @@ class InferenceGraph(nn.Module):
         out = self.model(x)
         fused = self.model.anomaly_log_odds(out)
         log_odds = self.model.score_log_odds(out, self.top_k, fused).unsqueeze(1)  # [N, 1]
-        return torch.sigmoid(fused), calibrate(log_odds, self.calibration)
+        return calibrate(fused, self.calibration), calibrate(log_odds, self.calibration)
 
 
 def _check_inputs(card: ModelCard, verify_images: list[np.ndarray]) -> None:
@@ -142,15 +146,15 @@ def score_gain(calibration: Calibration) -> float:
 
 def _image_diffs(onnx_out: list[np.ndarray], reference: tuple[Tensor, Tensor], size: int,
                  gain: float) -> np.ndarray:
-    """[N, 2]: per image, max |ORT - reference| of the anomaly map and of the score, the score's
-    divided by ``gain`` (:func:`score_gain`): in the units of its input, like the map's."""
+    """[N, 2]: per image, max |ORT - reference| of the anomaly map and of the score, both divided by
+    ``gain`` (:func:`score_gain`): in the units of the raw probabilities they were calibrated from."""
     (onnx_map, onnx_score), (torch_map, torch_score) = onnx_out, reference
     if onnx_map.shape != tuple(torch_map.shape) or onnx_score.shape != tuple(torch_score.shape):
         raise ExportError(
             f"ONNX output shapes {onnx_map.shape}, {onnx_score.shape} differ from PyTorch's "
             f"{tuple(torch_map.shape)}, {tuple(torch_score.shape)} for a batch of {size}"
         )
-    map_diff = np.abs(onnx_map - torch_map.double().numpy()).reshape(size, -1).max(axis=1)
+    map_diff = np.abs(onnx_map - torch_map.double().numpy()).reshape(size, -1).max(axis=1) / gain
     score_diff = np.abs(onnx_score - torch_score.double().numpy()).reshape(size, -1).max(axis=1) / gain
     return np.stack([map_diff, score_diff], axis=1)
 
@@ -196,8 +200,8 @@ def verify_onnx(path: Path, graph: InferenceGraph, batches: list[np.ndarray],
     matching when ONNX Runtime agrees within ``tolerance`` with float32 PyTorch, or with float64
     PyTorch (which settles ties float32 got wrong), or with float64 PyTorch after one near-tie
     (gap < ``NEAR_TIE_MARGIN``) is resolved the other way: then the only difference is that choice.
-    The score's difference is divided by the calibration's slope (:func:`score_gain`) to compare
-    it as the map's.
+    Both outputs' differences are divided by the calibration's slope (:func:`score_gain`), so the
+    tolerance is in raw probability wherever the calibration is steep.
     """
     import onnxruntime as ort
 
@@ -222,7 +226,7 @@ def verify_onnx(path: Path, graph: InferenceGraph, batches: list[np.ndarray],
                 else:
                     raise ExportError(
                         f"ONNX Runtime differs from PyTorch by {diffs[i].max():.3g} (anomaly_map {diffs[i, 0]:.3g}, "
-                        f"score {diffs[i, 1]:.3g} over the calibration's slope) > tolerance {tolerance:g}")
+                        f"score {diffs[i, 1]:.3g}, over the calibration's slope) > tolerance {tolerance:g}")
         worst = np.maximum(worst, diffs.max(axis=0))
     return ExportCheck(path, float(worst[0]), float(worst[1]), sum(len(b) for b in batches), 0, near_ties)
 
@@ -246,6 +250,10 @@ def export_onnx(
     path = Path(path)
     verify_images = list(verify_images or [])
     _check_inputs(card, verify_images)
+    if card.anomaly_map_scale != ANOMALY_MAP_CALIBRATED:
+        raise ExportError(f"the card says anomaly_map_scale {card.anomaly_map_scale!r}, but the graph writes a "
+                          f"{ANOMALY_MAP_CALIBRATED!r} map (and the card's pixel threshold on it: "
+                          "Calibration.on_calibrated_map)")
     for name in REFERENCE_CHECKS:
         check = getattr(model, name, None)
         if check is not None and not bool(check.fitted):
