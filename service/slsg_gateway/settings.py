@@ -1,7 +1,9 @@
 """Gateway settings: one typed object, read from ``SLSG_*`` environment variables.
 
 List settings (API keys, line ids) accept JSON or a comma-separated string; ``SLSG_THRESHOLDS``
-is JSON, e.g. ``'{"tray": 0.6}'`` (a per-model decision threshold on the calibrated score).
+is JSON, e.g. ``'{"tray": 0.6}'`` (a per-model decision threshold on the calibrated score; above 0.5
+that score is 1 - 0.5 / (1 + m), so 0.6 asks for m = 0.25 units of evidence beyond the calibrated
+threshold, 0.75 for one unit: the distance of a typical normal image below it).
 """
 
 from __future__ import annotations
