@@ -57,7 +57,7 @@ def predict(model: torch.nn.Module, images: list[np.ndarray], top_k: int, device
         fused = model.anomaly_log_odds(out)
         maps.append(torch.sigmoid(fused)[:, 0].float().cpu().numpy())
         map_log_odds.append(fused[:, 0].float().cpu().numpy())
-        scores.append(model.score_images(out, top_k).float().cpu().numpy())
+        scores.append(model.score_images(out, top_k, fused).float().cpu().numpy())
         log_odds.append(model.score_log_odds(out, top_k, fused).float().cpu().numpy())
     model.train(was_training)
     if not maps:

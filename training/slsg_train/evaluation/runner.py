@@ -149,9 +149,8 @@ def _write_outputs(out_dir: Path, metrics: dict, scores: list[float], calibrated
     if curves:
         files.append(plot_spro_curves(curves, out_dir / "spro_curves.png"))
     # calibrated maps on the gateway's fixed scale (0.5 = threshold), so the grid shows what an operator sees
-    files.append(plot_heatmap_grid(thumbs, out_dir / "heatmaps.png", n=min(8, max(1, len(thumbs) // 2)),
-                                   scale=None if calibrated is None else (0.0, 1.0),
-                                   scale_label=None if calibrated is None else "calibrated: 0.5 = threshold, green"))
+    fixed_scale = {} if calibrated is None else {"scale": (0.0, 1.0), "scale_label": "calibrated: 0.5 = threshold, green"}
+    files.append(plot_heatmap_grid(thumbs, out_dir / "heatmaps.png", n=min(8, max(1, len(thumbs) // 2)), **fixed_scale))
     return files
 
 

@@ -320,10 +320,11 @@ class SLSG(nn.Module):
         """[B, 1, H, W]: the anomaly probability, :meth:`anomaly_log_odds` through a sigmoid."""
         return torch.sigmoid(self.anomaly_log_odds(output))
 
-    def score_images(self, output: SLSGOutput, k: int) -> Tensor:
+    def score_images(self, output: SLSGOutput, k: int, fused: Tensor | None = None) -> Tensor:
         """Image scores [B]: the paper's mean of the top-K pixels of :meth:`anomaly_map`, or with a
-        fitted global branch the larger of that and the global distance on the same scale."""
-        local = image_score(self.anomaly_map(output), k)
+        fitted global branch the larger of that and the global distance on the same scale. ``fused``:
+        the :meth:`anomaly_log_odds` of ``output`` when the caller has it."""
+        local = image_score(self.anomaly_map(output) if fused is None else torch.sigmoid(fused), k)
         if output.global_distance is None:
             return local
         return self.global_branch.combine(local, output.global_distance)
