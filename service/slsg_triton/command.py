@@ -1,7 +1,7 @@
 """``slsg triton``: run a real Triton server on this machine's CPU over a model repository.
 
 The production repository (onnxruntime backend) is served through a generated Python-backend
-shadow repository that follows new exports (see ``slsg_gateway.triton_local``). Ctrl-C or
+shadow repository that follows new exports (see ``slsg_triton.local``). Ctrl-C or
 SIGTERM stops the server cleanly and exits 0. Standard library only at module level.
 """
 
@@ -45,7 +45,7 @@ def _stop_on_signals(stop: threading.Event, ready: threading.Event) -> dict[int,
 
 
 def run(args: argparse.Namespace) -> int:
-    from slsg_gateway.triton_local import LocalTriton, TritonStartError
+    from slsg_triton.local import LocalTriton, TritonStartError
 
     stop, ready = threading.Event(), threading.Event()
     previous = _stop_on_signals(stop, ready)
