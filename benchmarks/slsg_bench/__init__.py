@@ -8,6 +8,6 @@ Modules import only the standard library and numpy at top level; ONNX Runtime, t
 and Triton are imported inside the functions that need them (``slsg bench --help`` stays light).
 """
 
-from slsg.bench.report import Table, Timing, emit, environment, percentile_timing
+from slsg_bench.report import Table, Timing, emit, environment, percentile_timing
 
 __all__ = ["Table", "Timing", "emit", "environment", "percentile_timing"]

@@ -4,7 +4,7 @@
 Self-contained (numpy and onnxruntime-gpu only), so it can be copied to a GPU machine with just the
 model file::
 
-    python benchmarks/gpu_bench.py model_repository/tray/1/model.onnx --batch-sizes 1,8,32 --json
+    python benchmarks/slsg_bench/gpu.py model_repository/tray/1/model.onnx --batch-sizes 1,8,32 --json
 
 For each provider it builds a session (TensorRT: FP16, an optimisation profile covering the batch
 sizes, engine cache in --trt-cache), warms up (TensorRT builds its engine then: reported as

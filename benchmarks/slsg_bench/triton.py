@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from slsg.bench.model import Engine, open_session, ort_engine, resolve_model, session_input_size, time_interleaved
-from slsg.bench.report import Table, environment, percentile_timing, ratio
+from slsg_bench.model import Engine, open_session, ort_engine, resolve_model, session_input_size, time_interleaved
+from slsg_bench.report import Table, environment, percentile_timing, ratio
 from slsg.contract import INPUT_IMAGE, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE
 
 
@@ -51,7 +51,7 @@ def run_triton_bench(cfg: TritonBenchConfig) -> dict[str, Any]:
     """Start Triton, measure both paths, stop Triton; return the JSON-ready report."""
     from slsg.triton_config import load_config
     from slsg_gateway.server import free_port
-    from slsg_gateway.triton_local import LocalTriton
+    from slsg_triton.local import LocalTriton
 
     env = environment(cfg.threads)
     version, path = resolve_model(cfg.repository, cfg.name, None)

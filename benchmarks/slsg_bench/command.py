@@ -36,7 +36,7 @@ def _seed_list(text: str) -> tuple[int, ...]:
 
 
 def _frame_size(text: str) -> tuple[int, int]:
-    from slsg.bench.frames import parse_size
+    from slsg_bench.frames import parse_size
 
     try:
         return parse_size(text)
@@ -45,7 +45,7 @@ def _frame_size(text: str) -> tuple[int, int]:
 
 
 def _duration(text: str) -> int:
-    from slsg.bench.load import parse_duration
+    from slsg_bench.load import parse_duration
 
     try:
         return parse_duration(text)
@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--cameras-per-line", type=int, default=4)
     load.add_argument("--fps", type=_fps, default=(1.0, 3.0), help="per-camera frame rate range, MIN-MAX")
     load.add_argument("--frame-size", type=_frame_size, default=(1600, 1280), help="JPEG WIDTHxHEIGHT")
-    load.add_argument("--locustfile", type=Path, default=None, help="default: benchmarks/locustfile.py")
+    load.add_argument("--locustfile", type=Path, default=None, help="default: benchmarks/slsg_bench/locustfile.py")
 
     pipeline = sub.add_parser("pipeline", help="training step time: simulation in workers vs pre-generated batches")
     pipeline.add_argument("--data", type=Path, required=True, help="data set root (MVTec LOCO AD layout)")
@@ -161,7 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model(args: argparse.Namespace):
-    from slsg.bench.model import ModelBenchConfig, model_tables, run_model_bench
+    from slsg_bench.model import ModelBenchConfig, model_tables, run_model_bench
 
     cfg = ModelBenchConfig(args.repository, args.name, args.version, args.checkpoint, args.threads, args.iterations,
                            args.warmup, args.batch_sizes, args.peak_size, args.against)
@@ -169,7 +169,7 @@ def _model(args: argparse.Namespace):
 
 
 def _gateway(args: argparse.Namespace):
-    from slsg.bench.gateway import GatewayBenchConfig, gateway_tables, run_gateway_bench
+    from slsg_bench.gateway import GatewayBenchConfig, gateway_tables, run_gateway_bench
 
     cfg = GatewayBenchConfig(args.repository, args.name, args.frame_size, args.concurrency, args.requests,
                              memory_requests=args.memory_requests, threads=args.threads, iterations=args.iterations,
@@ -178,14 +178,14 @@ def _gateway(args: argparse.Namespace):
 
 
 def _triton(args: argparse.Namespace):
-    from slsg.bench.triton import TritonBenchConfig, run_triton_bench, triton_tables
+    from slsg_bench.triton import TritonBenchConfig, run_triton_bench, triton_tables
 
     cfg = TritonBenchConfig(args.repository, args.name, args.threads, args.iterations, args.warmup, args.batch_sizes)
     return run_triton_bench(cfg), triton_tables
 
 
 def _load(args: argparse.Namespace):
-    from slsg.bench.load import LoadBenchConfig, load_tables, run_load_bench
+    from slsg_bench.load import LoadBenchConfig, load_tables, run_load_bench
 
     cfg = LoadBenchConfig(args.repository, args.name, args.users, args.duration, lines=args.lines,
                           cameras_per_line=args.cameras_per_line, fps=args.fps, frame_size=args.frame_size,
@@ -196,9 +196,9 @@ def _load(args: argparse.Namespace):
 def _pipeline(args: argparse.Namespace):
     import torch
 
-    from slsg.bench.report import Table, environment
+    from slsg_bench.report import Table, environment
     from slsg_train.training.config import parse_image_size
-    from slsg_train.training.pipeline_bench import benchmark_pipeline
+    from slsg_bench.pipeline import benchmark_pipeline
 
     torch.set_num_threads(args.threads)
     result = benchmark_pipeline(args.data, args.category, parse_image_size(args.image_size), args.steps, args.warmup,
@@ -218,8 +218,8 @@ def _pipeline(args: argparse.Namespace):
 def _presets(args: argparse.Namespace):
     import torch
 
-    from slsg.bench.report import environment
-    from slsg_train.evaluation.presets import PresetComparison, compare_presets
+    from slsg_bench.report import environment
+    from slsg_bench.presets import PresetComparison, compare_presets
     from slsg_train.training.config import parse_image_size
 
     if args.steps < 1 or args.pretrain_steps < 0 or args.batch_size < 1:
@@ -240,7 +240,7 @@ def _presets(args: argparse.Namespace):
 
 
 def _preset_tables(r: dict) -> list:
-    from slsg.bench.report import Table
+    from slsg_bench.report import Table
 
     runs = Table(f"{r['category']} at {r['image_size'][1]}x{r['image_size'][0]}, {r['pretrain_steps']} + "
                  f"{r['steps']} steps, evaluated on {r['eval_data']}",
@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"slsg bench {args.bench}: {exc}", file=sys.stderr)
         return 2
-    from slsg.bench.report import emit
+    from slsg_bench.report import emit
 
     emit(report, tables(report), args.json)
     return 0

@@ -8,8 +8,8 @@ trigger does; a camera that falls behind sends its next frame at once).
 
 Run headless, bounded, against a gateway on this machine::
 
-    SLSG_LOAD_MODEL=tray locust -f benchmarks/locustfile.py --headless --users 8 --spawn-rate 8 \
-        --run-time 20s --host http://127.0.0.1:8000 --csv /tmp/load --only-summary
+    SLSG_LOAD_MODEL=tray locust -f benchmarks/slsg_bench/locustfile.py --headless --users 8 --spawn-rate 8 \
+        --run-time 20s --host http://127.0.0.1:8080 --csv /tmp/load --only-summary
 
 or let ``slsg bench load`` start a gateway and do the above. Settings (environment):
 SLSG_LOAD_MODEL (tray), SLSG_LOAD_LINES (3), SLSG_LOAD_CAMERAS_PER_LINE (4), SLSG_LOAD_FPS (1-3),
@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 from locust import constant_pacing, events, task
 from locust.contrib.fasthttp import FastHttpUser
 
-from slsg.bench.frames import camera_jpeg, parse_size
+from slsg_bench.frames import camera_jpeg, parse_size
 
 MODEL = os.environ.get("SLSG_LOAD_MODEL", "tray")
 LINES = int(os.environ.get("SLSG_LOAD_LINES", "3"))

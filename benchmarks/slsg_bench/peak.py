@@ -7,7 +7,7 @@ while MLAS uses AVX-512 where present. The peak is the better of the two.
 
 BLAS reads its thread count from the environment when numpy is first imported, so each
 measurement runs in a child interpreter with OMP/OPENBLAS/MKL_NUM_THREADS set to the
-benchmark's thread count (``python -m slsg.bench.peak --threads T --backend numpy`` prints JSON).
+benchmark's thread count (``python -m slsg_bench.peak --threads T --backend numpy`` prints JSON).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def measure_peak(threads: int, size: int = 2048, iterations: int = 10, backend: 
                  timeout_s: float = 300.0) -> MatmulPeak:
     """Run :func:`matmul_gflops` in a child interpreter limited to ``threads`` threads."""
     env = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
-    cmd = [sys.executable, "-m", "slsg.bench.peak", "--threads", str(threads), "--size", str(size),
+    cmd = [sys.executable, "-m", "slsg_bench.peak", "--threads", str(threads), "--size", str(size),
            "--iterations", str(iterations), "--backend", backend]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from slsg.bench.frames import LOCO_FRAME_SIZE, camera_jpeg
-from slsg.bench.model import open_session, ort_engine, resolve_model, session_input_size
-from slsg.bench.report import Table, environment, format_cell, percentile_timing, ratio, time_calls
+from slsg_bench.frames import LOCO_FRAME_SIZE, camera_jpeg
+from slsg_bench.model import open_session, ort_engine, resolve_model, session_input_size
+from slsg_bench.report import Table, environment, format_cell, percentile_timing, ratio, time_calls
 
 
 @dataclass

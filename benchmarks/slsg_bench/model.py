@@ -5,7 +5,7 @@ interleaved (one PyTorch call, then one ONNX Runtime call, ...) so background lo
 alike; the model's GFLOP per image (from the checkpoint with ``count_flops``, else from the
 ONNX graph's Conv/ConvTranspose/MatMul/Gemm shapes); and the achieved GFLOP/s against this
 machine's float32 matrix-multiply peak (the better of numpy's BLAS and ONNX Runtime's MatMul,
-see ``slsg.bench.peak``) measured with the same thread count.
+see ``slsg_bench.peak``) measured with the same thread count.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from slsg.bench.peak import BACKENDS, measure_peak
-from slsg.bench.report import Table, environment, percentile_timing, ratio
+from slsg_bench.peak import BACKENDS, measure_peak
+from slsg_bench.report import Table, environment, percentile_timing, ratio
 from slsg.contract import INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, list_versions, model_path
 
 

@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slsg.bench.gateway import resident_memory_mb
-from slsg.bench.model import resolve_model
-from slsg.bench.report import Table, environment
+from slsg_bench.gateway import resident_memory_mb
+from slsg_bench.model import resolve_model
+from slsg_bench.report import Table, environment
 
 AGGREGATED = "Aggregated"
 
 
 def default_locustfile() -> Path:
-    """``benchmarks/locustfile.py`` of the source tree this package runs from."""
-    return Path(__file__).resolve().parents[2] / "benchmarks" / "locustfile.py"
+    """``benchmarks/slsg_bench/locustfile.py`` of the source tree this package runs from."""
+    return Path(__file__).with_name("locustfile.py")
 
 
 def parse_duration(text: str) -> int:
@@ -105,7 +105,7 @@ def warm_up(url: str, cfg: LoadBenchConfig, requests: int = 3) -> None:
     """A few frames through the gateway with the standard library (no extra client in this process)."""
     import urllib.request
 
-    from slsg.bench.frames import camera_jpeg
+    from slsg_bench.frames import camera_jpeg
 
     frame = camera_jpeg(*cfg.frame_size)
     for _ in range(requests):
