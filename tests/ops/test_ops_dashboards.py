@@ -15,7 +15,7 @@ import yaml
 
 from test_ops_prometheus import gateway_series_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRAFANA_DIR = ROOT / "docker" / "grafana"
 DASHBOARD_FILES = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
 EXPECTED_DASHBOARDS = {"line-overview", "service-health", "model-versions"}

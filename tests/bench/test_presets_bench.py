@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_slsg as slsg
+from support import run_slsg as slsg
 from slsg_train.models.backbones import ResNet18Features
 
 SCHEDULE = ("--image-size", "64", "--steps", "3", "--pretrain-steps", "0", "--batch-size", "2", "--workers", "0",
@@ -104,7 +104,7 @@ def test_missing_paper_weights_fail_before_any_training(compared, tmp_path):
 
 
 def test_the_summary_averages_seeds_before_comparing():
-    from slsg_train.evaluation.presets import summarise
+    from slsg_bench.presets import summarise
 
     def row(preset, seed, gflop, logical, structural):
         auroc = {"logical": logical, "structural": structural, "mean": (logical + structural) / 2}
@@ -135,7 +135,7 @@ def _scored(good: list[float], logical: list[float]) -> list[dict]:
 
 
 def test_the_auroc_gap_interval_pairs_the_test_images():
-    from slsg_train.evaluation.presets import auroc_gap_interval
+    from slsg_bench.presets import auroc_gap_interval
     from slsg_train.metrics.roc import auroc
 
     rng = np.random.default_rng(0)

@@ -24,14 +24,14 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.grpc import model_config_pb2 as mc
 
-from conftest import free_ports
+from support import free_ports
 from onnx_fixtures import make_card, write_contract_model
 from slsg import cli
 from slsg.contract import INPUT_IMAGE, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, Calibration
 from slsg.triton_config import (
     ConfigError, card_from_config, load_config, parse_config, production_config, write_config,
 )
-from slsg_gateway.triton_local import LocalTriton, ShadowRepository, TritonStartError, find_tritonserver, shadow_config
+from slsg_triton.local import LocalTriton, ShadowRepository, TritonStartError, find_tritonserver, shadow_config
 
 pytestmark = pytest.mark.slow
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
@@ -110,8 +110,11 @@ def test_shadow_config_switches_backend_and_keeps_the_contract(contract_reposito
     assert shadow.backend == "python" and not shadow.default_model_filename
     assert not shadow.HasField("optimization")  # TensorRT is for the GPU onnxruntime backend only
     assert [(g.count, g.kind) for g in shadow.instance_group] == [(2, mc.ModelInstanceGroup.KIND_CPU)]
-    for kept in ("input", "output", "max_batch_size", "dynamic_batching", "version_policy", "parameters"):
+    for kept in ("input", "output", "max_batch_size", "dynamic_batching", "version_policy"):
         assert getattr(shadow, kept) == getattr(production, kept), kept
+    added = {"slsg_model_file": "model.onnx", "slsg_intra_op_threads": "1"}  # what onnx_model.py reads
+    assert {k: v.string_value for k, v in shadow.parameters.items() if k in added} == added
+    assert {k: v for k, v in shadow.parameters.items() if k not in added} == dict(production.parameters)
     assert card_from_config(shadow) == contract_repository.card
 
 

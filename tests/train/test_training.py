@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SLSG_BIN as SLSG, run_slsg as slsg
+from support import SLSG_BIN as SLSG, run_slsg as slsg
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--category", "tray", "--image-size", "64", "--batch-size", "2", "--workers", "0",

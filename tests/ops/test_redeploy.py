@@ -1,6 +1,6 @@
 """Redeploy and rollback under live traffic, end to end with a real trained SLSG model.
 
-The MLOps flow of docs/redeploy.md: `slsg export` version N+1 while cameras keep posting frames,
+The MLOps flow of docs/operations.md (runbook): `slsg export` version N+1 while cameras keep posting frames,
 ``POST /v1/models/{name}/load`` moves traffic to it, ``POST .../load {"version": N}`` rolls back
 (a pin), a load without a body serves the newest again. Runs on the real local Triton (explicit
 model control) behind the gateway's triton backend, and on the embedded ONNX Runtime backend.
@@ -169,7 +169,7 @@ def check_scores(answers: list[Answer], repository: Path, frame: bytes) -> None:
 
 
 def test_redeploy_and_rollback_on_local_triton(trained: Trained, tmp_path: Path) -> None:
-    triton_local = pytest.importorskip("slsg_gateway.triton_local")
+    triton_local = pytest.importorskip("slsg_triton.local")
     try:
         triton_local.find_tritonserver()
     except triton_local.TritonNotFoundError as exc:

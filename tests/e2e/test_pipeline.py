@@ -15,7 +15,7 @@ from PIL import Image
 from slsg.contract import MODEL_CARD_KEY, ModelCard, list_versions
 from slsg.triton_config import load_config
 
-from conftest import run_slsg as slsg
+from support import run_slsg as slsg
 
 
 

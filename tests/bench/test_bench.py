@@ -1,4 +1,4 @@
-"""`slsg bench model|gateway|triton|load` and benchmarks/gpu_bench.py on tiny real models.
+"""`slsg bench model|gateway|triton|load` and benchmarks/slsg_bench/gpu.py on tiny real models.
 
 Each benchmark runs for real (ONNX Runtime, PyTorch, a uvicorn gateway on loopback, tritonserver,
 a locust subprocess) with few iterations; the tests check the report's structure and sanity
@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 
 from onnx_fixtures import make_card, write_contract_model
-from slsg.bench.frames import camera_jpeg, parse_size
-from slsg.bench.load import parse_duration
-from slsg.bench.model import onnx_gflops
+from slsg_bench.frames import camera_jpeg, parse_size
+from slsg_bench.load import parse_duration
+from slsg_bench.model import onnx_gflops
 from slsg.cli import main
 from slsg.contract import model_path
 from slsg.triton_config import write_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAINED_SIZE = 64
 
 
@@ -163,7 +163,7 @@ def test_bench_gateway_end_to_end(toy_repository, capsys) -> None:
 
 @pytest.mark.slow
 def test_bench_triton_against_onnx_runtime(toy_repository, capsys) -> None:
-    triton_local = pytest.importorskip("slsg_gateway.triton_local")
+    triton_local = pytest.importorskip("slsg_triton.local")
     try:
         triton_local.find_tritonserver()
     except triton_local.TritonNotFoundError as exc:
@@ -200,7 +200,7 @@ def test_bench_load_runs_locust_camera_mix(toy_repository, capsys) -> None:
 def test_gpu_bench_falls_back_to_cpu_without_gpu_providers(toy_repository) -> None:
     import onnxruntime as ort
 
-    script = REPO_ROOT / "benchmarks" / "gpu_bench.py"
+    script = REPO_ROOT / "benchmarks" / "slsg_bench" / "gpu.py"
     done = subprocess.run([sys.executable, str(script), str(model_path(toy_repository, "toy", 1)),
                            "--batch-sizes", "1,2", "--iterations", "2", "--warmup", "1", "--json"],
                           capture_output=True, text=True, timeout=120)

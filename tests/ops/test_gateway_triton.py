@@ -21,7 +21,7 @@ from slsg_gateway.imaging import decode_frame
 from slsg_gateway.server import BackgroundGateway, free_port
 from slsg_gateway.settings import Settings
 
-triton_local = pytest.importorskip("slsg_gateway.triton_local")
+triton_local = pytest.importorskip("slsg_triton.local")
 pytestmark = pytest.mark.slow
 ADMIN = {"X-API-Key": "admin-secret"}
 PNG = {"Content-Type": "image/png"}

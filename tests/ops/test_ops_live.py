@@ -30,7 +30,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import free_ports
+from support import free_ports
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import model_path
 from slsg.triton_config import write_config
@@ -41,7 +41,7 @@ from test_ops_prometheus import PROMETHEUS_DIR, rules
 
 pytestmark = pytest.mark.slow
 MODEL, LINES, API_KEY = "toy", ["line-1", "line-2"], "station-key"
-DOCKER_DIR = Path(__file__).resolve().parents[1] / "docker"
+DOCKER_DIR = Path(__file__).resolve().parents[2] / "docker"
 HEALTHCHECK = DOCKER_DIR / "triton" / "healthcheck.sh"
 
 
@@ -109,7 +109,7 @@ def start_prometheus(binary: str, config: dict, workdir: Path, port: int) -> sub
 def start_triton(repository: Path):
     """A real Triton on CPU over the repository, or None when no tritonserver binary is installed."""
     try:
-        from slsg_gateway import triton_local
+        from slsg_triton import local as triton_local
     except ImportError:
         return None
     try:
