@@ -35,7 +35,7 @@ class Settings(BaseSettings):
 
     # where and how to serve
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8080
     workers: int = 1
     backend: Literal["embedded", "triton"] = "embedded"
     repository: Path = Path("model_repository")
