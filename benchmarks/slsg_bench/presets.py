@@ -22,7 +22,7 @@ from slsg_train.evaluation.report import plot_roc_comparison
 from slsg_train.metrics.roc import GOOD, type_key
 from slsg_train.training.config import TrainConfig
 
-PRESETS = ("default", "paper")
+COMPARED_PRESETS = ("default", "paper")
 ANOMALY_TYPES = ("logical", "structural")
 # what a reused run must match; the rest (workers, device, logging) does not change the model
 _MATCHED = ("category", "preset", "backbone_weights", "image_size", "steps", "batch_size", "seed", "model")
@@ -150,7 +150,7 @@ def _mean(values: list[float | None]) -> float | None:
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per preset: means over the seeds; then default against paper (cost ratio, AUROC differences)."""
     by_preset: dict[str, dict[str, Any]] = {}
-    for preset in PRESETS:
+    for preset in COMPARED_PRESETS:
         runs = [r for r in rows if r["preset"] == preset]
         if not runs:
             continue
@@ -161,7 +161,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "au_spro_0.05": {k: _mean([r["au_spro_0.05"].get(k) for r in runs]) for k in (*ANOMALY_TYPES, "mean")},
         }
     summary: dict[str, Any] = {"presets": by_preset}
-    if len(by_preset) == len(PRESETS):
+    if len(by_preset) == len(COMPARED_PRESETS):
         d, p = by_preset["default"], by_preset["paper"]
         gap = {k: None if d["image_auroc"][k] is None or p["image_auroc"][k] is None
                else round(d["image_auroc"][k] - p["image_auroc"][k], 4) for k in (*ANOMALY_TYPES, "mean")}
@@ -217,7 +217,7 @@ def compare_presets(spec: PresetComparison) -> dict[str, Any]:
     data_hash = LocoCategory(spec.data, spec.category).data_hash()  # reads every training image: once
     rows, scores = [], {}
     for seed in spec.seeds:  # preset pairs seed by seed, so a stopped comparison leaves paired runs
-        for preset in PRESETS:
+        for preset in COMPARED_PRESETS:
             run_dir = spec.run_dir(preset, seed)
             ckpt, how = ensure_trained(spec.train_config(preset, seed), spec.data, data_hash, run_dir)
             metrics, scores[(preset, seed)] = _evaluate(ckpt, eval_data, spec.category, run_dir / "eval", spec.device)
