@@ -91,6 +91,65 @@ class TrainConfig:
         return cls(**data)
 
 
+def merge_settings(base: dict, overrides: dict) -> dict:
+    """``base`` updated by ``overrides``, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_settings(out[key], value) if nested else value
+    return out
+
+
+def load_settings_file(path: str) -> dict:
+    """A JSON or YAML mapping of training settings; errors name the file and the problem."""
+    import json
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any read or parse failure is the file's fault
+        raise ValueError(f"--config {path}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def resolve_train_config(category: str, layers: list[dict[str, Any]]) -> TrainConfig:
+    """The one place where a run's settings are layered, lowest first: TrainConfig's defaults, the
+    preset's network fields, the category's simulation prior, then each of ``layers`` (settings
+    files, then the command line's flags), nested mappings merged key by key.
+
+    The result is complete: its ``model`` holds every network field and its ``simulation`` every
+    simulator field, so what ``slsg train --print-config`` shows is what the run uses.
+    """
+    from slsg_train.models import preset
+    from slsg_train.simulation import SimulationConfig
+
+    settings = TrainConfig().to_dict()
+    for layer in layers:
+        settings = merge_settings(settings, layer)
+    settings["category"] = category
+    cfg = TrainConfig.from_dict(settings)
+    changes: dict[str, Any] = {"backbone_weights": cfg.backbone_weights, "allow_download": cfg.allow_download}
+    if cfg.backbone:
+        changes["backbone"] = cfg.backbone
+    if cfg.pretrain.steps > 0:
+        changes["freeze_encoder"] = cfg.pretrain.freeze_encoder_after
+    cfg.model = preset(cfg.preset, **{**changes, **cfg.model}).to_dict()
+    prior = SimulationConfig().for_category(category)  # a file's own category_overrides apply last
+    simulation = SimulationConfig.from_dict(merge_settings(prior.to_dict(), cfg.simulation))
+    if cfg.anomaly_source:
+        simulation = dataclasses.replace(simulation, texture_source=cfg.anomaly_source)
+    cfg.simulation = simulation.for_category(category).to_dict()
+    return cfg
+
+
 def parse_image_size(text: str | int) -> tuple[int, int]:
     """'256' -> (256, 256); '320x256' (WxH) -> (256, 320). Both sides must be multiples of 32."""
     text = str(text).lower()
