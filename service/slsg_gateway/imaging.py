@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from slsg.contract import RESIZE_BILINEAR, RESIZE_LANCZOS
 from slsg_gateway.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
 
 # media type -> Pillow format
@@ -22,6 +23,7 @@ IMAGE_MEDIA_TYPES: dict[str, str] = {
     "image/x-ms-bmp": "BMP", "image/tiff": "TIFF",
 }
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+RESIZE_FILTERS = {RESIZE_BILINEAR: Image.BILINEAR, RESIZE_LANCZOS: Image.LANCZOS}  # the card's name -> Pillow's
 
 
 @dataclass
@@ -67,13 +69,15 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def decode_frame(data: bytes, input_size: tuple[int, int], *, max_pixels: int, draft_min_ratio: float = 2.0,
-                 keep_full: bool = False) -> Frame:
-    """Decode ``data`` and resize it to ``input_size`` = (height, width) for the model."""
+                 keep_full: bool = False, resize: str = RESIZE_BILINEAR) -> Frame:
+    """Decode ``data`` and resize it to ``input_size`` = (height, width) for the model with the card's
+    ``resize`` filter. A model that expects LANCZOS (the authors' preprocessing) gets the full decode:
+    JPEG draft mode would already have downscaled the frame another way."""
     t0 = time.perf_counter()
     image = _open(data, max_pixels)
     width, height = image.size
     in_h, in_w = input_size
-    use_draft = (not keep_full and image.format == "JPEG"
+    use_draft = (not keep_full and resize == RESIZE_BILINEAR and image.format == "JPEG"
                  and min(width / in_w, height / in_h) >= draft_min_ratio)
     if use_draft:
         image.draft("RGB", (in_w, in_h))  # picks the largest 1/2, 1/4, 1/8 scale still >= the input size
@@ -83,7 +87,7 @@ def decode_frame(data: bytes, input_size: tuple[int, int], *, max_pixels: int, d
         raise BadImage(f"image data is truncated or corrupt: {exc}", code="truncated_image") from None
     t1 = time.perf_counter()
     rgb = image.convert("RGB")
-    small = rgb.resize((in_w, in_h), Image.BILINEAR)
+    small = rgb.resize((in_w, in_h), RESIZE_FILTERS[resize])
     pixels = np.asarray(small, dtype=np.uint8)
     t2 = time.perf_counter()
     return Frame(pixels, width, height, (t1 - t0) * 1e3, (t2 - t1) * 1e3, use_draft, rgb if keep_full else None)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from slsg.contract import DECISION_THRESHOLD
+from slsg.contract import DECISION_THRESHOLD, RESIZE_BILINEAR
 from slsg_gateway.backends.base import Backend, ServedModel
 from slsg_gateway.batching import BatchItem, MicroBatcher
 from slsg_gateway.errors import ModelNotReady
@@ -51,7 +51,7 @@ class Inspector:
     async def decode(self, model: ServedModel, data: bytes, keep_full: bool) -> Frame:
         job = partial(decode_frame, data, (model.input_height, model.input_width),
                       max_pixels=self.settings.max_pixels, draft_min_ratio=self.settings.draft_min_ratio,
-                      keep_full=keep_full)
+                      keep_full=keep_full, resize=model.card.resize if model.card else RESIZE_BILINEAR)
         return await asyncio.get_running_loop().run_in_executor(self.pool, job)
 
     async def inspect(self, name: str, data: bytes, *, heatmap: HeatmapMode | None = None,

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         payload = loaded.payload
         category = LocoCategory(args.data or payload["data_root"], payload["category"])
         train_paths, paths = split_for_calibration(category)
-        calib_images = load_resized(paths, loaded.image_size)
+        calib_images = load_resized(paths, loaded.image_size, loaded.resize)
         model = loaded.model
         switches = {name: value == "on" for name, value in
                     (("global_branch", args.global_branch), ("patch_memory", args.patch_memory),
@@ -105,7 +105,7 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
     simulation = train_config.get("simulation")
     # a new autoencoder trains in the run's precision on this device (runs from before it existed: fp32)
     precision = resolve_precision(train_config.get("precision", "fp32"), torch.device(device))
-    fit_reference_checks(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device,
+    fit_reference_checks(model, load_resized(train_paths, loaded.image_size, loaded.resize), calib_images, loaded.top_k, device,
                          seed=seed, train_composition=not keep, precision=precision,
                          simulation=SimulationConfig.from_dict(simulation) if simulation else None)
     loaded.payload["model_config"] = config.to_dict()
