@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # beside the clone (as CI lays it out), or where SLSG_AUTHORS_REFERENCE says
 REFERENCE_DIR = Path(os.environ.get("SLSG_AUTHORS_REFERENCE",
                                     REPO_ROOT.parent / "shared" / "reference" / "authors_slsg"))
