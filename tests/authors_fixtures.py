@@ -65,3 +65,31 @@ def write_rule_b_weights(ref: Path, path: Path) -> Path:
     """A ``<category>.tch`` in their format (a plain state dict) holding rule-B weights."""
     torch.save(rule_b_state(ref), path)
     return path
+
+
+def parity(ref: Path, weights: Path) -> dict:
+    """The paper preset with ``weights`` (their format) against their numbers for ``input.png``."""
+    from slsg_train.models.authors import authors_network, read_authors_state
+
+    model, _ = authors_network(read_authors_state(weights))
+    captured = {}
+    hook = model.graph.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.load(ref / "input_tensor.npy")))
+        graph = model.graph
+        neighbours = graph.neighbours(graph.query_key(graph.fc_in(captured["x"])).flatten(2), 16, 16).numpy()
+    hook.remove()
+    probability = torch.softmax(out.logits, dim=1)[0, 1].flatten()
+    return {
+        "max_abs_logit_diff": float(np.abs(out.logits.numpy() - np.load(ref / "B_input_logits.npy")).max()),
+        "max_abs_aux_logit_diff": float(np.abs(out.aux_logits.numpy() - np.load(ref / "B_input_aux_logits.npy")).max()),
+        "differing_neighbour_indices": int((neighbours != np.load(ref / "B_gcn_neighbors.npy")).sum()),
+        "score_top100_mean": float(probability.topk(100).values.mean()),
+    }
+
+
+if __name__ == "__main__":  # python tests/authors_fixtures.py OUT.tch: write rule-B weights, print the parity
+    import sys
+
+    out = write_rule_b_weights(REFERENCE_DIR, Path(sys.argv[1]))
+    print(json.dumps({"weights": str(out), "threads": torch.get_num_threads(), **parity(REFERENCE_DIR, out)}, indent=2))

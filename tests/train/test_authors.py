@@ -148,3 +148,25 @@ def test_the_default_preset_and_older_checkpoints_keep_their_network():
     restored = SLSGConfig.from_dict(old_paper)
     assert (restored.layer1_input, restored.graph_value_on_tokens, restored.graph_position_table) == (
         "stem", False, False)
+
+
+def test_their_pretrained_encoder_file_loads_as_the_paper_presets_backbone_weights(ref, rule_b, tmp_path):
+    """``model_data/pre_models/<category>.pth``: their generatively pre-trained ResNet-18, torchvision key
+    names (fc included), as their Encoder loads it; here made of rule B's encoder tensors."""
+    from slsg_train.models import SLSG, BackboneWeightsError, preset
+
+    prefix = "encoder_segment.resnet18."
+    pre_model = {k[len(prefix):]: v for k, v in rule_b.items() if k.startswith(prefix)}
+    path = tmp_path / "pre_models" / "breakfast_box.pth"
+    path.parent.mkdir()
+    torch.save(pre_model, path)
+    model = SLSG(preset("paper", backbone_weights=str(path))).eval()
+    authors, _ = authors_network(rule_b)
+    x = torch.from_numpy(np.load(ref / "input_tensor.npy"))
+    with torch.no_grad():
+        for ours, theirs in zip(model.encoder(x), authors.encoder(x)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    del pre_model["layer3.1.bn2.running_var"]
+    torch.save(pre_model, path)
+    with pytest.raises(BackboneWeightsError, match="1 missing keys.*layer3.1.bn2.running_var"):
+        SLSG(preset("paper", backbone_weights=str(path)))
