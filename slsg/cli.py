@@ -16,7 +16,7 @@ from slsg import __version__
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("slsg_train.commands.synth", "write a synthetic data set in the MVTec LOCO AD layout"),
-    "train": ("slsg_train.commands.train", "train one SLSG model for a category"),
+    "train": ("slsg_train.commands.train", "train one SLSG model for a category (or each category in turn)"),
     "evaluate": ("slsg_train.commands.evaluate", "evaluate a checkpoint with the LOCO metrics"),
     "calibrate": ("slsg_train.commands.calibrate", "choose the image-score threshold from normal images"),
     "export": ("slsg_train.commands.export", "export a checkpoint to ONNX in a Triton model repository"),

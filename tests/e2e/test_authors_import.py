@@ -41,10 +41,14 @@ def imported(tmp_path_factory) -> dict[str, Path]:
             "input": ref / "input.png", "coffee": root / "coffee.png"}
 
 
-def test_import_then_score_prints_the_authors_score(imported):
-    proc = slsg("score", "--checkpoint", imported["checkpoint"], imported["input"])
+def test_import_then_score_prints_the_authors_score(imported, tmp_path):
+    proc = slsg("score", "--checkpoint", imported["checkpoint"], imported["input"], imported["coffee"],
+                "--heatmap", tmp_path / "maps")
     raw = float(proc.stdout.split("raw ")[1].split()[0])
-    assert raw == pytest.approx(REFERENCE_SCORE, abs=1e-4) and "uncalibrated" in proc.stdout
+    assert raw == pytest.approx(REFERENCE_SCORE, abs=1e-4) and proc.stdout.count("uncalibrated") == 2
+    # heat maps at each image's own size
+    assert Image.open(tmp_path / "maps" / "input.png").size == (256, 256)
+    assert Image.open(tmp_path / "maps" / "coffee.png").size == (300, 180)
 
 
 def test_an_uncalibrated_import_is_refused_by_export_until_calibrated(imported, tmp_path):
@@ -78,6 +82,9 @@ def test_calibrated_import_exports_and_the_gateway_answers_like_their_code(impor
     checkpoint = tmp_path / "checkpoint.pt"
     checkpoint.write_bytes(imported["checkpoint"].read_bytes())
     slsg("calibrate", "--checkpoint", checkpoint, "--data", imported["data"])
+    slsg("evaluate", "--checkpoint", checkpoint, "--data", imported["data"], "--out", tmp_path / "eval")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["category"] == "tray" and set(metrics["image_auroc"]) >= {"structural", "logical", "mean"}
     rows = _scores("--checkpoint", checkpoint, imported["input"], imported["coffee"])
     assert rows[0]["raw_score"] == pytest.approx(REFERENCE_SCORE, abs=1e-4)
     calibration = load_model(checkpoint).calibration

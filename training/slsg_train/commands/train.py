@@ -1,4 +1,4 @@
-"""`slsg train`: generative pre-training, SLSG training and calibration for one category."""
+"""`slsg train`: generative pre-training, SLSG training and calibration for one category (or every one)."""
 
 from __future__ import annotations
 
