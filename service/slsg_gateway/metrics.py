@@ -37,6 +37,11 @@ class GatewayMetrics:
                                       registry=r)
         self.model_version = Gauge("slsg_model_version_info", "served version (1 = serving)",
                                    ["model", "version"], registry=r)
+        self.records_written = Counter("slsg_records_written", "inspection records stored", registry=r)
+        self.records_dropped = Counter("slsg_records_dropped", "inspection records not stored (queue full, "
+                                       "store error, shutting down)", ["reason"], registry=r)
+        self.reviews = Counter("slsg_reviews", "operator reviews given through this gateway",
+                               ["model", "version", "line", "verdict"], registry=r)
 
     def line_label(self, line_id: str | None) -> str:
         if not line_id:
@@ -54,6 +59,12 @@ class GatewayMetrics:
                 self.model_version.remove(*labels)
         if version is not None:
             self.model_version.labels(model, str(version)).set(1)
+
+    def watch_records(self, store: object) -> None:
+        """Report the review loop's numbers from ``store`` (a RecordStore) at every scrape."""
+        from slsg_gateway.records.metrics import ReviewCollector
+
+        self.registry.register(ReviewCollector(store, self.line_label))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

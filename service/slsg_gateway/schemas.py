@@ -49,6 +49,8 @@ class Heatmap(BaseModel):
 
 
 class InspectionResult(BaseModel):
+    id: str | None = Field(default=None, description="the inspection record's id (GET /v1/inspections/{id}); "
+                                                     "null when the gateway records nothing (SLSG_RECORDS=off)")
     model: str
     version: int
     score: float = Field(description="calibrated anomaly score; 0.5 is the calibrated threshold, and above it "
