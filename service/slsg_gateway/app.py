@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slsg import __version__
 from slsg_gateway.api.deps import GatewayState
-from slsg_gateway.api.routes import health, inspect, models
+from slsg_gateway.api.routes import health, inspect, inspections, models
 from slsg_gateway.backends import create_backend
 from slsg_gateway.batching import MicroBatcher
 from slsg_gateway.errors import GatewayError
@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      records=_open_records(settings, inspector, metrics))
     _install_error_handlers(app)
     _install_request_metrics(app)
-    for module in (inspect, models, health):
+    for module in (inspect, inspections, models, health):
         app.include_router(module.router)
     return app
 
