@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlencode
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slsg import __version__
@@ -24,6 +25,8 @@ from slsg_gateway.records import RecordStore, RecordWriter, open_store
 from slsg_gateway.records.recorder import Recorder
 from slsg_gateway.records.writer import RetentionPolicy
 from slsg_gateway.settings import Settings
+from slsg_gateway.ui import routes as ui_routes
+from slsg_gateway.ui.routes import NotSignedIn
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(NotSignedIn)
+    async def not_signed_in(request: Request, exc: NotSignedIn) -> RedirectResponse:
+        return RedirectResponse("/ui/login?" + urlencode({"next": exc.next_url}), status_code=303)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -126,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      records=_open_records(settings, inspector, metrics))
     _install_error_handlers(app)
     _install_request_metrics(app)
-    for module in (inspect, inspections, models, health):
+    for module in (inspect, inspections, models, health, ui_routes):
         app.include_router(module.router)
     return app
 
