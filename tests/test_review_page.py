@@ -150,3 +150,28 @@ def test_operator_reviews_a_flagged_frame_in_a_real_browser(gateway):
     assert record["review"]["reviewer"] == "anna"
     metrics = httpx.get(gateway.url + "/metrics").text
     assert 'slsg_reviews_total{line="line-1",model="toy",verdict="defect",version="1"} 1.0' in metrics
+
+
+def test_line_overview_links_each_line_to_its_review_page(gateway):
+    """The Grafana panel's data link, filled in as Grafana does, opens that line's flagged frames in that window."""
+    import json
+    from urllib.parse import urlsplit
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "docker" / "grafana" / "dashboards" /
+                            "line-overview.json").read_text())
+    panel = next(p for p in dashboard["panels"] if p["title"] == "Reviews pending by line")
+    (link,) = panel["fieldConfig"]["defaults"]["links"]
+    assert "line:slsg_review_pending:max" in panel["targets"][0]["expr"]
+    line2 = post(gateway, "line-2", PATCH)["id"]
+    line1 = post(gateway, "line-1", PATCH)["id"]
+    wait_recorded(gateway, [line1, line2])
+    now_ms = int(time.time() * 1000)
+    url = (link["url"].replace("${__field.labels.line}", "line-2").replace("${__from}", str(now_ms - 600_000))
+           .replace("${__to}", str(now_ms + 60_000)))
+    parts = urlsplit(url)
+    assert parts.path == "/ui/"
+    with httpx.Client(base_url=gateway.url) as client:
+        client.get("/ui/", params={"api_key": KEY})  # the session cookie
+        page = client.get(f"{parts.path}?{parts.query}")
+    assert page.status_code == 200
+    assert f'data-record="{line2}"' in page.text and f'data-record="{line1}"' not in page.text

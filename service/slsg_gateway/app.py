@@ -83,7 +83,11 @@ def _open_records(settings: Settings, inspector: Inspector, metrics: GatewayMetr
     spec = settings.records_spec()
     if spec is None:
         return None
-    store = open_store(spec)
+    try:
+        store = open_store(spec)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise RuntimeError(f"cannot open the inspection record store {spec!r}: {exc} (set SLSG_RECORDS to a "
+                           "writable folder or a postgresql:// URL, or SLSG_RECORDS=off)") from exc
     days = settings.records_max_age_days
     writer = RecordWriter(
         store, max_queue=settings.records_queue, max_queue_bytes=settings.records_queue_bytes,
