@@ -145,3 +145,18 @@ def test_records_persist_across_reopen(tmp_path):
     again = open_store(tmp_path / "records")
     assert again.get(record.id).has_frame and again.frame(record.id) == record.frame
     again.close()
+
+
+def test_postgres_store_reconnects_after_its_connection_is_killed(postgres_url):
+    import psycopg
+
+    store = open_store(postgres_url)
+    store.add([new_record()])
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # what a server restart does to a session
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    with pytest.raises(psycopg.OperationalError):
+        store.count()  # the call that finds the connection dead fails ...
+    store.add([new_record()])  # ... the next one reconnects
+    assert store.count() == 2
+    store.close()
