@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 
+COLOUR, GREYSCALE = "colour", "greyscale"
 GREYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr"})
 SUPPORTED_MODES = GREYSCALE_MODES | COLOUR_MODES
@@ -73,6 +74,18 @@ class PillowLikeImage(Protocol):
 def is_greyscale_mode(mode: str) -> bool:
     """True for modes with a single intensity channel (optionally with alpha)."""
     return mode in GREYSCALE_MODES
+
+
+def images_colour(images: Iterable[np.ndarray]) -> str:
+    """``"greyscale"`` when every uint8 RGB image has three equal channels everywhere, else ``"colour"``.
+
+    What a model card records of its training images (``ModelCard.image_colour``), so the gateway can
+    warn when a colour-trained model is sent greyscale frames.
+    """
+    for image in images:
+        if not (np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])):
+            return COLOUR
+    return GREYSCALE
 
 
 def png_significant_bits(data: bytes) -> int | None:
@@ -153,8 +166,11 @@ def _bit_depth(array: np.ndarray, mode: str, bits: int | None) -> int:
 
 
 def _scale_to_8bit(array: np.ndarray, bits: int) -> np.ndarray:
-    top = float((1 << bits) - 1)
-    values = np.clip(array.astype(np.float64), 0.0, top)
+    top = (1 << bits) - 1
+    if array.dtype.itemsize <= 2 and array.dtype.kind == "u":  # 16-bit frames: a table, no float copy
+        table = np.rint(np.minimum(np.arange(1 << 16), top) * (255.0 / top)).astype(np.uint8)
+        return table[array]
+    values = np.clip(array.astype(np.float64), 0.0, float(top))
     return np.rint(values * (255.0 / top)).astype(np.uint8)
 
 
@@ -170,7 +186,7 @@ def _eight_bit_to_rgb(array: np.ndarray, mode: str, palette: np.ndarray | list[i
             raise UnsupportedImageMode("a floating-point ('F') frame holds NaN or infinite values")
         return _grey_to_rgb(np.rint(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8))
     if mode == "L":
-        return _grey_to_rgb(array.astype(np.uint8))
+        return _grey_to_rgb(array.astype(np.uint8, copy=False))
     if mode in ("LA", "La"):
         return _grey_to_rgb(array[:, :, 0].astype(np.uint8))
     if mode in ("P", "PA"):
@@ -179,7 +195,7 @@ def _eight_bit_to_rgb(array: np.ndarray, mode: str, palette: np.ndarray | list[i
         return _cmyk_to_rgb(array)
     if mode == "YCbCr":
         return _ycbcr_to_rgb(array)
-    return np.ascontiguousarray(array[:, :, :3].astype(np.uint8))
+    return np.ascontiguousarray(array[:, :, :3], dtype=np.uint8)
 
 
 def _palette_to_rgb(indices: np.ndarray, palette: np.ndarray | list[int] | None) -> np.ndarray:

@@ -19,10 +19,11 @@ from slsg_gateway.backends import create_backend
 from slsg_gateway.batching import MicroBatcher
 from slsg_gateway.errors import GatewayError
 from slsg_gateway.inspection import Inspector
+from slsg_gateway.logs import configure_logging
 from slsg_gateway.metrics import GatewayMetrics
 from slsg_gateway.settings import Settings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)  # "slsg_gateway.app": configure_logging gives it its handler
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -71,6 +72,7 @@ def _install_request_metrics(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The gateway app; the backend starts (and loads models) in the app's lifespan."""
     settings = settings or Settings()
+    configure_logging(settings.log_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
