@@ -78,8 +78,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: GatewayState = app.state.gateway
         await state.backend.start()
-        for model in await state.backend.list_models():
-            state.metrics.set_served_version(model.name, model.served_version)
+        try:
+            for model in await state.backend.list_models():
+                state.metrics.set_served_version(model.name, model.served_version)
+        except GatewayError:  # backend unreachable at start: the gateway still starts, readiness says so
+            pass
         yield
         await state.batcher.close()
         await state.backend.close()
