@@ -24,6 +24,7 @@ from slsg_gateway.imaging import (
 )
 from slsg_gateway.limits import DecodeBudget
 from slsg_gateway.metrics import GatewayMetrics
+from slsg_gateway.records.recorder import Recorder
 from slsg_gateway.regions import find_regions
 from slsg_gateway.schemas import Box, Heatmap, InspectionResult, Region, Timings
 from slsg_gateway.settings import Settings
@@ -55,6 +56,7 @@ class Inspector:
         self.metrics = metrics
         self.pool = pool
         self.budget = DecodeBudget(settings.decode_budget_mb * 1024 * 1024)
+        self.recorder: Recorder | None = None  # set by the app when inspection records are on
 
     async def served_model(self, name: str) -> ServedModel:
         model = await self.backend.get_model(name)
@@ -93,8 +95,9 @@ class Inspector:
                    "postprocess": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
         threshold = self.settings.threshold_for(name)
         png_size = heatmap_size(frame.width, frame.height, self.settings.heatmap_max_side)
+        record_id = self.recorder.new_id() if self.recorder else None
         result = InspectionResult(
-            model=name, version=item.version, score=item.score, threshold=threshold,
+            id=record_id, model=name, version=item.version, score=item.score, threshold=threshold,
             is_anomalous=item.score >= threshold, image_width=frame.width, image_height=frame.height,
             regions=regions, timings=Timings(**{f"{k}_ms": round(v, 3) for k, v in timings.items()}),
             camera_id=camera_id, line_id=line_id, warnings=frame_warnings(model, frame),
@@ -102,6 +105,8 @@ class Inspector:
                             png_base64=base64.b64encode(png).decode()) if png else None,
         )
         self._record(name, result, timings, line_id)
+        if self.recorder and record_id:
+            self.recorder.record(record_id, result, data, item.anomaly_map)
         return Inspection(result, png)
 
     def _postprocess(self, model: ServedModel, frame: Frame, item: BatchItem,

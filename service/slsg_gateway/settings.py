@@ -87,6 +87,15 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # metrics: production-line label values are limited to these; others are reported as "other"
     lines: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # inspection records: a folder (embedded SQLite store) or a postgresql:// URL; "off" records nothing;
+    # unset: <data_dir>/records
+    data_dir: Path = Path("gateway-data")
+    records: str | None = None
+    records_normal_sample: float = Field(0.01, ge=0.0, le=1.0)  # share of normal frames kept with heat map
+    records_max_age_days: float | None = Field(30.0, gt=0)
+    records_max_bytes: int | None = Field(10 * 1024**3, gt=0)  # frames and heat maps kept, in total
+    records_queue: int = Field(1000, ge=1)  # records waiting for the writer; beyond this they are dropped
+    records_queue_bytes: int = Field(256 * 1024**2, ge=1)  # frame bytes waiting for the writer
 
     _split = field_validator("api_keys", "admin_keys", "metrics_keys", "metrics_networks", "lines",
                              mode="before")(_split_list)
@@ -105,6 +114,12 @@ class Settings(BaseSettings):
         if self.max_concurrent_batches is not None:
             return max(1, self.max_concurrent_batches)
         return 1 if self.backend == "embedded" else 2
+
+    def records_spec(self) -> str | None:
+        """Where inspection records go, or None when recording is off."""
+        if self.records is None or not self.records.strip():
+            return str(self.data_dir / "records")
+        return None if self.records.strip().lower() == "off" else self.records.strip()
 
     def threshold_for(self, model: str) -> float:
         return float(self.thresholds.get(model, self.default_threshold))

@@ -15,6 +15,7 @@ from slsg_gateway.batching import MicroBatcher
 from slsg_gateway.errors import Forbidden, PayloadTooLarge, Unauthorized
 from slsg_gateway.inspection import Inspector
 from slsg_gateway.metrics import GatewayMetrics
+from slsg_gateway.records.store import RecordStore
 from slsg_gateway.settings import Settings
 
 
@@ -26,6 +27,7 @@ class GatewayState:
     batcher: MicroBatcher
     inspector: Inspector
     pool: ThreadPoolExecutor
+    records: RecordStore | None = None  # None: SLSG_RECORDS=off
 
 
 def get_state(request: Request) -> GatewayState:
