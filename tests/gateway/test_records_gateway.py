@@ -25,6 +25,7 @@ from slsg_gateway.settings import Settings
 from test_gateway_api import PATCH, encode, frame, metric_samples
 
 KEY = "line-operator-key"
+SCRAPE = {"X-API-Key": "prometheus-key"}  # /metrics is closed once API keys are set: Prometheus's own key
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def gateway_process(repository: Path, records: str, port: int, **env: str) -> It
     """``slsg serve`` in its own process; stopped with SIGTERM (a clean shutdown) on exit."""
     slsg = Path(sys.executable).with_name("slsg")
     environ = {**os.environ, "SLSG_API_KEYS": KEY, "SLSG_LINES": "line-1,line-2", "OMP_NUM_THREADS": "1",
-               "SLSG_RECORDS_NORMAL_SAMPLE": "0", **env}
+               "SLSG_RECORDS_NORMAL_SAMPLE": "0", "SLSG_METRICS_KEYS": SCRAPE["X-API-Key"], **env}
     proc = subprocess.Popen([str(slsg), "serve", "--repository", str(repository), "--port", str(port),
                              "--records", records, "--log-level", "warning"], env=environ, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -130,7 +131,7 @@ def test_every_inspection_is_recorded_and_survives_a_restart(repository, tmp_pat
                        json={"verdict": "defect", "reviewer": "anna"}, headers={"X-API-Key": KEY})
         assert r.json()["review"]["reviewer"] == "anna"
         assert len(all_records(url, review="pending")) == len(flagged) - 2
-        text = httpx.get(url + "/metrics").text
+        text = httpx.get(url + "/metrics", headers=SCRAPE).text
         pending = {s.labels["line"]: s.value for s in metric_samples(text, "slsg_review_pending")}
         assert sum(pending.values()) == len(flagged) - 2
         reviewed = {(s.labels["decision"], s.labels["verdict"]): s.value

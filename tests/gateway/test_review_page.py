@@ -21,6 +21,7 @@ from test_gateway_api import PATCH, encode, frame
 
 CHROMIUM = "/usr/bin/chromium"
 KEY = "operator-key"
+SCRAPE_KEY = "prometheus-key"  # /metrics is closed once API keys are set
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "reports" / "review-page"  # git-ignored
 
 
@@ -28,7 +29,8 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "reports" / "review-page"  #
 def gateway(tmp_path_factory):
     root = tmp_path_factory.mktemp("review")
     write_contract_model(model_path(root / "repo", "toy", 1), make_card("toy", size=64))
-    settings = Settings(repository=root / "repo", port=0, api_keys=[KEY], lines=["line-1", "line-2"],
+    settings = Settings(repository=root / "repo", port=0, api_keys=[KEY], metrics_keys=[SCRAPE_KEY],
+                        lines=["line-1", "line-2"],
                         records=str(root / "records"), records_normal_sample=0.0)
     with BackgroundGateway(settings) as gw:
         yield gw
@@ -148,7 +150,7 @@ def test_operator_reviews_a_flagged_frame_in_a_real_browser(gateway):
     record = httpx.get(f"{gateway.url}/v1/inspections/{target}", headers={"X-API-Key": KEY}).json()
     assert record["review"]["verdict"] == "defect" and record["review"]["note"] == "scratch on the lid"
     assert record["review"]["reviewer"] == "anna"
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = httpx.get(gateway.url + "/metrics", headers={"X-API-Key": SCRAPE_KEY}).text
     assert 'slsg_reviews_total{line="line-1",model="toy",verdict="defect",version="1"} 1.0' in metrics
 
 
