@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
+import torch
 from PIL import Image
 
 from slsg_train.metrics import auroc
@@ -144,3 +146,36 @@ def test_region_metrics_leave_out_images_without_masks(trained):
     for limit, per_type in subset["au_spro"].items():
         assert with_gaps["au_spro"][limit] == pytest.approx(per_type)
     assert with_gaps["counts"]["broken_large"] == 3 and subset["counts"]["broken_large"] == 2
+
+
+def test_category_without_validation_calibrates_on_held_out_training_images(trained):
+    payload = torch.load(trained["checkpoint"], map_location="cpu", weights_only=False)
+    assert payload["calibration"]["num_images"] >= 2  # train/good's last images, never trained on
+    assert "calibrated on" in trained["train_stdout"]
+
+
+def test_images_of_different_sizes_get_maps_and_masks_at_their_own_size(trained):
+    """Test images of three sizes in one category: each map is written, and compared, at its image's size."""
+    data = trained["root"] / "sizes"
+    cat = make_mvtec_category(data, "bottle", masks=True, seed=2)
+    sizes = {"good/001": (52, 52), "broken_large/002": (33, 71), "contamination/000": (64, 40)}
+    rng = np.random.default_rng(3)
+    for name, size in sizes.items():
+        defect, index = name.split("/")
+        image = _texture(rng, size)
+        box = _defect_box(1, size)
+        if defect != "good":
+            image[box] = (20, 20, 20)
+            mask = np.zeros(size, np.uint8)
+            mask[box] = 255
+            _save(cat / "ground_truth" / defect / f"{index}_mask.png", mask)
+        _save(cat / "test" / defect / f"{index}.png", image)
+    out, maps = trained["root"] / "eval_sizes", trained["root"] / "maps_sizes"
+    proc = slsg("evaluate", "--checkpoint", str(trained["checkpoint"]), "--data", str(data), "--category", "bottle",
+                "--out", str(out), "--maps-dir", str(maps))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ground_truth"]["left_out"] == {} and 0.0 <= metrics["pixel_auroc"] <= 1.0
+    for path in (maps / "bottle" / "test").rglob("*.tiff"):
+        name = f"{path.parent.name}/{path.stem}"
+        assert tifffile.imread(path).shape == sizes.get(name, SIZE), name
+    assert len(list((maps / "bottle" / "test").rglob("*.tiff"))) == 9 and "warning" not in proc.stderr
