@@ -179,3 +179,82 @@ def test_images_of_different_sizes_get_maps_and_masks_at_their_own_size(trained)
         name = f"{path.parent.name}/{path.stem}"
         assert tifffile.imread(path).shape == sizes.get(name, SIZE), name
     assert len(list((maps / "bottle" / "test").rglob("*.tiff"))) == 9 and "warning" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- a non-square input size
+
+STRIP = (40, 100)  # (H, W) of the generated strips: 2.5:1, like 500x1250 parts
+
+
+@pytest.fixture(scope="module")
+def strip_model(tmp_path_factory) -> dict:
+    """A tiny model trained with ``--image-size auto:96`` on 2.5:1 strips, exported to a model repository."""
+    root = tmp_path_factory.mktemp("strips")
+    data, run, repo = root / "data", root / "run", root / "repo"
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        _save(data / "strip" / "train" / "good" / f"{i:03d}.png", _texture(rng, STRIP))
+    _save(data / "strip" / "test" / "good" / "000.png", _texture(rng, STRIP))
+    broken = _texture(rng, STRIP)
+    broken[10:25, 60:80] = 10
+    _save(data / "strip" / "test" / "dent" / "000.png", broken)
+    train = slsg("train", "--data", str(data), "--category", "strip", "--out", str(run), "--image-size", "auto:96",
+                 "--steps", "2", "--pretrain-steps", "0", "--batch-size", "2", "--workers", "0",
+                 "--composition-steps", "4")
+    export = slsg("export", "--checkpoint", str(run / "checkpoint.pt"), "--repository", str(repo), "--name", "strip")
+    return {"data": data, "run": run, "repo": repo, "train": train, "export": export, "broken": broken}
+
+
+def test_auto_input_size_keeps_the_aspect_ratio_and_says_so(strip_model):
+    assert "input size auto: 160x64 (WxH) from the median aspect ratio 2.50 (W/H)" in strip_model["train"].stdout
+    payload = torch.load(strip_model["run"] / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert payload["image_size"] == [64, 160] and list(payload["train_config"]["image_size"]) == [64, 160]
+    assert payload["input_size_choice"]["size"] == [64, 160] and payload["input_size_choice"]["images"] == 6
+    log = [json.loads(line) for line in (strip_model["run"] / "train_log.jsonl").read_text().splitlines()]
+    assert [e["size"] for e in log if e["event"] == "input_size"] == [[64, 160]]
+
+
+def test_non_square_model_exports_and_runs_in_onnx_runtime(strip_model):
+    import onnxruntime as ort
+
+    from slsg.contract import MODEL_CARD_KEY, ModelCard, model_path
+    from slsg.triton_config import load_config
+
+    assert "verified against PyTorch" in strip_model["export"].stdout
+    path = model_path(strip_model["repo"], "strip", 1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    card = ModelCard.from_json(session.get_modelmeta().custom_metadata_map[MODEL_CARD_KEY])
+    assert (card.input_height, card.input_width) == (64, 160)
+    assert session.get_inputs()[0].shape[1:] == [64, 160, 3]
+    assert load_config(strip_model["repo"] / "strip" / "config.pbtxt").input[0].dims == [64, 160, 3]
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 160, 3), dtype=np.uint8)
+    amap, score = session.run(None, {"image": frames})
+    assert amap.shape == (2, 1, 64, 160) and score.shape == (2, 1)
+    assert np.all((amap >= 0) & (amap <= 1)) and np.all((score >= 0) & (score <= 1))
+
+
+def test_gateway_serves_the_non_square_model_at_the_frame_size(strip_model):
+    import base64
+    import io
+
+    import httpx
+
+    from slsg_gateway.server import BackgroundGateway
+    from slsg_gateway.settings import Settings
+
+    frame = io.BytesIO()
+    Image.fromarray(np.kron(strip_model["broken"], np.ones((5, 5, 1), np.uint8))).save(frame, format="PNG")  # 200x500
+    settings = Settings(repository=strip_model["repo"], port=0, api_keys=["key"], admin_keys=["admin"])
+    with BackgroundGateway(settings) as gateway, httpx.Client(base_url=gateway.url, timeout=60,
+                                                              headers={"X-API-Key": "key"}) as client:
+        (info,) = client.get("/v1/models").json()["models"]
+        response = client.post("/v1/models/strip/inspect?heatmap=map", content=frame.getvalue(),
+                               headers={"Content-Type": "image/png"})
+    assert (info["input_height"], info["input_width"]) == (64, 160)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["image_width"], body["image_height"]) == (500, 200) and 0.0 <= body["score"] <= 1.0
+    with Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["png_base64"]))) as heatmap:
+        assert heatmap.size == (500, 200)
+    for box in (region["box"] for region in body["regions"]):  # regions, if any, in frame coordinates
+        assert 0 <= box["x0"] < box["x1"] <= 500 and 0 <= box["y0"] < box["y1"] <= 200

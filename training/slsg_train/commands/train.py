@@ -31,7 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--composition-restoration", type=float,
                    help="the share of the composition check's training batches that are simulated logical anomalies "
                         "it learns to undo (default 0.5; 0: normal images only, as EfficientAD)")
-    p.add_argument("--image-size", default=None, help="model input, '256' or 'WxH'; multiples of 32 (default 256)")
+    p.add_argument("--image-size", default=None,
+                   help="model input: 'N' or 'WxH' (multiples of 32), or 'auto' (the default): the training images' "
+                        "aspect ratio within 256x256 pixels, e.g. 416x160 for 500x1250 strips and 256x256 for square "
+                        "images; 'auto:N' sets an N x N pixel budget")
     p.add_argument("--steps", type=int, help="detector training steps (default 3500)")
     p.add_argument("--pretrain-steps", type=int, help="generative pre-training steps, 0 to skip (default 1000)")
     p.add_argument("--batch-size", type=int, help="normal images per step; as many simulated ones are added (default 4)")
