@@ -194,6 +194,8 @@ class ModelCard:
     project_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     anomaly_map_scale: str = ANOMALY_MAP_CALIBRATED  # see the module docstring
+    # what the training images were: "colour", "greyscale" (three equal channels), or "" (not recorded)
+    image_colour: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

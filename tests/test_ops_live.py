@@ -41,6 +41,7 @@ from test_ops_prometheus import PROMETHEUS_DIR, rules
 
 pytestmark = pytest.mark.slow
 MODEL, LINES, API_KEY = "toy", ["line-1", "line-2"], "station-key"
+METRICS_KEY = "prometheus-scrape-key"
 DOCKER_DIR = Path(__file__).resolve().parents[1] / "docker"
 HEALTHCHECK = DOCKER_DIR / "triton" / "healthcheck.sh"
 
@@ -61,8 +62,11 @@ def frame_png(anomalous: bool) -> bytes:
     return out.getvalue()
 
 
-def loopback_config(gateway_port: int, triton_metrics_port: int | None) -> dict:
-    """The production prometheus.yml with DNS discovery swapped for loopback targets and 1 s intervals."""
+def loopback_config(gateway_port: int, triton_metrics_port: int | None, metrics_key_file: Path) -> dict:
+    """The production prometheus.yml with DNS discovery swapped for loopback targets and 1 s intervals.
+
+    The gateway's /metrics is closed (API keys are set): Prometheus scrapes it with its own metrics key,
+    as the comment in prometheus.yml describes for a Prometheus outside the compose network."""
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_DIR / pattern) for pattern in config["rule_files"]]
@@ -74,6 +78,8 @@ def loopback_config(gateway_port: int, triton_metrics_port: int | None) -> dict:
                 continue
             job.pop("dns_sd_configs")
             job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
+            if job["job_name"] == "slsg-gateway":
+                job["authorization"] = {"type": "Bearer", "credentials_file": str(metrics_key_file)}
         jobs.append(job)
     config["scrape_configs"] = jobs
     return config
@@ -171,10 +177,13 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     triton = start_triton(repository)
     try:
         backend = {"backend": "triton", "triton_url": triton.grpc_url} if triton else {"repository": repository}
-        settings = Settings(port=0, api_keys=[API_KEY], lines=LINES, batch_window_ms=5, **backend)
+        settings = Settings(port=0, api_keys=[API_KEY], metrics_keys=[METRICS_KEY], lines=LINES, batch_window_ms=5,
+                            **backend)
+        key_file = work / "metrics_key"
+        key_file.write_text(METRICS_KEY)
         with BackgroundGateway(settings) as gateway:
             (prometheus_port,) = free_ports(1)
-            config = loopback_config(gateway.settings.port, triton.metrics_port if triton else None)
+            config = loopback_config(gateway.settings.port, triton.metrics_port if triton else None, key_file)
             process = start_prometheus(binary, config, work, prometheus_port)
             try:
                 base = f"http://127.0.0.1:{prometheus_port}"

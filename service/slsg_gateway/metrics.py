@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from slsg_gateway.records.metrics import ReviewCollector
+from slsg_gateway.records.store import RecordStore
+
 STAGES = ("decode", "preprocess", "infer", "postprocess", "total")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
@@ -37,6 +40,14 @@ class GatewayMetrics:
                                       registry=r)
         self.model_version = Gauge("slsg_model_version_info", "served version (1 = serving)",
                                    ["model", "version"], registry=r)
+        self.records_written = Counter("slsg_records_written", "inspection records stored", registry=r)
+        self.records_dropped = Counter("slsg_records_dropped", "inspection records not stored (queue full, "
+                                       "store error, shutting down)", ["reason"], registry=r)
+        self.reviews = Counter("slsg_reviews", "operator reviews given through this gateway",
+                               ["model", "version", "line", "verdict"], registry=r)
+        # the review loop's figures, read from the record store at scrape time (empty while records are off)
+        self.review_figures = ReviewCollector(self.line_label)
+        r.register(self.review_figures)
 
     def line_label(self, line_id: str | None) -> str:
         if not line_id:
@@ -54,6 +65,10 @@ class GatewayMetrics:
                 self.model_version.remove(*labels)
         if version is not None:
             self.model_version.labels(model, str(version)).set(1)
+
+    def watch_records(self, store: RecordStore) -> None:
+        """Report the review loop's numbers from ``store`` at every scrape."""
+        self.review_figures.store = store
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

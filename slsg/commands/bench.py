@@ -97,6 +97,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gateway.add_argument("--in-process", action="store_true",
                          help="run the gateway in this process (default: its own `slsg serve` process, as deployed)")
 
+    records = sub.add_parser("records", help="gateway throughput with inspection records off / on / on with "
+                                             "every frame kept, interleaved rounds")
+    _common(records)
+    records.add_argument("--frame-size", type=_frame_size, default=(1600, 1280), help="JPEG WIDTHxHEIGHT")
+    records.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
+    records.add_argument("--requests", type=int, default=80, help="timed requests per variant and round")
+    records.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+
     triton = sub.add_parser("triton", help="local Triton (gRPC, Python backend) vs in-process ONNX Runtime")
     _common(triton)
     triton.add_argument("--iterations", type=int, default=20)
@@ -175,6 +183,14 @@ def _gateway(args: argparse.Namespace):
                              memory_requests=args.memory_requests, threads=args.threads, iterations=args.iterations,
                              separate_process=not args.in_process)
     return run_gateway_bench(cfg), gateway_tables
+
+
+def _records(args: argparse.Namespace):
+    from slsg.bench.records import RecordsBenchConfig, records_tables, run_records_bench
+
+    cfg = RecordsBenchConfig(args.repository, args.name, args.frame_size, args.concurrency, args.requests,
+                             args.rounds, threads=args.threads)
+    return run_records_bench(cfg), records_tables
 
 
 def _triton(args: argparse.Namespace):
@@ -264,7 +280,7 @@ def _preset_tables(r: dict) -> list:
     return tables
 
 
-BENCHMARKS = {"model": _model, "gateway": _gateway, "triton": _triton, "load": _load, "pipeline": _pipeline,
+BENCHMARKS = {"model": _model, "gateway": _gateway, "records": _records, "triton": _triton, "load": _load, "pipeline": _pipeline,
               "presets": _presets}
 
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from slsg import __version__
+from slsg.image_modes import images_colour
 from slsg_train.checkpoint import load_checkpoint_payload, normalisation, save_checkpoint
 from slsg_train.data.input_size import choose_input_size_for, parse_auto
 from slsg_train.data.loco import LocoCategory
@@ -183,6 +184,7 @@ class TrainingRun:
             "train_config": self.cfg.to_dict(), "model_config": self.model_config,
             "backbone": self.model_config["backbone"], "image_size": list(self.cfg.image_size),
             "normalisation": normalisation(), "top_k": self.top_k, "data_hash": self.data_hash,
+            "image_colour": self.image_colour,
             "data_root": str(self.data_root.resolve()),
             "model_state": model.state_dict(), "project_version": __version__,
             "input_size_choice": self.input_size_choice,
@@ -206,6 +208,7 @@ class TrainingRun:
         train_paths, calib_paths = split_for_calibration(self.category)
         self.data_hash = self.category.data_hash()
         images = load_resized(train_paths, cfg.image_size)
+        self.image_colour = images_colour(images)  # the model card says it; the gateway warns on a mismatch
         sim_cfg = SimulationConfig.from_dict(cfg.simulation) if cfg.simulation else SimulationConfig()
         if cfg.anomaly_source:
             sim_cfg = dataclasses.replace(sim_cfg, texture_source=cfg.anomaly_source)
