@@ -18,7 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from slsg_train.training.config import PRECISIONS
 
     d = _defaults()
-    h, w = d["image_size"]
     p.add_argument("--data", help="data set root (MVTec LOCO AD layout); required unless --print-config")
     p.add_argument("--category", required=True, help="category folder under --data")
     p.add_argument("--out", help="run directory (checkpoint.pt, train_log.jsonl); required unless --print-config")
@@ -49,7 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--composition-restoration", type=float,
                    help="the share of the composition check's training batches that are simulated logical anomalies "
                         f"it learns to undo (0: normal images only) (default {d['model.composition_restoration']})")
-    p.add_argument("--image-size", help=f"model input, 'N' or 'WxH', multiples of 32 (default {w}x{h})")
+    p.add_argument("--image-size",
+                   help="model input: 'N' or 'WxH' (multiples of 32), or 'auto': the training images' aspect ratio "
+                        "within 256x256 pixels, e.g. 416x160 for 500x1250 strips and 256x256 for square images; "
+                        f"'auto:N' sets an N x N pixel budget (default {d['image_size']})")
     p.add_argument("--steps", type=int, help=f"detector training steps (default {d['steps']})")
     p.add_argument("--pretrain-steps", type=int, help=f"generative pre-training steps, 0 to skip (default {d['pretrain_steps']})")
     p.add_argument("--batch-size", type=int,

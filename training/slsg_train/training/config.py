@@ -51,7 +51,9 @@ class TrainConfig:
     backbone: str | None = None              # overrides the preset's backbone
     backbone_weights: str | None = "imagenet"
     allow_download: bool = False             # resnet18 "imagenet" weights via torch.hub when online
-    image_size: tuple[int, int] = (256, 256)  # (H, W), multiples of 32
+    # (H, W), multiples of 32; or "auto" / "auto:N": from the training images' aspect ratio within
+    # N x N pixels (256), resolved when training starts (data/input_size.py); square images give 256x256
+    image_size: tuple[int, int] | str = "auto"
     steps: int = 3500
     batch_size: int = 4                      # normal images per step; as many simulated copies are added
     seed: int = 0
@@ -71,6 +73,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        self.image_size = parse_image_size(self.image_size) if isinstance(self.image_size, str) else tuple(
+            self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,7 +86,7 @@ class TrainConfig:
         for key, kind in nested.items():
             if isinstance(data.get(key), dict):
                 data[key] = kind(**data[key])
-        if "image_size" in data:
+        if isinstance(data.get("image_size"), list):
             data["image_size"] = tuple(data["image_size"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
@@ -150,13 +154,18 @@ def resolve_train_config(category: str, layers: list[dict[str, Any]]) -> TrainCo
     return cfg
 
 
-def parse_image_size(text: str | int) -> tuple[int, int]:
-    """'256' -> (256, 256); '320x256' (WxH) -> (256, 320). Both sides must be multiples of 32."""
-    text = str(text).lower()
-    if "x" in text:
-        w, h = (int(v) for v in text.split("x", 1))
-    else:
-        w = h = int(text)
+def parse_image_size(text: str | int) -> tuple[int, int] | str:
+    """'256' -> (256, 256); '320x256' (WxH) -> (256, 320), both sides multiples of 32; 'auto' and
+    'auto:N' stay as they are (lower case), to be resolved from the training images."""
+    from slsg_train.data.input_size import parse_auto
+
+    text = str(text).strip().lower()
+    if parse_auto(text) is not None:
+        return text
+    try:
+        w, h = (int(v) for v in text.split("x", 1)) if "x" in text else (int(text),) * 2
+    except ValueError:
+        raise ValueError(f"image size {text!r}: expected N, WxH or auto[:N]") from None
     if h <= 0 or w <= 0 or h % 32 or w % 32:
         raise ValueError(f"image size {text!r}: both sides must be positive multiples of 32")
     return h, w

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from slsg import __version__
 from slsg.image_modes import images_colour
 from slsg_train.checkpoint import load_checkpoint_payload, normalisation, save_checkpoint
+from slsg_train.data.input_size import choose_input_size_for, parse_auto
 from slsg_train.data.loco import LocoCategory
 from slsg_train.training.calibration import (calibrate_threshold, fit_reference_checks, small_calibration_warning,
                                              split_for_calibration)
@@ -144,9 +145,22 @@ class TrainingRun:
         self.device = resolve_device(cfg.device, self.env.local_rank)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.category = LocoCategory(data_root, cfg.category)
+        self.input_size_choice = self._resolve_input_size()
         self.data_root = Path(data_root)
         self.log_path = self.run_dir / "train_log.jsonl"
         torch.manual_seed(cfg.seed)
+
+    def _resolve_input_size(self) -> dict[str, Any] | None:
+        """Turn ``image_size`` "auto[:N]" into (H, W) from the training images' headers, before anything is
+        built; what was chosen (None if the size was given) goes into the checkpoint, and a resumed run keeps it."""
+        if self.resume_payload is not None:
+            return self.resume_payload.get("input_size_choice")
+        budget_side = parse_auto(self.cfg.image_size) if isinstance(self.cfg.image_size, str) else None
+        if budget_side is None:
+            return None
+        choice = choose_input_size_for(self.category.train_paths, budget_side)
+        self.cfg = dataclasses.replace(self.cfg, image_size=choice.size)
+        return {**choice.to_dict(), "message": choice.describe()}
 
     # ---------------------------------------------------------------- helpers
     def log(self, event: str, **fields: Any) -> None:
@@ -173,6 +187,7 @@ class TrainingRun:
             "image_colour": self.image_colour,
             "data_root": str(self.data_root.resolve()),
             "model_state": model.state_dict(), "project_version": __version__,
+            "input_size_choice": self.input_size_choice,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
         }
 
@@ -213,6 +228,9 @@ class TrainingRun:
         if payload:
             self.log("resume", stage=stage, step=step, precision=self.precision)
 
+        if self.env.is_main and not payload and self.input_size_choice is not None:
+            self.log("input_size", **self.input_size_choice)
+            tqdm.write(self.input_size_choice["message"])
         if self.env.is_main and not payload:
             params = count_parameters(model)
             gflop = count_flops(model, h, w)
