@@ -19,7 +19,7 @@ from PIL import Image
 
 from slsg_train.metrics import auroc
 
-from conftest import run_slsg as slsg
+from support import run_slsg as slsg
 
 SIZE = (40, 56)  # (H, W) of the generated images: non-square on purpose
 DEFECT_TYPES = ("broken_large", "contamination")
