@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 250)")
     p.add_argument("--log-every", type=int, help="steps between log lines (default 10)")
     p.add_argument("--calibration-fpr", type=float, help="target false-positive rate of the threshold (default 0.01)")
+    p.add_argument("--calibration-holdout", type=float,
+                   help="at most this share of train/good is held out of training for calibration when "
+                        "validation/good is short of the images the target rate needs (default 0.2)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--until-step", type=int, default=None,
                    help="stop after this step of the current stage (checkpoint saved; continue later with --resume)")
@@ -59,7 +62,7 @@ def _flag_settings(args: argparse.Namespace) -> dict:
 
     flat = {name: getattr(args, name) for name in (
         "preset", "backbone", "steps", "batch_size", "seed", "workers", "device", "precision", "checkpoint_every",
-        "log_every", "anomaly_source", "calibration_fpr")}
+        "log_every", "anomaly_source", "calibration_fpr", "calibration_holdout")}
     settings = {k: v for k, v in flat.items() if v is not None}
     if args.allow_download:
         settings["allow_download"] = True
