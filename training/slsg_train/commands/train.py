@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, help=f"steps between log lines (default {d['log_every']})")
     p.add_argument("--calibration-fpr", type=float,
                    help=f"target false-positive rate of the threshold (default {d['calibration_fpr']})")
+    p.add_argument("--calibration-holdout", type=float,
+                   help="at most this share of train/good is held out of training for calibration when "
+                        f"validation/good is short of the images the target rate needs (default {d['calibration_holdout']})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--until-step", type=int,
                    help="stop after this step of the current stage (checkpoint saved; continue later with --resume)")
@@ -79,7 +82,7 @@ def _flag_settings(args: argparse.Namespace) -> dict:
 
     flat = {name: getattr(args, name) for name in (
         "preset", "backbone", "steps", "batch_size", "seed", "workers", "device", "precision", "checkpoint_every",
-        "log_every", "anomaly_source", "calibration_fpr")}
+        "log_every", "anomaly_source", "calibration_fpr", "calibration_holdout")}
     settings = {k: v for k, v in flat.items() if v is not None}
     if args.allow_download:
         settings["allow_download"] = True

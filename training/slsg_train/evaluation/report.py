@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from slsg_train.metrics.false_alarms import render_false_alarms_md
 from slsg_train.metrics.roc import GOOD, auroc, roc_curve, type_key
 
 SPRO_LIMIT_KEYS = ("0.05", "0.1", "0.3", "1.0")
@@ -133,6 +134,8 @@ def render_report_md(metrics: Mapping[str, Any]) -> str:
         parts += ["", "## Image AUROC by defect (each against the good images)", "",
                   _table(["defect", "images", "image AUROC"],
                          [[name, str(v["count"]), _fmt(v["auroc"])] for name, v in by_defect.items()])]
+    if metrics.get("false_alarms"):
+        parts += ["", *render_false_alarms_md(metrics["false_alarms"])]
     for section in ("threshold", "counts"):
         if metrics[section]:
             parts += ["", f"## {section.capitalize()}", ""]

@@ -19,13 +19,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from slsg.contract import DECISION_THRESHOLD
-from slsg_train.data.loco import LocoCategory, TestSample
+from slsg_train.data.loco import GOOD, LocoCategory, TestSample
 from slsg_train.evaluation.report import (
     HeatmapItem, plot_heatmap_grid, plot_roc_curves, plot_score_histograms, plot_spro_curves, render_report_md,
     write_metrics_json, write_tiff_map,
 )
 from slsg_train.inference import LoadedModel, predict
 from slsg_train.metrics import ImageMaps, PixelROC, SPROByType, image_auroc_by_defect, image_auroc_by_type
+from slsg_train.metrics.false_alarms import false_alarm_report
 from slsg_train.training.dataset import resize_rgb
 
 THUMBNAIL = 192  # px, longest side of the images kept for the heat-map grid
@@ -159,16 +160,23 @@ def _metrics(loaded: LoadedModel, category: LocoCategory, scores: list[float], t
     s, t = np.asarray(scores), np.asarray(types, dtype=object)
     cal = loaded.calibration
     threshold: dict[str, Any] = {}
+    false_alarms: dict[str, Any] = {}
     if cal is not None:
         threshold = {"raw": cal.raw_threshold, "target_fpr": cal.target_fpr, "pixel": cal.pixel_threshold,
-                     "calibration_images": cal.num_images, "expected_fpr": cal.expected_fpr(),
-                     "fpr_upper_90": cal.fpr_upper(0.9),
+                     "calibration_images": cal.num_images, "scale_images": cal.scale_images,
+                     "expected_fpr": cal.expected_fpr(), "fpr_upper_90": cal.fpr_upper(0.9),
                      "flagged_share_by_type": _decision_rates(s, t, cal.raw_threshold)}
+        good = s[t == GOOD]
+        # the float32 comparison the exported graph makes (0.5 at the threshold)
+        flagged = int((good.astype(np.float32) >= np.float32(cal.raw_threshold)).sum())
+        false_alarms = false_alarm_report(flagged, int(good.size), cal,
+                                          has_checks=getattr(loaded.model, "reference_encoder", None) is not None)
     return {
         "category": category.name,
         "image_auroc": image_auroc_by_type(s, t.tolist()),
         **regions.result(),
         "threshold": threshold,
+        "false_alarms": false_alarms,
         "counts": {k: int((t == k).sum()) for k in sorted(set(types))},
         "checkpoint": {"path": loaded.payload["path"], "step": loaded.payload["step"],
                        "backbone": loaded.payload["backbone"], "image_size": list(loaded.image_size)},

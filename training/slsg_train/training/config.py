@@ -44,6 +44,9 @@ class OptimConfig:
     warmup_steps: int = 0
 
 
+CALIBRATION_HOLDOUT = 0.2
+
+
 @dataclass
 class TrainConfig:
     category: str = ""
@@ -65,6 +68,9 @@ class TrainConfig:
     log_every: int = 10
     anomaly_source: str | None = None        # DTD folder for textures; None = built-in textures
     calibration_fpr: float = 0.01
+    # at most this share of train/good is held out of training to calibrate on, where validation/good
+    # has fewer normal images than the target rate needs (see training/calibration.py)
+    calibration_holdout: float = CALIBRATION_HOLDOUT
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -75,6 +81,8 @@ class TrainConfig:
         check_precision(self.precision)
         self.image_size = parse_image_size(self.image_size) if isinstance(self.image_size, str) else tuple(
             self.image_size)
+        if not 0 <= self.calibration_holdout < 1:
+            raise ValueError(f"calibration_holdout must be in [0, 1), got {self.calibration_holdout}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
