@@ -100,3 +100,17 @@ def test_padim_refuses_more_channels_than_the_backbone_has(tmp_path):
                    "--features", "5000", check=False)
     assert out.returncode == 2
     assert "--features must be in 1..176" in out.stderr
+
+
+def test_padim_on_image_labels_only_reports_pixel_metrics_as_unavailable(tmp_path):
+    _category(tmp_path)
+    for mask in (tmp_path / "part" / "ground_truth" / "stain").iterdir():
+        mask.unlink()
+    (tmp_path / "part" / "ground_truth" / "stain").rmdir()
+    (tmp_path / "part" / "ground_truth").rmdir()
+    out = run_slsg("bench", "padim", "--data", tmp_path, "--category", "part", "--image-size", str(SIZE),
+                   "--features", "40", "--threads", "1", "--json")
+    report = json.loads(out.stdout)
+    assert report["pixel_auroc"] is None and "image labels only" in report["unavailable"]
+    assert sorted(report["left_out"]) == [f"stain/{i:03d}" for i in range(5)]
+    assert report["image_auroc"]["stain"] >= 0.9

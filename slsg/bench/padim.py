@@ -162,24 +162,28 @@ def score_batch(model: PadimModel, batch, image_size: tuple[int, int]) -> tuple[
 
 
 def _pixel_metrics(samples, maps: list[np.ndarray]) -> dict[str, Any]:
-    """Pixel AUROC and AU-sPRO where every anomalous test image has a mask; else why they are unavailable."""
+    """Pixel AUROC and AU-sPRO over the test images with ground truth (as `slsg evaluate`: anomalous images
+    without a usable mask are left out by name); unavailable, with the reason, when no anomalous image has one."""
     from slsg_train.evaluation.runner import upsample_map
     from slsg_train.metrics import ImageMaps, PixelROC, SPROByType
 
-    unmasked = [s for s in samples if s.is_anomalous and not s.masks]
-    if unmasked:
-        return {"unavailable": f"{len(unmasked)} anomalous test images have no mask (image labels only)"}
+    left_out = {s.name: s.ground_truth_issue for s in samples if not s.has_ground_truth}
+    if not any(s.is_anomalous and s.has_ground_truth for s in samples):
+        return {"pixel_auroc": None, "au_spro": None, "left_out": left_out,
+                "unavailable": "no anomalous test image has a mask (image labels only)"}
     spro, pixel = SPROByType(), PixelROC()
     for sample, amap in zip(samples, maps):
+        if not sample.has_ground_truth:
+            continue
         defects = []
         for mask in sample.masks:
             region = mask.load()
             defects.append((region, mask.defect.saturation_area(int(region.sum()))))
         image = ImageMaps(anomaly_map=upsample_map(amap, sample.size), defects=defects,
-                          anomaly_type=sample.anomaly_type, name=f"{sample.anomaly_type}/{sample.index}")
+                          anomaly_type=sample.anomaly_type, name=sample.name)
         spro.add(image)
         pixel.add_image(image)
-    return {"pixel_auroc": pixel.auroc(), "au_spro": spro.result()}
+    return {"pixel_auroc": pixel.auroc(), "au_spro": spro.result(), "left_out": left_out}
 
 
 def run_padim_bench(cfg: PadimConfig) -> dict[str, Any]:
@@ -210,7 +214,7 @@ def run_padim_bench(cfg: PadimConfig) -> dict[str, Any]:
         "counts": {t: types.count(t) for t in sorted(set(types))},
         "image_auroc": image_auroc_by_type(scores, types), **_pixel_metrics(samples, maps),
         "fit_seconds": round(fit_s, 2), "score_ms_per_image": round(1e3 * score_s / len(samples), 1),
-        "scores": [{"image": f"{s.anomaly_type}/{s.index}", "score": float(v)} for s, v in zip(samples, scores)],
+        "scores": [{"image": s.name, "score": float(v)} for s, v in zip(samples, scores)],
     }
 
 
@@ -218,11 +222,13 @@ def padim_tables(r: dict[str, Any]) -> list[Table]:
     """The per-type image AUROC table (plus pixel metrics where the data set has masks)."""
     h, w = r["image_size"]
     rows = [[f"image AUROC {k}", v] for k, v in r["image_auroc"].items()]
-    if "pixel_auroc" in r:
+    if r["pixel_auroc"] is not None:
         rows.append(["pixel AUROC", r["pixel_auroc"]])
         rows += [[f"AU-sPRO@{limit} mean", by_type.get("mean")] for limit, by_type in r["au_spro"].items()]
     else:
         rows.append(["pixel metrics", r["unavailable"]])
+    if r["left_out"]:
+        rows.append(["left out of pixel metrics", f"{len(r['left_out'])} images without a usable mask"])
     rows += [["fit s", r["fit_seconds"]], ["score ms / image", r["score_ms_per_image"]]]
     return [Table(f"PaDiM on {r['category']} at {w}x{h}, {r['backbone']}, {r['features']} channels, "
                   f"seed {r['seed']}, {r['train_images']} training images", ["measure", "value"], rows)]
