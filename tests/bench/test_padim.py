@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_slsg
+from support import run_slsg
 from slsg_bench.padim import COVARIANCE_EPS, feature_taps, fit_gaussians, gaussian_blur, mahalanobis
 
 SIZE = 64
