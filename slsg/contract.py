@@ -42,6 +42,12 @@ _FLOAT32_BELOW_ONE = 1.0 - 2.0**-24
 _SMALLEST_SCORE = 1e-12
 MIN_LOG_ODDS_SCALE = 1.0  # the score's unit above the threshold, in log-odds, at least a factor e in odds
 
+# how a frame is brought to the model's input size (aspect ratio ignored): Pillow's filter of that name.
+# "lanczos" is the SLSG authors' preprocessing, which their imported weights expect.
+RESIZE_BILINEAR = "bilinear"
+RESIZE_LANCZOS = "lanczos"
+RESIZE_FILTERS = (RESIZE_BILINEAR, RESIZE_LANCZOS)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -203,6 +209,11 @@ class ModelCard:
     anomaly_map_scale: str = ANOMALY_MAP_CALIBRATED  # see the module docstring
     # what the training images were: "colour", "greyscale" (three equal channels), or "" (not recorded)
     image_colour: str = ""
+    resize: str = RESIZE_BILINEAR  # the filter frames are resized with (RESIZE_FILTERS); older cards: bilinear
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_FILTERS:
+            raise ValueError(f"model card resize {self.resize!r} is not one of {', '.join(RESIZE_FILTERS)}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
