@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("slsg_train.commands.info", "print a checkpoint's configuration, parameters and GFLOP"),
     "triton": ("slsg_triton.command", "run a local Triton server (CPU, no container) over a repository"),
     "serve": ("slsg_gateway.commands.serve", "run the inspection gateway"),
+    "deploy": ("slsg.commands.deploy", "choose the version every gateway serves (a rollback: an older one)"),
     "bench": ("slsg_bench.command", "benchmarks: model, gateway, triton, load, pipeline, presets"),
 }
 

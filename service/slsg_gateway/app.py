@@ -20,6 +20,7 @@ from slsg_gateway.batching import MicroBatcher
 from slsg_gateway.errors import GatewayError
 from slsg_gateway.inspection import Inspector
 from slsg_gateway.metrics import GatewayMetrics
+from slsg_gateway.reconcile import Reconciler
 from slsg_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await state.backend.start()
         for model in await state.backend.list_models():
             state.metrics.set_served_version(model.name, model.served_version)
+        await state.reconciler.start()  # the desired versions, before the first request
         yield
+        await state.reconciler.close()
         await state.batcher.close()
         await state.backend.close()
         state.pool.shutdown(wait=False, cancel_futures=True)
@@ -92,7 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            retry_after_s=settings.retry_after_s)
     pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     app.state.gateway = GatewayState(settings, backend, metrics, batcher,
-                                     Inspector(settings, backend, batcher, metrics, pool), pool)
+                                     Inspector(settings, backend, batcher, metrics, pool), pool,
+                                     Reconciler(settings.desired_state_root(), settings.reconcile_interval_s,
+                                                backend, metrics))
     _install_error_handlers(app)
     _install_request_metrics(app)
     for module in (inspect, models, health):

@@ -37,6 +37,17 @@ class GatewayMetrics:
                                       registry=r)
         self.model_version = Gauge("slsg_model_version_info", "served version (1 = serving)",
                                    ["model", "version"], registry=r)
+        # desired state (NAME/serving.json, reconciled by slsg_gateway.reconcile)
+        self.desired_version = Gauge("slsg_model_desired_version", "version the model's serving.json asks for",
+                                     ["model"], registry=r)
+        self.version_mismatch = Gauge("slsg_model_version_mismatch",
+                                      "1 while the served version differs from the desired one", ["model"],
+                                      registry=r)
+        self.desired_state_invalid = Gauge("slsg_desired_state_invalid",
+                                           "1 while the model's serving.json cannot be used (the served "
+                                           "version stays)", ["model"], registry=r)
+        self.reconcile_errors = Counter("slsg_reconcile_errors", "failed steps towards the desired state",
+                                        ["model", "kind"], registry=r)
 
     def line_label(self, line_id: str | None) -> str:
         if not line_id:
@@ -54,6 +65,14 @@ class GatewayMetrics:
                 self.model_version.remove(*labels)
         if version is not None:
             self.model_version.labels(model, str(version)).set(1)
+
+    def forget_desired_state(self, model: str) -> None:
+        """Drop the desired-state series of a model whose serving.json went away."""
+        for gauge in (self.desired_version, self.version_mismatch, self.desired_state_invalid):
+            try:
+                gauge.remove(model)
+            except KeyError:
+                pass  # never set for this model
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     triton_url: str = "127.0.0.1:8001"
     triton_protocol: Literal["grpc", "http"] = "grpc"
     triton_timeout_s: float = 5.0
+    # desired state: every reconcile_interval_s (0: never) load the version NAME/serving.json names
+    # (written by `slsg deploy`) under serving_root (None: the repository; on Triton, a mount of it)
+    reconcile_interval_s: float = Field(default=5.0, ge=0)
+    serving_root: Path | None = None
     # embedded backend: ONNX Runtime threads per session (0 = ORT default)
     ort_threads: int = 0
     # decisions
@@ -76,6 +80,9 @@ class Settings(BaseSettings):
         if self.max_concurrent_batches is not None:
             return max(1, self.max_concurrent_batches)
         return 1 if self.backend == "embedded" else 2
+
+    def desired_state_root(self) -> Path:
+        return self.serving_root if self.serving_root is not None else self.repository
 
     def threshold_for(self, model: str) -> float:
         return float(self.thresholds.get(model, self.default_threshold))

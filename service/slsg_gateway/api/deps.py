@@ -14,6 +14,7 @@ from slsg_gateway.batching import MicroBatcher
 from slsg_gateway.errors import Forbidden, PayloadTooLarge, Unauthorized
 from slsg_gateway.inspection import Inspector
 from slsg_gateway.metrics import GatewayMetrics
+from slsg_gateway.reconcile import Reconciler
 from slsg_gateway.settings import Settings
 
 
@@ -25,6 +26,7 @@ class GatewayState:
     batcher: MicroBatcher
     inspector: Inspector
     pool: ThreadPoolExecutor
+    reconciler: Reconciler
 
 
 def get_state(request: Request) -> GatewayState:
