@@ -22,7 +22,7 @@ REPOSITORY ?= model_repository
 HOST       ?= 127.0.0.1
 PORT       ?= 8080
 
-.PHONY: setup run test test-fast clean prometheus
+.PHONY: setup run test test-fast clean prometheus checkov
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -52,7 +52,17 @@ ifeq ($(PROMETHEUS_PKG),missing)
 	else echo "promtool not found and cannot apt-get install prometheus: the ops tests will be skipped"; fi
 endif
 
-test: setup prometheus
+# checkov (security scan of deploy/k8s) in a venv of its own: its pinned dependencies clash with ours
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(VENV)/checkov/bin/checkov
+
+$(CHECKOV):
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q checkov==$(CHECKOV_VERSION)
+
+checkov: $(CHECKOV)
+
+test: setup prometheus checkov
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m pytest -q -rs --durations=15
 
 # the quick loop: everything but the tests marked slow (real servers, training runs)
