@@ -251,3 +251,23 @@ def test_removing_serving_json_leaves_the_served_version_and_drops_its_series(ga
     assert toy(gateway)["served_version"] == 1
     assert metric(gateway, "slsg_model_desired_version", 'model="toy"') is None
     assert metric(gateway, "slsg_model_version_info", 'model="toy",version="1"') == 1
+
+
+def test_desired_state_from_a_mounted_config_map(repository, tmp_path):
+    """SLSG_SERVING_ROOT apart from the repository, laid out as the kubelet mounts a ConfigMap with items
+    ``toy/serving.json``: the files live in a timestamped folder behind ``..data``, swapped by a symlink."""
+    mount = tmp_path / "serving"
+    (mount / "..2026_12_07_00_00_00.1" / "toy").mkdir(parents=True)
+    (mount / "..2026_12_07_00_00_00.1" / "toy" / "serving.json").write_text('{"version": 1}')
+    (mount / "..data").symlink_to("..2026_12_07_00_00_00.1")
+    (mount / "toy").symlink_to("..data/toy")
+    settings = Settings(repository=repository, serving_root=mount, port=0, reconcile_interval_s=INTERVAL_S)
+    with BackgroundGateway(settings) as gw:
+        assert toy(gw.url)["served_version"] == 1 and toy(gw.url)["desired_version"] == 1
+        # an update: a new timestamped folder, then the ..data link swapped atomically
+        (mount / "..2026_12_07_00_01_00.2" / "toy").mkdir(parents=True)
+        (mount / "..2026_12_07_00_01_00.2" / "toy" / "serving.json").write_text('{"version": 2}')
+        (mount / "..data_tmp").symlink_to("..2026_12_07_00_01_00.2")
+        os.replace(mount / "..data_tmp", mount / "..data")
+        wait_until(lambda: toy(gw.url)["served_version"] == 2, "version 2 served after the ConfigMap update")
+        assert metric(gw.url, "slsg_desired_state_invalid", 'model="toy"') == 0
