@@ -46,14 +46,14 @@ class Reconciler:
         return self.interval_s > 0
 
     def desired_version(self, name: str) -> int | None:
-        """The version the last pass read for ``name`` (None: no usable serving.json)."""
+        """The version ``name``'s serving.json asked for when last usable (None: none read, or it was removed)."""
         return self._desired.get(name)
 
     async def start(self) -> None:
         """One pass now (before requests are accepted), then one every interval in the background."""
         if not self.enabled:
             return
-        await self.reconcile_once()
+        await self._guarded_pass()
         self._task = asyncio.create_task(self._loop(), name="reconcile")
 
     async def close(self) -> None:
@@ -65,10 +65,13 @@ class Reconciler:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            try:
-                await self.reconcile_once()
-            except Exception:  # the loop must outlive any one bad pass
-                log.exception("desired-state pass failed; retrying in %.1f s", self.interval_s)
+            await self._guarded_pass()
+
+    async def _guarded_pass(self) -> None:
+        try:
+            await self.reconcile_once()
+        except Exception:  # an unreadable folder, say: serving goes on, and so does the loop
+            log.exception("desired-state pass over %s failed; retrying in %.1f s", self.root, self.interval_s)
 
     async def reconcile_once(self) -> None:
         """Read every serving.json and load the desired versions the backend does not serve."""

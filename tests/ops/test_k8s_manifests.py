@@ -25,6 +25,7 @@ DEPLOY_JOB = K8S / "jobs" / "slsg-deploy.yaml"
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
 OPERATOR_GROUP = "monitoring.coreos.com/"  # Prometheus Operator kinds: no schema in kubernetes-validate
 KUBECTL = shutil.which("kubectl")
+RELEASED_IMAGE = "registry.example.com/slsg-gateway:0.1.0"
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with Kustomize) is not installed")
 
 
@@ -42,8 +43,8 @@ def deploy_job(model: str = "tray", version: str = "3") -> dict:
     env = subprocess.run([KUBECTL, "set", "env", "--local", "-f", str(DEPLOY_JOB), f"MODEL={model}",
                           f"VERSION={version}", "-o", "yaml"], capture_output=True, text=True, timeout=60)
     assert env.returncode == 0, env.stderr
-    image = subprocess.run([KUBECTL, "set", "image", "--local", "-f", "-", "slsg=registry.example.com/slsg-gateway:0.1.0",
-                            "-o", "yaml"], input=env.stdout, capture_output=True, text=True, timeout=60)
+    image = subprocess.run([KUBECTL, "set", "image", "--local", "-f", "-", f"slsg={RELEASED_IMAGE}", "-o", "yaml"],
+                           input=env.stdout, capture_output=True, text=True, timeout=60)
     assert image.returncode == 0, image.stderr
     job = yaml.safe_load(image.stdout)
     job["metadata"]["namespace"] = "slsg"  # kubectl -n slsg create -f -
@@ -180,7 +181,8 @@ def test_dashboards_are_the_compose_dashboards(overlay):
         if config_map["metadata"].get("labels", {}).get("grafana_dashboard") == "1":
             rendered |= config_map["data"]
     assert rendered == sources
-    (datasource,) = [c for c in objects(overlay, "ConfigMap") if "grafana_datasource" in c["metadata"].get("labels", {})]
+    (datasource,) = [c for c in objects(overlay, "ConfigMap")
+                     if "grafana_datasource" in c["metadata"].get("labels", {})]
     uids = {d["uid"] for d in yaml.safe_load(next(iter(datasource["data"].values())))["datasources"]}
     assert uids == {"slsg-prometheus"}  # the uid every dashboard panel queries
     assert all('"uid": "slsg-prometheus"' in text for text in sources.values())
@@ -276,7 +278,8 @@ def test_gateway_environment_is_valid_gateway_settings(overlay, monkeypatch):
     assert str(settings.desired_state_root()) == mounts["models"]["mountPath"] and mounts["models"]["readOnly"]
     assert settings.reconcile_interval_s > 0 and settings.workers == 1
     assert settings.port == container(overlay, "slsg-gateway")["ports"][0]["containerPort"]
-    refs = {v["valueFrom"]["secretKeyRef"]["name"] for v in container(overlay, "slsg-gateway")["env"] if "valueFrom" in v}
+    env_vars = container(overlay, "slsg-gateway")["env"]
+    refs = {v["valueFrom"]["secretKeyRef"]["name"] for v in env_vars if "valueFrom" in v}
     assert refs == {"slsg-gateway-keys"}
 
 
