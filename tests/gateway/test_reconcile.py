@@ -148,6 +148,7 @@ def deploy_under_traffic(urls: list[str], steps: list[Callable[[], int]]) -> tup
     return asyncio.run(scenario())
 
 
+@pytest.mark.slow  # two gateway processes
 def test_two_gateways_converge_on_each_deploy_and_rollback_under_traffic(two_gateways, repository):
     urls = two_gateways
     assert [toy(url)["served_version"] for url in urls] == [2, 2]  # no serving.json: the newest, as before

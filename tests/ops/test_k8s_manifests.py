@@ -132,6 +132,7 @@ def run_checkov(path: Path) -> dict:
     return report[0] if isinstance(report, list) else report
 
 
+@pytest.mark.slow  # checkov's scan: about 20 s
 @needs_kubectl
 @pytest.mark.skipif(checkov_binary() is None, reason="checkov is not installed (make checkov)")
 def test_checkov_finds_nothing_unexplained(tmp_path):
