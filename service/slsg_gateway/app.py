@@ -20,6 +20,7 @@ from slsg_gateway.backends import create_backend
 from slsg_gateway.batching import MicroBatcher
 from slsg_gateway.errors import GatewayError
 from slsg_gateway.inspection import Inspector
+from slsg_gateway.logs import configure_logging
 from slsg_gateway.metrics import GatewayMetrics
 from slsg_gateway.records import RecordStore, RecordWriter, open_store
 from slsg_gateway.records.recorder import Recorder
@@ -28,7 +29,7 @@ from slsg_gateway.settings import Settings
 from slsg_gateway.ui import routes as ui_routes
 from slsg_gateway.ui.routes import NotSignedIn
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)  # "slsg_gateway.app": configure_logging gives it its handler
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -111,13 +112,17 @@ def _close_records(state: GatewayState) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The gateway app; the backend starts (and loads models) in the app's lifespan."""
     settings = settings or Settings()
+    configure_logging(settings.log_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: GatewayState = app.state.gateway
         await state.backend.start()
-        for model in await state.backend.list_models():
-            state.metrics.set_served_version(model.name, model.served_version)
+        try:
+            for model in await state.backend.list_models():
+                state.metrics.set_served_version(model.name, model.served_version)
+        except GatewayError:  # backend unreachable at start: the gateway still starts, readiness says so
+            pass
         yield
         await state.batcher.close()
         _close_records(state)

@@ -44,7 +44,8 @@ class Timings(BaseModel):
 
 class Heatmap(BaseModel):
     mode: Literal["overlay", "map"]
-    width: int
+    width: int = Field(description="the PNG's width: the frame's, scaled down to at most heatmap_max_side "
+                                   "(default 1024) on the long side")
     height: int
     png_base64: str
 
@@ -64,6 +65,8 @@ class InspectionResult(BaseModel):
     timings: Timings
     camera_id: str | None = None
     line_id: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="what may make this answer less reliable, "
+                                "e.g. a greyscale frame sent to a model trained on colour images")
     heatmap: Heatmap | None = None
 
 

@@ -8,6 +8,7 @@ threshold, 0.75 for one unit: the distance of a typical normal image below it).
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,7 +36,7 @@ class Settings(BaseSettings):
 
     # where and how to serve
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8080
     workers: int = 1
     backend: Literal["embedded", "triton"] = "embedded"
     repository: Path = Path("model_repository")
@@ -52,10 +53,25 @@ class Settings(BaseSettings):
     # security (no API key configured = open inspect; admin is closed without admin keys)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # GET /v1/models (model cards: calibration, training-data hash) and /metrics are closed when API keys
+    # are configured; these open them to anyone. /metrics also takes a metrics key, an admin key, or a
+    # request from one of the metrics networks (CIDR, e.g. the scraping Prometheus's subnet)
+    open_models: bool = False
+    open_metrics: bool = False
+    metrics_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    metrics_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # input limits
     max_body_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 50_000_000
     max_batch_files: int = 32
+    # frames with a side under this share of the model input's side are refused (422): a 1x1 frame
+    # blown up to the input size says nothing about the part; 0 accepts any size
+    min_frame_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    # heat maps are drawn at most this many pixels on the long side (regions stay in frame pixels)
+    heatmap_max_side: int = Field(default=1024, ge=16)
+    # memory all frame decodes of this process may hold at once; a frame is decoded when its share is
+    # free (one larger than the whole budget waits until it is alone)
+    decode_budget_mb: int = Field(default=512, ge=16)
     # fast path
     decode_threads: int = 4
     draft_min_ratio: float = 2.0  # JPEG draft decode when the frame is >= this many times the input size
@@ -63,10 +79,12 @@ class Settings(BaseSettings):
     max_batch_size: int = 8
     max_queue: int = 64
     # batches in flight per gateway: None = 1 on the embedded backend (ONNX Runtime already uses every
-    # core for one batch; two at once oversubscribe: 0.71x vs 0.80x of the bare model's throughput at
-    # concurrency 8 on 2 cores), 2 on Triton (its dynamic batcher and instances overlap them)
+    # core for one batch, two at once oversubscribe them), 2 on Triton (its dynamic batcher and
+    # instances overlap them); measured in docs/results.md
     max_concurrent_batches: int | None = None
     retry_after_s: int = 2
+    # the gateway's own log lines (backend state changes, errors): plain text or one JSON object a line
+    log_format: Literal["text", "json"] = "text"
     # metrics: production-line label values are limited to these; others are reported as "other"
     lines: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # inspection records: a folder (embedded SQLite store) or a postgresql:// URL; "off" records nothing;
@@ -79,7 +97,18 @@ class Settings(BaseSettings):
     records_queue: int = Field(1000, ge=1)  # records waiting for the writer; beyond this they are dropped
     records_queue_bytes: int = Field(256 * 1024**2, ge=1)  # frame bytes waiting for the writer
 
-    _split = field_validator("api_keys", "admin_keys", "lines", mode="before")(_split_list)
+    _split = field_validator("api_keys", "admin_keys", "metrics_keys", "metrics_networks", "lines",
+                             mode="before")(_split_list)
+
+    @field_validator("metrics_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"metrics_networks: {network!r} is not a network (CIDR like 10.0.0.0/8): {exc}")
+        return value
 
     def concurrent_batches(self) -> int:
         if self.max_concurrent_batches is not None:

@@ -12,13 +12,13 @@ import os
 _ENV = {
     "host": "SLSG_HOST", "port": "SLSG_PORT", "repository": "SLSG_REPOSITORY", "backend": "SLSG_BACKEND",
     "triton_url": "SLSG_TRITON_URL", "triton_protocol": "SLSG_TRITON_PROTOCOL", "workers": "SLSG_WORKERS",
-    "records": "SLSG_RECORDS", "data_dir": "SLSG_DATA_DIR",
+    "records": "SLSG_RECORDS", "data_dir": "SLSG_DATA_DIR", "log_format": "SLSG_LOG_FORMAT",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1; SLSG_HOST)")
-    parser.add_argument("--port", type=int, help="port (default 8000; SLSG_PORT)")
+    parser.add_argument("--port", type=int, help="port (default 8080; SLSG_PORT)")
     parser.add_argument("--repository", help="model repository for the embedded backend (SLSG_REPOSITORY)")
     parser.add_argument("--backend", choices=["embedded", "triton"], help="inference backend (SLSG_BACKEND)")
     parser.add_argument("--triton-url", help="Triton address, e.g. 127.0.0.1:8001 (SLSG_TRITON_URL)")
@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records", help="inspection records: a folder, a postgresql:// URL or 'off' "
                                           "(default DATA_DIR/records; SLSG_RECORDS)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="the gateway's own log lines (backend down / back, errors) as text or JSON lines "
+                             "(default text; SLSG_LOG_FORMAT)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -88,7 +88,8 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
     card = ModelCard(
         name=req.name, category=loaded.category, backbone=payload["backbone"], input_height=h, input_width=w,
         top_k=loaded.top_k, calibration=loaded.calibration.on_calibrated_map(), metrics=_find_metrics(req),
-        training_data_hash=payload.get("data_hash", ""), project_version=__version__,
+        training_data_hash=payload.get("data_hash", ""), image_colour=payload.get("image_colour", ""),
+        project_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         extra={"checkpoint_step": payload["step"], "calibration_stats": payload.get("calibration_stats", {})},
     )

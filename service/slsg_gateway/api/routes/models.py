@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Body, Depends
 
-from slsg_gateway.api.deps import GatewayState, get_state, require_admin_key
+from slsg_gateway.api.deps import GatewayState, get_state, require_admin_key, require_models_key
 from slsg_gateway.backends.base import ServedModel
 from slsg_gateway.schemas import ErrorResponse, LoadRequest, ModelList, ModelVersionInfo
 
@@ -20,7 +20,9 @@ def model_info(model: ServedModel) -> ModelVersionInfo:
         max_batch_size=model.max_batch_size or None, card=model.card_dict())
 
 
-@router.get("", response_model=ModelList, responses={503: {"model": ErrorResponse}}, summary="List models")
+@router.get("", response_model=ModelList, dependencies=[Depends(require_models_key)],
+            responses={code: {"model": ErrorResponse} for code in (401, 403, 503)},
+            summary="List models (an inspection key once keys are configured)")
 async def list_models(state: GatewayState = Depends(get_state)) -> ModelList:
     models = await state.backend.list_models()
     return ModelList(backend=state.backend.name, models=[model_info(m) for m in models])
