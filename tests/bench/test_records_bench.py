@@ -12,6 +12,7 @@ def test_bench_records_compares_off_on_and_all_flagged(toy_repository, capsys) -
     assert all(f == 0 for f in report["failures"].values())
     for variant in ("on, all normal", "on, all flagged"):
         assert positive(report["ratio_vs_off"][variant])
+        assert len(report["cpu_ms_per_request"][variant]["rounds"]) == 2  # one CPU reading per round (Linux)
         # every request sent was recorded: the writer flushed on SIGTERM
         assert report["stored"][variant]["records"] == report["requests_sent"][variant]
     flagged = report["stored"]["on, all flagged"]
