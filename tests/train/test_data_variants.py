@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from slsg_train.metrics import auroc
 
@@ -181,28 +181,43 @@ def test_images_of_different_sizes_get_maps_and_masks_at_their_own_size(trained)
     assert len(list((maps / "bottle" / "test").rglob("*.tiff"))) == 9 and "warning" not in proc.stderr
 
 
-# --------------------------------------------------------------------------- a non-square input size
+# --------------------------------------------------------------------------- a non-square, 16-bit grey category
 
-STRIP = (40, 100)  # (H, W) of the generated strips: 2.5:1, like 500x1250 parts
+STRIP = (80, 200)  # (H, W) of the generated strips: 2.5:1, like 500x1250 parts
+
+
+def _save_grey16(path: Path, rgb: np.ndarray, bits: int = 12) -> None:
+    """The image's grey level as raw ``bits``-bit values in a 16-bit PNG with an sBIT chunk (a mono camera's)."""
+    grey = rgb.mean(axis=2) * ((1 << bits) - 1) / 255.0
+    info = PngImagePlugin.PngInfo()
+    info.add(b"sBIT", bytes([bits]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.rint(grey).astype(np.uint16)).save(path, pnginfo=info)
 
 
 @pytest.fixture(scope="module")
 def strip_model(tmp_path_factory) -> dict:
-    """A tiny model trained with ``--image-size auto:96`` on 2.5:1 strips, exported to a model repository."""
+    """A tiny model trained with ``--image-size auto:96`` on 2.5:1 strips from a 12-bit mono camera
+    (16-bit PNGs), exported to a model repository; its test images are 16-bit (a dent, a good one) and
+    8-bit grey (a good one)."""
     root = tmp_path_factory.mktemp("strips")
     data, run, repo = root / "data", root / "run", root / "repo"
+    cat = data / "strip"
     rng = np.random.default_rng(5)
     for i in range(6):
-        _save(data / "strip" / "train" / "good" / f"{i:03d}.png", _texture(rng, STRIP))
-    _save(data / "strip" / "test" / "good" / "000.png", _texture(rng, STRIP))
+        _save_grey16(cat / "train" / "good" / f"{i:03d}.png", _texture(rng, STRIP))
+    _save(cat / "test" / "good" / "000.png", _texture(rng, STRIP)[:, :, 0])  # 8-bit grey ('L')
+    _save_grey16(cat / "test" / "good" / "001.png", _texture(rng, STRIP))
     broken = _texture(rng, STRIP)
-    broken[10:25, 60:80] = 10
-    _save(data / "strip" / "test" / "dent" / "000.png", broken)
+    broken[20:50, 120:160] = 10
+    _save_grey16(cat / "test" / "dent" / "000.png", broken)
     train = slsg("train", "--data", str(data), "--category", "strip", "--out", str(run), "--image-size", "auto:96",
                  "--steps", "2", "--pretrain-steps", "0", "--batch-size", "2", "--workers", "0",
                  "--composition-steps", "4")
+    evaluate = slsg("evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(data),
+                    "--out", str(run / "eval"))
     export = slsg("export", "--checkpoint", str(run / "checkpoint.pt"), "--repository", str(repo), "--name", "strip")
-    return {"data": data, "run": run, "repo": repo, "train": train, "export": export, "broken": broken}
+    return {"data": data, "run": run, "repo": repo, "train": train, "evaluate": evaluate, "export": export}
 
 
 def test_auto_input_size_keeps_the_aspect_ratio_and_says_so(strip_model):
@@ -212,6 +227,14 @@ def test_auto_input_size_keeps_the_aspect_ratio_and_says_so(strip_model):
     assert payload["input_size_choice"]["size"] == [64, 160] and payload["input_size_choice"]["images"] == 6
     log = [json.loads(line) for line in (strip_model["run"] / "train_log.jsonl").read_text().splitlines()]
     assert [e["size"] for e in log if e["event"] == "input_size"] == [[64, 160]]
+
+
+def test_16_bit_grey_images_train_and_evaluate(strip_model):
+    payload = torch.load(strip_model["run"] / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert payload["image_colour"] == "greyscale"  # 12-bit frames read as grey, not as colour noise
+    metrics = json.loads((strip_model["run"] / "eval" / "metrics.json").read_text())
+    assert metrics["counts"] == {"dent": 1, "good": 2} and metrics["checkpoint"]["image_size"] == [64, 160]
+    assert 0.0 <= metrics["image_auroc"]["dent"] <= 1.0 and metrics["pixel_auroc"] is None
 
 
 def test_non_square_model_exports_and_runs_in_onnx_runtime(strip_model):
@@ -233,7 +256,8 @@ def test_non_square_model_exports_and_runs_in_onnx_runtime(strip_model):
     assert np.all((amap >= 0) & (amap <= 1)) and np.all((score >= 0) & (score <= 1))
 
 
-def test_gateway_serves_the_non_square_model_at_the_frame_size(strip_model):
+def test_gateway_answers_what_evaluate_scored_for_the_same_16_bit_file(strip_model):
+    """The gateway decodes the 16-bit PNG as training and evaluation read it: the same calibrated score."""
     import base64
     import io
 
@@ -242,19 +266,22 @@ def test_gateway_serves_the_non_square_model_at_the_frame_size(strip_model):
     from slsg_gateway.server import BackgroundGateway
     from slsg_gateway.settings import Settings
 
-    frame = io.BytesIO()
-    Image.fromarray(np.kron(strip_model["broken"], np.ones((5, 5, 1), np.uint8))).save(frame, format="PNG")  # 200x500
+    scores = {r["image"]: r["calibrated"]
+              for r in json.loads((strip_model["run"] / "eval" / "scores.json").read_text())}
     settings = Settings(repository=strip_model["repo"], port=0, api_keys=["key"], admin_keys=["admin"])
+    answers = {}
     with BackgroundGateway(settings) as gateway, httpx.Client(base_url=gateway.url, timeout=60,
                                                               headers={"X-API-Key": "key"}) as client:
         (info,) = client.get("/v1/models").json()["models"]
-        response = client.post("/v1/models/strip/inspect?heatmap=map", content=frame.getvalue(),
-                               headers={"Content-Type": "image/png"})
+        for name in scores:
+            data = (strip_model["data"] / "strip" / "test" / f"{name}.png").read_bytes()
+            response = client.post("/v1/models/strip/inspect?heatmap=map", content=data,
+                                   headers={"Content-Type": "image/png"})
+            assert response.status_code == 200, response.text
+            answers[name] = response.json()
     assert (info["input_height"], info["input_width"]) == (64, 160)
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert (body["image_width"], body["image_height"]) == (500, 200) and 0.0 <= body["score"] <= 1.0
-    with Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["png_base64"]))) as heatmap:
-        assert heatmap.size == (500, 200)
-    for box in (region["box"] for region in body["regions"]):  # regions, if any, in frame coordinates
-        assert 0 <= box["x0"] < box["x1"] <= 500 and 0 <= box["y0"] < box["y1"] <= 200
+    for name, body in answers.items():
+        assert body["score"] == pytest.approx(scores[name], abs=1e-4), name
+        assert (body["image_width"], body["image_height"]) == (200, 80)
+        with Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["png_base64"]))) as heatmap:
+            assert heatmap.size == (200, 80)

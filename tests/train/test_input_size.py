@@ -56,6 +56,8 @@ def test_train_config_defaults_to_auto_and_round_trips():
     assert TrainConfig().image_size == "auto"
     assert TrainConfig.from_dict(TrainConfig(image_size="auto:128").to_dict()).image_size == "auto:128"
     assert TrainConfig.from_dict({**TrainConfig().to_dict(), "image_size": [160, 416]}).image_size == (160, 416)
+    assert TrainConfig(image_size=128).image_size == (128, 128)
+    assert TrainConfig(image_size="96x64").image_size == (64, 96)
     with pytest.raises(ValueError, match="multiples of 32"):
         TrainConfig(image_size="100x100")
 

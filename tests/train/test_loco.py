@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from slsg_train.data.loco import DataSetError, DefectConfig, LocoCategory, list_categories, load_rgb
 
@@ -130,6 +130,43 @@ def test_load_rgb_converts_to_uint8_rgb(tmp_path, mode):
     rgb = load_rgb(tmp_path / "x.png")
     assert rgb.dtype == np.uint8 and rgb.shape == (H, W, 3)
     assert np.abs(rgb[:, :, 1].astype(int) - grey).max() <= 1
+
+
+def _frame_file(tmp_path: Path, kind: str) -> Path:
+    grey = np.linspace(0, 255, H * W).reshape(H, W).astype(np.uint8)
+    path, info = tmp_path / f"{kind}.png", None
+    if kind == "16-bit":
+        img = Image.fromarray(grey.astype(np.uint16) * 257)
+    elif kind == "12-bit+sBIT":  # a mono camera's raw 12-bit values, the PNG saying so
+        img = Image.fromarray(grey.astype(np.uint16) * 16)
+        info = PngImagePlugin.PngInfo()
+        info.add(b"sBIT", bytes([12]))
+    elif kind == "RGBA":
+        img = Image.fromarray(np.dstack([grey, 255 - grey, grey // 2, np.full_like(grey, 7)]))
+    else:
+        img = Image.fromarray(grey).convert(kind)
+    img.save(path, **({"pnginfo": info} if info else {}))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["L", "P", "RGBA", "16-bit", "12-bit+sBIT"])
+def test_data_set_images_decode_as_the_gateway_decodes_frames(tmp_path, kind):
+    """One decoding rule (slsg.image_modes) on both sides: a model sees in service what it saw in training."""
+    from slsg_gateway.imaging import decode_frame
+
+    path = _frame_file(tmp_path, kind)
+    training_side = load_rgb(path)
+    gateway_side = decode_frame(path.read_bytes(), (H, W), max_pixels=10**6).pixels
+    np.testing.assert_array_equal(training_side, gateway_side)
+    assert training_side.dtype == np.uint8 and training_side.shape == (H, W, 3) and training_side.max() >= 250
+
+
+def test_unsupported_image_mode_is_a_data_set_error(tmp_path):
+    path = tmp_path / "lab.tif"
+    Image.new("LAB", (W, H)).save(path)
+    with pytest.raises(DataSetError, match="lab.tif: cannot use image") as info:
+        load_rgb(path)
+    assert "'LAB'" in str(info.value)
 
 
 def test_data_hash_follows_training_bytes_not_location(tmp_path):

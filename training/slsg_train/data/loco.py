@@ -18,12 +18,14 @@ anomalous image keeps its label for the image metrics, gets no masks, and says w
 :attr:`TestSample.ground_truth_issue`, so evaluation can leave it out of the region metrics by name.
 A mask of the wrong size, or one whose value is not in ``defects_config.json``, still is an error:
 it means the data set and its configuration disagree, not that one file is missing.
-Only numpy and Pillow are used (no torch), so the gateway side could read data sets too.
+Only numpy, Pillow and the core's decoding rule are used (no torch), so the gateway side could read
+data sets too; every image is decoded as the gateway decodes a frame (``load_rgb``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from slsg.image_modes import UnsupportedImageMode, rgb8_from_image
 
 GOOD = "good"
 SPLITS_REQUIRED = {"loco": ("train", "validation", "test"), "flat": ("train", "test")}
@@ -114,24 +118,19 @@ class TestSample:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Uint8 HxWx3 RGB array; grey, palette, RGBA and 16-bit images are converted."""
+    """Uint8 HxWx3 RGB array by the project's one decoding rule (:mod:`slsg.image_modes`, the gateway's too):
+    greyscale copied to three channels, 16-bit scaled by its bit depth (a PNG's sBIT), palette and CMYK
+    converted, alpha dropped."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _to_rgb8(img)
+            return rgb8_from_image(img, data).pixels
+    except UnsupportedImageMode as exc:
+        raise DataSetError(f"{path}: cannot use image ({exc})") from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DataSetError(f"{path}: cannot read image ({exc}); expected a readable PNG/JPEG/BMP/TIFF") from exc
-
-
-def _to_rgb8(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float grey: scale the 16-bit range to 8 bits instead of clipping it.
-        grey = np.asarray(img, dtype=np.float64)
-        scale = 255.0 if img.mode == "F" and grey.max(initial=0) <= 1.0 else 255.0 / 65535.0
-        grey8 = np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8)
-        return np.repeat(grey8[:, :, None], 3, axis=2)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
 class MaskUnusable(Exception):

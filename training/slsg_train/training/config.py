@@ -79,8 +79,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        self.image_size = parse_image_size(self.image_size) if isinstance(self.image_size, str) else tuple(
-            self.image_size)
+        size = self.image_size  # a settings file may say 256, "320x256", "auto" or [256, 320]
+        self.image_size = parse_image_size(size) if isinstance(size, (str, int)) else tuple(size)
         if not 0 <= self.calibration_holdout < 1:
             raise ValueError(f"calibration_holdout must be in [0, 1), got {self.calibration_holdout}")
 
