@@ -4,20 +4,25 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
-# `make run`: a small CPU demo by default; override e.g. `make run STEPS=1000 IMAGE_SIZE=256`.
+# `make run`: the demo recipe (configs/demo.yaml: a few minutes on 2 cores); `make run RECIPE=default`
+# trains the recipe behind the published numbers on the full-size synthetic data set.
 SLSG       := $(VENV)/bin/slsg
-DATA       ?= data/synthetic
+RECIPE     ?= demo
+CONFIG     ?= configs/$(RECIPE).yaml
 CATEGORY   ?= tray
-IMAGE_SIZE ?= 128
-STEPS      ?= 300
-PRETRAIN   ?= 100
-COMPOSITION_STEPS ?= 2000
-RUN_DIR    ?= runs/$(CATEGORY)
+ifeq ($(RECIPE),demo)
+DATA       ?= data/demo
+SYNTH_ARGS ?= --image-size 128 --train 60 --validation 20 --test-good 10 --test-logical 10 --test-structural 10
+else
+DATA       ?= data/synthetic
+SYNTH_ARGS ?= --image-size 256
+endif
+RUN_DIR    ?= runs/$(CATEGORY)-$(RECIPE)
 REPOSITORY ?= model_repository
 HOST       ?= 127.0.0.1
 PORT       ?= 8080
 
-.PHONY: setup run test clean prometheus postgresql chromium
+.PHONY: setup run test test-fast clean prometheus postgresql chromium
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -34,24 +39,8 @@ setup: $(STAMP)
 
 # The main job: data -> model (only if the repository has none) -> gateway on the embedded backend.
 run: setup
-	@test -d $(DATA)/$(CATEGORY) || $(SLSG) synth $(DATA) --image-size 256
-	@if ls $(REPOSITORY)/$(CATEGORY)/*/model.onnx >/dev/null 2>&1; then \
-	    echo "model $(CATEGORY) already in $(REPOSITORY); skipping training (delete it to retrain)"; \
-	else \
-	    $(SLSG) train --data $(DATA) --category $(CATEGORY) --out $(RUN_DIR) --image-size $(IMAGE_SIZE) \
-	        --steps $(STEPS) --pretrain-steps $(PRETRAIN) --composition-steps $(COMPOSITION_STEPS) && \
-	    $(SLSG) evaluate --checkpoint $(RUN_DIR)/checkpoint.pt --data $(DATA) --out $(RUN_DIR)/eval && \
-	    $(SLSG) export --checkpoint $(RUN_DIR)/checkpoint.pt --repository $(REPOSITORY) --name $(CATEGORY) \
-	        --cpu-config || exit 1; \
-	fi
-	@echo
-	@echo "Gateway starting on http://$(HOST):$(PORT) (docs at /docs). Once it is up, try:"
-	@echo
-	@echo "  curl -s -X POST -H 'Content-Type: image/png' -H 'X-Line-Id: line-1' \\"
-	@echo "       --data-binary @$$(ls $(DATA)/$(CATEGORY)/test/logical_anomalies/*.png | head -1) \\"
-	@echo "       http://$(HOST):$(PORT)/v1/models/$(CATEGORY)/inspect"
-	@echo
-	$(SLSG) serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+	@bash scripts/run.sh "$(SLSG)" "$(DATA)" "$(CATEGORY)" "$(CONFIG)" "$(RUN_DIR)" "$(REPOSITORY)" \
+	    "$(HOST)" "$(PORT)" $(SYNTH_ARGS)
 
 # promtool/prometheus for the ops tests: Debian's package (CI runs as root).
 PROMETHEUS_PKG := $(shell command -v promtool >/dev/null 2>&1 || echo missing)
@@ -84,6 +73,10 @@ endif
 
 test: setup prometheus postgresql chromium
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m pytest -q -rs --durations=15
+
+# the quick loop: everything but the tests marked slow (real servers, training runs)
+test-fast: setup
+	OMP_NUM_THREADS=2 $(VENV)/bin/python -m pytest -q -m "not slow" -x
 
 clean:
 	rm -rf $(VENV) .pytest_cache

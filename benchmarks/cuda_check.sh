@@ -27,7 +27,7 @@ stage() {  # stage NAME COMMAND...: run it, log to OUT_DIR/NAME.log, record wall
 
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"; } \
     >"$out/environment.txt" 2>&1
-stage pytest python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_training.py -k "cuda or bf16"
+stage pytest python3 -m pytest -q -p no:cacheprovider tests/train/test_model.py tests/train/test_training.py -k "cuda or bf16"
 stage synth slsg synth "$data" --categories "$category" --image-size "$size" --overwrite
 stage synth_eval slsg synth "$eval_data" --categories "$category" --image-size "$size" --train 2 --validation 2 \
     --test-good 60 --test-logical 60 --test-structural 60 --seed 7 --overwrite

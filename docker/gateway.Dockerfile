@@ -8,11 +8,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# only what the package build needs (setuptools also finds slsg_train, which stays torch-free without the extra)
+# only the shared core and the gateway (the .dockerignore leaves out the local Triton harness)
 COPY pyproject.toml README.md ./
 COPY slsg ./slsg
 COPY service ./service
-COPY training ./training
 RUN pip install ".[serve]" \
  && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 

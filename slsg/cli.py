@@ -21,11 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("slsg_train.commands.calibrate", "choose the image-score threshold from normal images"),
     "export": ("slsg_train.commands.export", "export a checkpoint to ONNX in a Triton model repository"),
     "info": ("slsg_train.commands.info", "print a checkpoint's configuration, parameters and GFLOP"),
-    "triton": ("slsg_gateway.commands.triton", "run a local Triton server (CPU, no container) over a repository"),
+    "triton": ("slsg_triton.command", "run a local Triton server (CPU, no container) over a repository"),
     "serve": ("slsg_gateway.commands.serve", "run the inspection gateway"),
     "dataset": ("slsg_gateway.commands.dataset", "data sets from the gateway's records: from-reviews"),
     "promote": ("slsg_gateway.commands.promote", "gate a model version on reviewed frames; --load serves it"),
-    "bench": ("slsg.commands.bench", "benchmarks: model, gateway, triton, load, pipeline, presets"),
+    "bench": ("slsg_bench.command", "benchmarks: model, gateway, triton, load, pipeline, presets"),
 }
 
 

@@ -57,6 +57,12 @@ class Calibration:
     is in the raw score's log-odds (:meth:`calibrated_score`). ``score_max`` is no longer used (cards
     kept it when the map above the threshold was linear up to it); ``score_median`` is None on cards
     from before it existed.
+
+    ``num_images`` normal images, never trained on, set the threshold; the promised false-positive
+    rates (:meth:`expected_fpr`, :meth:`fpr_upper`) count them alone. ``scale_images`` other such
+    images fitted the reference checks' scales (0: the model has none). None on cards from before that
+    split: a model with checks had them scaled on the threshold's own images, and its promise is
+    optimistic (new normal images pass more often than its threshold images did).
     """
 
     raw_threshold: float = 0.5
@@ -66,6 +72,7 @@ class Calibration:
     pixel_threshold: float = 0.5  # anomaly-map value above which a pixel belongs to a region
     num_images: int = 0
     score_median: float | None = None
+    scale_images: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":

@@ -1,17 +1,13 @@
 """Shared test fixtures: free loopback ports and a model repository holding the toy contract model.
 
-``tests/`` is on ``sys.path`` (rootdir conftest, prepend import mode), so module-scoped
-fixtures elsewhere can also ``from conftest import free_ports``.
+Helpers that test modules import (``run_slsg``, ``free_ports``) live in ``support.py``; ``tests/`` is
+on ``sys.path`` (pyproject's ``pythonpath``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from onnx_fixtures import make_card, write_contract_model
+from support import free_ports
 from slsg.contract import ModelCard, model_path
 from slsg.triton_config import write_config
 
@@ -26,25 +23,6 @@ from slsg.triton_config import write_config
 os.environ.setdefault("SLSG_DATA_DIR", tempfile.mkdtemp(prefix="slsg-test-data-"))
 
 TOY_MODEL = "toy"
-SLSG_BIN = str(Path(sys.executable).parent / "slsg")  # the real console script of this environment
-
-
-def run_slsg(*args: str | Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``slsg ARGS`` as a user would (one thread per process: tests share two cores)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([SLSG_BIN, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"slsg {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def free_ports(count: int = 1) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 (sockets held together so they differ)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
 
 
 @pytest.fixture

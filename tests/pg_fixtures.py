@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import free_ports
+from support import free_ports
 
 
 def postgres_bindir() -> Path | None:

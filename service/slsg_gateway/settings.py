@@ -36,7 +36,7 @@ class Settings(BaseSettings):
 
     # where and how to serve
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8080
     workers: int = 1
     backend: Literal["embedded", "triton"] = "embedded"
     repository: Path = Path("model_repository")
@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     max_batch_size: int = 8
     max_queue: int = 64
     # batches in flight per gateway: None = 1 on the embedded backend (ONNX Runtime already uses every
-    # core for one batch; two at once oversubscribe: 0.71x vs 0.80x of the bare model's throughput at
-    # concurrency 8 on 2 cores), 2 on Triton (its dynamic batcher and instances overlap them)
+    # core for one batch, two at once oversubscribe them), 2 on Triton (its dynamic batcher and
+    # instances overlap them); measured in docs/results.md
     max_concurrent_batches: int | None = None
     retry_after_s: int = 2
     # the gateway's own log lines (backend state changes, errors): plain text or one JSON object a line

@@ -18,7 +18,7 @@ _ENV = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1; SLSG_HOST)")
-    parser.add_argument("--port", type=int, help="port (default 8000; SLSG_PORT)")
+    parser.add_argument("--port", type=int, help="port (default 8080; SLSG_PORT)")
     parser.add_argument("--repository", help="model repository for the embedded backend (SLSG_REPOSITORY)")
     parser.add_argument("--backend", choices=["embedded", "triton"], help="inference backend (SLSG_BACKEND)")
     parser.add_argument("--triton-url", help="Triton address, e.g. 127.0.0.1:8001 (SLSG_TRITON_URL)")

@@ -37,15 +37,19 @@ class PostgresStore(RecordStore):
             raise RuntimeError("a postgresql:// record store needs the psycopg driver: "
                                "pip install 'psycopg[binary]'") from None
         self.url = url
-        try:
-            self._conn = psycopg.connect(url, autocommit=False, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            raise RuntimeError(f"cannot connect to the record store {_redact(url)}: {exc}") from None
+        self._psycopg = psycopg
+        self._conn = self._connect()
         with self._transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in (*SCHEMA.split(";"), _FILES_SCHEMA):
                 if statement.strip():
                     cur.execute(statement)
+
+    def _connect(self) -> Any:
+        try:
+            return self._psycopg.connect(self.url, autocommit=False, connect_timeout=10)
+        except self._psycopg.OperationalError as exc:
+            raise RuntimeError(f"cannot connect to the record store {_redact(self.url)}: {exc}") from None
 
     @property
     def description(self) -> str:
@@ -54,6 +58,8 @@ class PostgresStore(RecordStore):
     @contextmanager
     def _transaction(self, write: bool = True) -> Iterator[Any]:
         with self._lock:
+            if self._conn.broken:  # the server restarted or the network dropped: a new connection
+                self._conn = self._connect()
             cur = self._conn.cursor()
             try:
                 yield cur

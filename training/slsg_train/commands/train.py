@@ -4,52 +4,75 @@ from __future__ import annotations
 
 import argparse
 
+def _defaults() -> dict:
+    """TrainConfig's defaults with the default preset's network fields, for the help texts."""
+    from slsg_train.models import preset
+    from slsg_train.training.config import TrainConfig
+
+    cfg = TrainConfig()
+    return {**cfg.to_dict(), "pretrain_steps": cfg.pretrain.steps, "lr": cfg.optim.lr,
+            **{f"model.{k}": v for k, v in preset(cfg.preset).to_dict().items()}}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="data set root (MVTec LOCO AD layout)")
+    from slsg_train.training.config import PRECISIONS
+
+    d = _defaults()
+    p.add_argument("--data", help="data set root (MVTec LOCO AD layout); required unless --print-config")
     p.add_argument("--category", required=True, help="category folder under --data")
-    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, train_log.jsonl)")
-    p.add_argument("--config", default=None,
-                   help="JSON or YAML file of training settings (TrainConfig fields, nested: simulation, optim, "
-                        "loss, pretrain, model); flags given on the command line win")
-    p.add_argument("--preset", default=None, help="'default' (EfficientNet-Lite0) or 'paper' (ResNet-18)")
-    p.add_argument("--backbone", default=None, help="override the preset's backbone (efficientnet_lite0, resnet18)")
-    p.add_argument("--backbone-weights", default=None,
-                   help="'imagenet' (bundled / official weights), a .pth path, or 'none' for random init")
+    p.add_argument("--out", help="run directory (checkpoint.pt, train_log.jsonl); required unless --print-config")
+    p.add_argument("--config", action="append", metavar="FILE",
+                   help="YAML or JSON file of training settings (TrainConfig fields, nested: simulation, optim, "
+                        "loss, pretrain, model), e.g. configs/default.yaml; repeatable, later files win, flags win "
+                        "over files")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings (defaults < preset < category prior < files < flags) and exit")
+    p.add_argument("--preset", help=f"'default' (EfficientNet-Lite0) or 'paper' (ResNet-18) (default {d['preset']})")
+    p.add_argument("--backbone", help="override the preset's backbone (efficientnet_lite0, resnet18)")
+    p.add_argument("--backbone-weights",
+                   help="'imagenet' (bundled / official weights), a .pth path, or 'none' for random init "
+                        f"(default {d['backbone_weights']})")
     p.add_argument("--allow-download", action="store_true",
                    help="let --backbone-weights imagenet fetch the official resnet18 file when online")
     p.add_argument("--global-branch", action="store_true",
                    help="add the global check (pooled-feature distance to the normal images; not in the paper) "
                         "for products whose rules span the whole image")
-    p.add_argument("--patch-memory", choices=("on", "off"), default=None,
+    p.add_argument("--patch-memory", choices=("on", "off"),
                    help="the patch-memory check (each patch's distance to the normal patches, fused into the map; "
-                        "not in the paper). Default: the preset's (on in 'default', off in 'paper')")
-    p.add_argument("--composition-check", choices=("on", "off"), default=None,
+                        "not in the paper); default: the preset's")
+    p.add_argument("--composition-check", choices=("on", "off"),
                    help="the composition check (an autoencoder of the whole image's features, trained after "
-                        "SLSG, for rules that join parts; not in the paper). Default: the preset's")
+                        "SLSG, for rules that join parts; not in the paper); default: the preset's")
     p.add_argument("--composition-steps", type=int,
-                   help="the composition check's autoencoder training steps (default 8000: about 4 min on 2 cores)")
+                   help=f"the composition check's autoencoder training steps (default {d['model.composition_steps']})")
     p.add_argument("--composition-restoration", type=float,
                    help="the share of the composition check's training batches that are simulated logical anomalies "
-                        "it learns to undo (default 0.5; 0: normal images only, as EfficientAD)")
-    p.add_argument("--image-size", default=None, help="model input, '256' or 'WxH'; multiples of 32 (default 256)")
-    p.add_argument("--steps", type=int, help="detector training steps (default 3500)")
-    p.add_argument("--pretrain-steps", type=int, help="generative pre-training steps, 0 to skip (default 1000)")
-    p.add_argument("--batch-size", type=int, help="normal images per step; as many simulated ones are added (default 4)")
-    p.add_argument("--lr", type=float, help="SGD learning rate (default 0.04)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
-    from slsg_train.training.config import PRECISIONS
-
+                        f"it learns to undo (0: normal images only) (default {d['model.composition_restoration']})")
+    p.add_argument("--image-size",
+                   help="model input: 'N' or 'WxH' (multiples of 32), or 'auto': the training images' aspect ratio "
+                        "within 256x256 pixels, e.g. 416x160 for 500x1250 strips and 256x256 for square images; "
+                        f"'auto:N' sets an N x N pixel budget (default {d['image_size']})")
+    p.add_argument("--steps", type=int, help=f"detector training steps (default {d['steps']})")
+    p.add_argument("--pretrain-steps", type=int, help=f"generative pre-training steps, 0 to skip (default {d['pretrain_steps']})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"normal images per step; as many simulated ones are added (default {d['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"SGD learning rate (default {d['lr']})")
+    p.add_argument("--device", help=f"auto, cpu, cuda, cuda:N (default {d['device']})")
     p.add_argument("--precision", choices=PRECISIONS,
-                   help="training's forward passes: bf16 autocast (weights stay float32) or fp32; default auto: "
-                        "bf16 where the device has it natively (CUDA from Ampere on, CPUs with AVX512-BF16 or AMX)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes for the simulation (default 2)")
-    p.add_argument("--anomaly-source", default=None, help="DTD texture folder for structural simulation (default: built-in textures)")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 250)")
-    p.add_argument("--log-every", type=int, help="steps between log lines (default 10)")
-    p.add_argument("--calibration-fpr", type=float, help="target false-positive rate of the threshold (default 0.01)")
+                   help="training's forward passes: bf16 autocast (weights stay float32) or fp32; auto: bf16 where "
+                        f"the device has it natively (CUDA from Ampere on, AVX512-BF16 or AMX) (default {d['precision']})")
+    p.add_argument("--seed", type=int, help=f"random seed (default {d['seed']})")
+    p.add_argument("--workers", type=int, help=f"DataLoader worker processes for the simulation (default {d['workers']})")
+    p.add_argument("--anomaly-source", help="DTD texture folder for structural simulation (default: built-in textures)")
+    p.add_argument("--checkpoint-every", type=int, help=f"steps between checkpoints (default {d['checkpoint_every']})")
+    p.add_argument("--log-every", type=int, help=f"steps between log lines (default {d['log_every']})")
+    p.add_argument("--calibration-fpr", type=float,
+                   help=f"target false-positive rate of the threshold (default {d['calibration_fpr']})")
+    p.add_argument("--calibration-holdout", type=float,
+                   help="at most this share of train/good is held out of training for calibration when "
+                        f"validation/good is short of the images the target rate needs (default {d['calibration_holdout']})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--until-step", type=int, default=None,
+    p.add_argument("--until-step", type=int,
                    help="stop after this step of the current stage (checkpoint saved; continue later with --resume)")
 
 
@@ -59,7 +82,7 @@ def _flag_settings(args: argparse.Namespace) -> dict:
 
     flat = {name: getattr(args, name) for name in (
         "preset", "backbone", "steps", "batch_size", "seed", "workers", "device", "precision", "checkpoint_every",
-        "log_every", "anomaly_source", "calibration_fpr")}
+        "log_every", "anomaly_source", "calibration_fpr", "calibration_holdout")}
     settings = {k: v for k, v in flat.items() if v is not None}
     if args.allow_download:
         settings["allow_download"] = True
@@ -87,50 +110,25 @@ def _flag_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def load_settings_file(path: str) -> dict:
-    """A JSON or YAML mapping of training settings; errors name the file and the problem."""
-    import json
-    from pathlib import Path
-
-    text = Path(path).read_text()
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
-        raise ValueError(f"--config {path}: cannot parse: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    return data
-
-
-def merge_settings(base: dict, overrides: dict) -> dict:
-    """``base`` updated by ``overrides``, nested mappings merged key by key."""
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merge_settings(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import sys
 
     from slsg_train.checkpoint import CheckpointError
     from slsg_train.data.loco import DataSetError
     from slsg_train.models import BackboneWeightsError
-    from slsg_train.training.config import TrainConfig
+    import yaml
+
+    from slsg_train.training.config import load_settings_file, resolve_train_config
     from slsg_train.training.trainer import TrainingRun
 
     try:
-        settings = TrainConfig().to_dict()
-        if args.config:
-            settings = merge_settings(settings, load_settings_file(args.config))
-        settings = merge_settings(settings, _flag_settings(args))
-        settings["category"] = args.category
-        cfg = TrainConfig.from_dict(settings)
+        files = [load_settings_file(path) for path in args.config or []]
+        cfg = resolve_train_config(args.category, [*files, _flag_settings(args)])
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        if not (args.data and args.out):
+            raise ValueError("--data and --out are required (only --print-config runs without them)")
         # on --resume, only the options given explicitly change the stored configuration
         overrides = {k: getattr(args, k) for k in ("steps", "workers", "device", "precision", "checkpoint_every", "log_every")
                      if getattr(args, k) is not None}

@@ -1,7 +1,7 @@
 """Settings and result type of the anomaly simulator, as data (SLSG, arXiv 2305.00398, "pseudo-prior knowledge").
 
-Defaults follow the authors' code (``cutpaste_normal.py`` / ``utils.py`` of the SLSG
-repository, which builds on DRAEM): structural blobs from Perlin noise with 2**[0, 4)
+Defaults follow the authors' code (its anomaly-simulation modules in the SLSG repository,
+areylng/SLSG on GitHub, not part of this project; they build on DRAEM): structural blobs from Perlin noise with 2**[0, 4)
 cells and threshold 0.5, blend factor beta 0.75 with probability 0.25 else U(0, 0.9);
 logical ("scar") blobs with 2**[0, 3) cells and threshold 0.4, beta U(0, 0.25), about
 58% of samples (``uniform(0, 0.6) < 0.35``). The authors' per-category hand settings are

@@ -44,6 +44,9 @@ class OptimConfig:
     warmup_steps: int = 0
 
 
+CALIBRATION_HOLDOUT = 0.2
+
+
 @dataclass
 class TrainConfig:
     category: str = ""
@@ -51,7 +54,9 @@ class TrainConfig:
     backbone: str | None = None              # overrides the preset's backbone
     backbone_weights: str | None = "imagenet"
     allow_download: bool = False             # resnet18 "imagenet" weights via torch.hub when online
-    image_size: tuple[int, int] = (256, 256)  # (H, W), multiples of 32
+    # (H, W), multiples of 32; or "auto" / "auto:N": from the training images' aspect ratio within
+    # N x N pixels (256), resolved when training starts (data/input_size.py); square images give 256x256
+    image_size: tuple[int, int] | str = "auto"
     steps: int = 3500
     batch_size: int = 4                      # normal images per step; as many simulated copies are added
     seed: int = 0
@@ -63,6 +68,9 @@ class TrainConfig:
     log_every: int = 10
     anomaly_source: str | None = None        # DTD folder for textures; None = built-in textures
     calibration_fpr: float = 0.01
+    # at most this share of train/good is held out of training to calibrate on, where validation/good
+    # has fewer normal images than the target rate needs (see training/calibration.py)
+    calibration_holdout: float = CALIBRATION_HOLDOUT
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -71,6 +79,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        self.image_size = parse_image_size(self.image_size) if isinstance(self.image_size, str) else tuple(
+            self.image_size)
+        if not 0 <= self.calibration_holdout < 1:
+            raise ValueError(f"calibration_holdout must be in [0, 1), got {self.calibration_holdout}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,7 +94,7 @@ class TrainConfig:
         for key, kind in nested.items():
             if isinstance(data.get(key), dict):
                 data[key] = kind(**data[key])
-        if "image_size" in data:
+        if isinstance(data.get("image_size"), list):
             data["image_size"] = tuple(data["image_size"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
@@ -91,13 +103,77 @@ class TrainConfig:
         return cls(**data)
 
 
-def parse_image_size(text: str | int) -> tuple[int, int]:
-    """'256' -> (256, 256); '320x256' (WxH) -> (256, 320). Both sides must be multiples of 32."""
-    text = str(text).lower()
-    if "x" in text:
-        w, h = (int(v) for v in text.split("x", 1))
-    else:
-        w = h = int(text)
+def merge_settings(base: dict, overrides: dict) -> dict:
+    """``base`` updated by ``overrides``, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_settings(out[key], value) if nested else value
+    return out
+
+
+def load_settings_file(path: str) -> dict:
+    """A JSON or YAML mapping of training settings; errors name the file and the problem."""
+    import json
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any read or parse failure is the file's fault
+        raise ValueError(f"--config {path}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def resolve_train_config(category: str, layers: list[dict[str, Any]]) -> TrainConfig:
+    """The one place where a run's settings are layered, lowest first: TrainConfig's defaults, the
+    preset's network fields, the category's simulation prior, then each of ``layers`` (settings
+    files, then the command line's flags), nested mappings merged key by key.
+
+    The result is complete: its ``model`` holds every network field and its ``simulation`` every
+    simulator field, so what ``slsg train --print-config`` shows is what the run uses.
+    """
+    from slsg_train.models import preset
+    from slsg_train.simulation import SimulationConfig
+
+    settings = TrainConfig().to_dict()
+    for layer in layers:
+        settings = merge_settings(settings, layer)
+    settings["category"] = category
+    cfg = TrainConfig.from_dict(settings)
+    changes: dict[str, Any] = {"backbone_weights": cfg.backbone_weights, "allow_download": cfg.allow_download}
+    if cfg.backbone:
+        changes["backbone"] = cfg.backbone
+    if cfg.pretrain.steps > 0:
+        changes["freeze_encoder"] = cfg.pretrain.freeze_encoder_after
+    cfg.model = preset(cfg.preset, **{**changes, **cfg.model}).to_dict()
+    prior = SimulationConfig().for_category(category)  # a file's own category_overrides apply last
+    simulation = SimulationConfig.from_dict(merge_settings(prior.to_dict(), cfg.simulation))
+    if cfg.anomaly_source:
+        simulation = dataclasses.replace(simulation, texture_source=cfg.anomaly_source)
+    cfg.simulation = simulation.for_category(category).to_dict()
+    return cfg
+
+
+def parse_image_size(text: str | int) -> tuple[int, int] | str:
+    """'256' -> (256, 256); '320x256' (WxH) -> (256, 320), both sides multiples of 32; 'auto' and
+    'auto:N' stay as they are (lower case), to be resolved from the training images."""
+    from slsg_train.data.input_size import parse_auto
+
+    text = str(text).strip().lower()
+    if parse_auto(text) is not None:
+        return text
+    try:
+        w, h = (int(v) for v in text.split("x", 1)) if "x" in text else (int(text),) * 2
+    except ValueError:
+        raise ValueError(f"image size {text!r}: expected N, WxH or auto[:N]") from None
     if h <= 0 or w <= 0 or h % 32 or w % 32:
         raise ValueError(f"image size {text!r}: both sides must be positive multiples of 32")
     return h, w

@@ -4,14 +4,13 @@ Only training's forward passes run their convolutions and matrix products in bfl
 (``torch.autocast``): pre-training's, SLSG's and the composition check's autoencoder's. The weights,
 the optimiser state, the losses and every score stay float32: the reference checks' fits and scores
 (the autoencoder's residual too), calibration, export. bfloat16 keeps float32's exponent range, so
-unlike float16 it needs no loss scaling. On a CPU with AVX512-BF16 a 256x256 SLSG step takes about half
-the time; on CUDA GPUs from Ampere on, the tensor cores do the same.
+unlike float16 it needs no loss scaling. CPUs with AVX512-BF16 or AMX and CUDA GPUs from Ampere on
+compute it natively (speed-ups in docs/results.md).
 
 Every model that trains or infers keeps its 4-D weights, and so its activations, channels-last (NHWC):
 oneDNN's convolutions and bilinear resizes run natively in that layout and reorder NCHW tensors at
-each call. A 256x256 training step of the default preset on 2 CPU cores takes 0.96 s instead of
-1.43 s in bfloat16 (1.91 s instead of 2.48 s in float32), inference 1.1-1.3x faster; the numbers agree
-within float rounding. Saved weights load into either layout, and the exported graph is the same.
+each call. The numbers agree within float rounding; saved weights load into either layout, and the
+exported graph is the same.
 """
 
 from __future__ import annotations
