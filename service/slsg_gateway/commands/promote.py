@@ -84,18 +84,24 @@ def _table(result) -> str:
 
 
 def _load(args: argparse.Namespace, name: str, version: int) -> int:
+    """Ask the gateway to serve ``version``: a plain load when it is the newest, else a pin to it."""
     import httpx
 
+    from slsg.contract import list_versions
+
+    newest = max(list_versions(args.repository, name), default=version)
+    body = None if version == newest else {"version": version}
     try:
-        response = httpx.post(f"{args.gateway.rstrip('/')}/v1/models/{name}/load", json={"version": version},
+        response = httpx.post(f"{args.gateway.rstrip('/')}/v1/models/{name}/load", json=body,
                               headers={"X-API-Key": args.admin_key}, timeout=120)
     except httpx.HTTPError as exc:
         print(f"slsg promote: {name}:{version} passed but the gateway at {args.gateway} could not be reached: {exc}",
               file=sys.stderr)
         return 2
-    if response.status_code != 200:
-        print(f"slsg promote: {name}:{version} passed but the gateway refused the load "
+    served = response.json().get("served_version") if response.status_code == 200 else None
+    if served != version:
+        print(f"slsg promote: {name}:{version} passed but the gateway did not load it "
               f"({response.status_code}): {response.text}", file=sys.stderr)
         return 2
-    print(f"loaded: the gateway at {args.gateway} serves {name} version {response.json()['served_version']}")
+    print(f"loaded: the gateway at {args.gateway} serves {name} version {served}")
     return 0
