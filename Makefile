@@ -22,7 +22,7 @@ REPOSITORY ?= model_repository
 HOST       ?= 127.0.0.1
 PORT       ?= 8080
 
-.PHONY: setup run test test-fast clean prometheus postgresql chromium
+.PHONY: setup run test test-fast clean prometheus postgresql chromium checkov
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -71,7 +71,18 @@ ifeq ($(CHROMIUM_PKG),missing)
 	else echo "chromium not found and cannot apt-get install chromium: the review page's browser test will be skipped"; fi
 endif
 
-test: setup prometheus postgresql chromium
+
+# checkov (security scan of deploy/k8s) in a venv of its own: its pinned dependencies clash with ours
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(VENV)/checkov/bin/checkov
+
+$(CHECKOV):
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q checkov==$(CHECKOV_VERSION)
+
+checkov: $(CHECKOV)
+
+test: setup prometheus postgresql chromium checkov
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m pytest -q -rs --durations=15
 
 # the quick loop: everything but the tests marked slow (real servers, training runs)

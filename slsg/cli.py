@@ -21,10 +21,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("slsg_train.commands.calibrate", "choose the image-score threshold from normal images"),
     "export": ("slsg_train.commands.export", "export a checkpoint to ONNX in a Triton model repository"),
     "info": ("slsg_train.commands.info", "print a checkpoint's configuration, parameters and GFLOP"),
+    "import-authors": ("slsg_train.commands.import_authors",
+                       "convert the SLSG authors' released weights (<category>.tch) into a checkpoint"),
+    "score": ("slsg_train.commands.score", "score image files with a checkpoint, no server (raw and calibrated)"),
     "triton": ("slsg_triton.command", "run a local Triton server (CPU, no container) over a repository"),
     "serve": ("slsg_gateway.commands.serve", "run the inspection gateway"),
     "dataset": ("slsg_gateway.commands.dataset", "data sets from the gateway's records: from-reviews"),
     "promote": ("slsg_gateway.commands.promote", "gate a model version on reviewed frames; --load serves it"),
+    "deploy": ("slsg.commands.deploy", "choose the version every gateway serves (a rollback: an older one)"),
     "bench": ("slsg_bench.command", "benchmarks: model, gateway, triton, load, pipeline, presets"),
 }
 

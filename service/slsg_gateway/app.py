@@ -25,6 +25,7 @@ from slsg_gateway.metrics import GatewayMetrics
 from slsg_gateway.records import RecordStore, RecordWriter, open_store
 from slsg_gateway.records.recorder import Recorder
 from slsg_gateway.records.writer import RetentionPolicy
+from slsg_gateway.reconcile import Reconciler
 from slsg_gateway.settings import Settings
 from slsg_gateway.ui import routes as ui_routes
 from slsg_gateway.ui.routes import NotSignedIn
@@ -123,7 +124,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 state.metrics.set_served_version(model.name, model.served_version)
         except GatewayError:  # backend unreachable at start: the gateway still starts, readiness says so
             pass
+        await state.reconciler.start()  # the desired versions, before the first request
         yield
+        await state.reconciler.close()
         await state.batcher.close()
         _close_records(state)
         await state.backend.close()
@@ -138,7 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            retry_after_s=settings.retry_after_s)
     pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     inspector = Inspector(settings, backend, batcher, metrics, pool)
-    app.state.gateway = GatewayState(settings, backend, metrics, batcher, inspector, pool,
+    reconciler = Reconciler(settings.desired_state_root(), settings.reconcile_interval_s, backend, metrics)
+    app.state.gateway = GatewayState(settings, backend, metrics, batcher, inspector, pool, reconciler,
                                      records=_open_records(settings, inspector, metrics))
     _install_error_handlers(app)
     _install_request_metrics(app)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from slsg.contract import RESIZE_BILINEAR, RESIZE_LANCZOS
 from slsg.image_modes import UnsupportedImageMode, rgb8_from_image
 from slsg_gateway.errors import BadImage, FrameTooSmall, PayloadTooLarge, UnsupportedMediaType
 
@@ -27,6 +28,7 @@ IMAGE_MEDIA_TYPES: dict[str, str] = {
     "image/x-ms-bmp": "BMP", "image/tiff": "TIFF",
 }
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+RESIZE_FILTERS = {RESIZE_BILINEAR: Image.BILINEAR, RESIZE_LANCZOS: Image.LANCZOS}  # the card's name -> Pillow's
 
 
 @dataclass
@@ -126,13 +128,17 @@ def open_frame(data: bytes, max_pixels: int) -> OpenedFrame:
 
 
 def plan_draft(opened: OpenedFrame, input_size: tuple[int, int], preview_size: tuple[int, int] | None,
-               min_ratio: float) -> None:
+               min_ratio: float, resize: str = RESIZE_BILINEAR) -> None:
     """Decode a JPEG at reduced scale when it is at least ``min_ratio`` times the size needed.
 
     The size needed is the model input's, and the heat-map preview's when one is wanted. Pillow's
     draft mode lets the DCT itself skip the detail: several times cheaper than a full decode and a
     resize, and a fraction of the memory. It picks the largest 1/2, 1/4, 1/8 scale still >= that size.
+    A model that expects LANCZOS (the authors' preprocessing) always gets the full decode: draft mode
+    would already have downscaled the frame another way.
     """
+    if resize != RESIZE_BILINEAR:
+        return
     in_h, in_w = input_size
     need_w = max(in_w, preview_size[0] if preview_size else 0)
     need_h = max(in_h, preview_size[1] if preview_size else 0)
@@ -142,10 +148,11 @@ def plan_draft(opened: OpenedFrame, input_size: tuple[int, int], preview_size: t
 
 
 def decode_opened(opened: OpenedFrame, data: bytes, input_size: tuple[int, int],
-                  preview_size: tuple[int, int] | None = None) -> Frame:
+                  preview_size: tuple[int, int] | None = None, resize: str = RESIZE_BILINEAR) -> Frame:
     """Decode an opened frame by the shared rule (:mod:`slsg.image_modes`) and resize it to ``input_size`` (H, W).
 
-    ``preview_size`` = (width, height) also keeps an RGB copy at that size for heat-map overlays.
+    ``preview_size`` = (width, height) also keeps an RGB copy at that size for heat-map overlays;
+    ``resize`` is the model card's filter for the model input.
     """
     t0 = time.perf_counter()
     image = opened.image
@@ -158,11 +165,11 @@ def decode_opened(opened: OpenedFrame, data: bytes, input_size: tuple[int, int],
     try:
         if image.mode in _RESIZE_FIRST:
             source = image
-            rule = rgb8_from_image(image.resize((in_w, in_h), Image.BILINEAR))
+            rule = rgb8_from_image(image.resize((in_w, in_h), RESIZE_FILTERS[resize]))
         else:  # the rule at full size, then the resize
             full = rgb8_from_image(image, data)
             source = Image.fromarray(full.pixels)
-            rule = dataclasses.replace(full, pixels=np.asarray(source.resize((in_w, in_h), Image.BILINEAR)))
+            rule = dataclasses.replace(full, pixels=np.asarray(source.resize((in_w, in_h), RESIZE_FILTERS[resize])))
             del full  # its full-size array: only the Pillow copy stays, for the preview
     except UnsupportedImageMode as exc:
         raise BadImage(f"cannot inspect this frame: {exc}", code="unsupported_image_mode") from None
@@ -173,11 +180,11 @@ def decode_opened(opened: OpenedFrame, data: bytes, input_size: tuple[int, int],
 
 
 def decode_frame(data: bytes, input_size: tuple[int, int], *, max_pixels: int, draft_min_ratio: float = 2.0,
-                 preview_size: tuple[int, int] | None = None) -> Frame:
+                 preview_size: tuple[int, int] | None = None, resize: str = RESIZE_BILINEAR) -> Frame:
     """:func:`open_frame`, :func:`plan_draft` and :func:`decode_opened` in one call."""
     opened = open_frame(data, max_pixels)
-    plan_draft(opened, input_size, preview_size, draft_min_ratio)
-    return decode_opened(opened, data, input_size, preview_size)
+    plan_draft(opened, input_size, preview_size, draft_min_ratio, resize)
+    return decode_opened(opened, data, input_size, preview_size, resize)
 
 
 def _colour_table() -> np.ndarray:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from slsg.contract import DECISION_THRESHOLD
+from slsg.contract import DECISION_THRESHOLD, RESIZE_BILINEAR
 from slsg.image_modes import COLOUR
 from slsg_gateway.backends.base import Backend, ServedModel
 from slsg_gateway.batching import BatchItem, MicroBatcher
@@ -67,13 +67,14 @@ class Inspector:
     async def decode(self, model: ServedModel, data: bytes, heatmap: HeatmapMode | None) -> Frame:
         """Decode within the memory budget; 4xx for what is no image, too large or far too small."""
         settings, input_size = self.settings, (model.input_height, model.input_width)
+        resize = model.card.resize if model.card else RESIZE_BILINEAR
         opened = open_frame(data, settings.max_pixels)  # the header only: cheap
         check_frame_size(opened.width, opened.height, input_size, settings.min_frame_fraction)
         preview = (heatmap_size(opened.width, opened.height, settings.heatmap_max_side)
                    if heatmap == "overlay" else None)
-        plan_draft(opened, input_size, preview, settings.draft_min_ratio)
+        plan_draft(opened, input_size, preview, settings.draft_min_ratio, resize)
         async with self.budget.reserve(opened.cost_bytes()):
-            job = partial(decode_opened, opened, data, input_size, preview)
+            job = partial(decode_opened, opened, data, input_size, preview, resize)
             return await asyncio.get_running_loop().run_in_executor(self.pool, job)
 
     async def inspect(self, name: str, data: bytes, *, heatmap: HeatmapMode | None = None,

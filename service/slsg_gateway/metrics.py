@@ -48,6 +48,17 @@ class GatewayMetrics:
         # the review loop's figures, read from the record store at scrape time (empty while records are off)
         self.review_figures = ReviewCollector(self.line_label)
         r.register(self.review_figures)
+        # desired state (NAME/serving.json, reconciled by slsg_gateway.reconcile)
+        self.desired_version = Gauge("slsg_model_desired_version", "version the model's serving.json asks for",
+                                     ["model"], registry=r)
+        self.version_mismatch = Gauge("slsg_model_version_mismatch",
+                                      "1 while the served version differs from the desired one", ["model"],
+                                      registry=r)
+        self.desired_state_invalid = Gauge("slsg_desired_state_invalid",
+                                           "1 while the model's serving.json cannot be used (the served "
+                                           "version stays)", ["model"], registry=r)
+        self.reconcile_errors = Counter("slsg_reconcile_errors", "failed steps towards the desired state",
+                                        ["model", "kind"], registry=r)
 
     def line_label(self, line_id: str | None) -> str:
         if not line_id:
@@ -69,6 +80,13 @@ class GatewayMetrics:
     def watch_records(self, store: RecordStore) -> None:
         """Report the review loop's numbers from ``store`` at every scrape."""
         self.review_figures.store = store
+    def forget_desired_state(self, model: str) -> None:
+        """Drop the desired-state series of a model whose serving.json went away."""
+        for gauge in (self.desired_version, self.version_mismatch, self.desired_state_invalid):
+            try:
+                gauge.remove(model)
+            except KeyError:
+                pass  # never set for this model
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -86,6 +86,9 @@ class ModelVersionInfo(BaseModel):
     served_version: int | None = Field(description="version answering requests, if loaded")
     pinned_version: int | None = Field(
         default=None, description="version pinned by a rollback (load with a version); null: the newest serves")
+    desired_version: int | None = Field(
+        default=None, description="version the model's serving.json (written by `slsg deploy`) asks for; "
+                                  "null: no desired state, the served version is managed by load calls")
     ready: bool
     input_height: int | None = None
     input_width: int | None = None

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     triton_url: str = "127.0.0.1:8001"
     triton_protocol: Literal["grpc", "http"] = "grpc"
     triton_timeout_s: float = 5.0
+    # desired state: every reconcile_interval_s (0: never) load the version NAME/serving.json names
+    # (written by `slsg deploy`) under serving_root (None: the repository; on Triton, a mount of it)
+    reconcile_interval_s: float = Field(default=5.0, ge=0)
+    serving_root: Path | None = None
     # embedded backend: ONNX Runtime threads per session (0 = ORT default)
     ort_threads: int = 0
     # decisions
@@ -120,6 +124,8 @@ class Settings(BaseSettings):
         if self.records is None or not self.records.strip():
             return str(self.data_dir / "records")
         return None if self.records.strip().lower() == "off" else self.records.strip()
+    def desired_state_root(self) -> Path:
+        return self.serving_root if self.serving_root is not None else self.repository
 
     def threshold_for(self, model: str) -> float:
         return float(self.thresholds.get(model, self.default_threshold))

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from slsg.contract import Calibration
+from slsg.contract import RESIZE_BILINEAR, Calibration
 from slsg_train.checkpoint import build_model, load_checkpoint_payload
 from slsg_train.training.dataset import to_tensor
 from slsg_train.training.precision import channels_last
@@ -26,6 +26,11 @@ class LoadedModel:
     @property
     def category(self) -> str:
         return self.payload["category"]
+
+    @property
+    def resize(self) -> str:
+        """The filter frames are resized with for this model (runs from before the setting: bilinear)."""
+        return self.payload.get("resize", RESIZE_BILINEAR)
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedModel:

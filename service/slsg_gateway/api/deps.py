@@ -16,6 +16,7 @@ from slsg_gateway.errors import Forbidden, PayloadTooLarge, Unauthorized
 from slsg_gateway.inspection import Inspector
 from slsg_gateway.metrics import GatewayMetrics
 from slsg_gateway.records.store import RecordStore
+from slsg_gateway.reconcile import Reconciler
 from slsg_gateway.settings import Settings
 
 
@@ -27,6 +28,7 @@ class GatewayState:
     batcher: MicroBatcher
     inspector: Inspector
     pool: ThreadPoolExecutor
+    reconciler: Reconciler
     records: RecordStore | None = None  # None: SLSG_RECORDS=off
 
 

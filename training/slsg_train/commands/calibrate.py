@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
         split = split_for_calibration(category, args.fpr, has_checks, held_out_train=held)
         if has_checks or switches:  # every check's scale is refitted on the scale images, never the threshold's
             model = _switch_reference_checks(loaded, switches, split.train,
-                                             load_resized(split.scale, loaded.image_size), args.device)
-        cal, stats = calibrate_threshold(model, load_resized(split.threshold, loaded.image_size), loaded.top_k,
+                                             load_resized(split.scale, loaded.image_size, loaded.resize), args.device)
+        cal, stats = calibrate_threshold(model, load_resized(split.threshold, loaded.image_size, loaded.resize), loaded.top_k,
                                          args.fpr, args.device, scale_images=len(split.scale))
     except (CheckpointError, DataSetError, BackboneWeightsError, ValueError) as exc:
         print(f"slsg calibrate: {exc}", file=sys.stderr)
@@ -119,7 +119,7 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
     simulation = train_config.get("simulation")
     # a new autoencoder trains in the run's precision on this device (runs from before it existed: fp32)
     precision = resolve_precision(train_config.get("precision", "fp32"), torch.device(device))
-    fit_reference_checks(model, load_resized(train_paths, loaded.image_size), calib_images, loaded.top_k, device,
+    fit_reference_checks(model, load_resized(train_paths, loaded.image_size, loaded.resize), calib_images, loaded.top_k, device,
                          seed=seed, train_composition=not keep, precision=precision,
                          simulation=SimulationConfig.from_dict(simulation) if simulation else None)
     loaded.payload["model_config"] = config.to_dict()

@@ -19,8 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = _defaults()
     p.add_argument("--data", help="data set root (MVTec LOCO AD layout); required unless --print-config")
-    p.add_argument("--category", required=True, help="category folder under --data")
-    p.add_argument("--out", help="run directory (checkpoint.pt, train_log.jsonl); required unless --print-config")
+    p.add_argument("--category", help="category folder under --data (required unless --all-categories)")
+    p.add_argument("--out", help="run directory (checkpoint.pt, train_log.jsonl); with --all-categories the folder of "
+                                 "one run directory per category; required unless --print-config")
+    p.add_argument("--all-categories", action="store_true",
+                   help="train every category under --data in turn into OUT/<category>: finished runs are skipped, "
+                        "unfinished ones resumed (run the same command again after an interruption)")
     p.add_argument("--config", action="append", metavar="FILE",
                    help="YAML or JSON file of training settings (TrainConfig fields, nested: simulation, optim, "
                         "loss, pretrain, model), e.g. configs/default.yaml; repeatable, later files win, flags win "
@@ -122,20 +126,46 @@ def run(args: argparse.Namespace) -> int:
     from slsg_train.training.trainer import TrainingRun
 
     try:
+        if bool(args.category) == args.all_categories:
+            raise ValueError("give either --category or --all-categories")
         files = [load_settings_file(path) for path in args.config or []]
+        if args.all_categories:
+            return _train_all_categories(args, files)
         cfg = resolve_train_config(args.category, [*files, _flag_settings(args)])
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
         if not (args.data and args.out):
             raise ValueError("--data and --out are required (only --print-config runs without them)")
-        # on --resume, only the options given explicitly change the stored configuration
-        overrides = {k: getattr(args, k) for k in ("steps", "workers", "device", "precision", "checkpoint_every", "log_every")
-                     if getattr(args, k) is not None}
-        run_ = TrainingRun(cfg, args.data, args.out, resume=args.resume, until_step=args.until_step, overrides=overrides)
+        run_ = TrainingRun(cfg, args.data, args.out, resume=args.resume, until_step=args.until_step,
+                           overrides=_resume_overrides(args))
         path = run_.run()
     except (DataSetError, CheckpointError, BackboneWeightsError, ValueError, FileNotFoundError) as exc:
         print(f"slsg train: {exc}", file=sys.stderr)
         return 2
     print(f"checkpoint: {path}")
+    return 0
+
+
+def _resume_overrides(args: argparse.Namespace) -> dict:
+    """On a resume, only the options given explicitly change the stored configuration."""
+    return {k: getattr(args, k) for k in ("steps", "workers", "device", "precision", "checkpoint_every", "log_every")
+            if getattr(args, k) is not None}
+
+
+def _train_all_categories(args: argparse.Namespace, files: list[dict]) -> int:
+    """Every category under --data into --out/<category>, finished ones skipped, unfinished ones resumed."""
+    from slsg_train.training.all_categories import train_all_categories
+    from slsg_train.training.config import resolve_train_config
+
+    if args.print_config or args.resume:
+        raise ValueError("--all-categories resumes unfinished runs by itself and has no --print-config; "
+                         "drop --resume / --print-config")
+    if not (args.data and args.out):
+        raise ValueError("--data and --out are required")
+    flags = _flag_settings(args)
+    runs = train_all_categories(args.data, args.out, lambda category: resolve_train_config(category, [*files, flags]),
+                                until_step=args.until_step, overrides=_resume_overrides(args))
+    for r in runs:
+        print(f"{r.category}: {'finished' if r.finished else 'unfinished'} ({r.run_dir / 'checkpoint.pt'})")
     return 0

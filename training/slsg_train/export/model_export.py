@@ -51,17 +51,19 @@ def _find_metrics(req: ExportRequest) -> dict:
     return json.loads(path.read_text())
 
 
-def verification_images(payload: dict, size: tuple[int, int], limit: int = 2) -> list[np.ndarray]:
-    """Real frames to verify the export on: the run's own normal images when reachable, plus real photos."""
+def verification_images(payload: dict, size: tuple[int, int], limit: int = 2,
+                        resize: str = "bilinear") -> list[np.ndarray]:
+    """Real frames to verify the export on: the run's own normal images when reachable, plus real photos,
+    resized with the model's filter."""
     from skimage import data as skdata
 
     from slsg_train.data.loco import LocoCategory
     from slsg_train.training.dataset import load_resized, resize_rgb
 
-    images = [resize_rgb(skdata.chelsea(), size), resize_rgb(skdata.coffee(), size)]
+    images = [resize_rgb(skdata.chelsea(), size, resize), resize_rgb(skdata.coffee(), size, resize)]
     try:
         cat = LocoCategory(payload["data_root"], payload["category"])
-        images += load_resized((cat.validation_paths or cat.train_paths)[:limit], size)
+        images += load_resized((cat.validation_paths or cat.train_paths)[:limit], size, resize)
     except Exception:  # the data set need not be on the export machine
         pass
     return images
@@ -77,7 +79,7 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
     payload = loaded.payload
     if loaded.calibration is None:
         raise CheckpointError(f"checkpoint {payload['path']} has no calibration (stage {payload['stage']!r}): "
-                              "finish training or run `slsg calibrate` first")
+                              "finish training or run `slsg calibrate --checkpoint ... --data ROOT` first")
     version = req.version if req.version is not None else next_version(req.repository, req.name)
     if version < 1:
         raise ValueError(f"--version must be >= 1, got {version}")
@@ -92,10 +94,11 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         project_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         extra={"checkpoint_step": payload["step"], "calibration_stats": payload.get("calibration_stats", {})},
+        resize=loaded.resize,
     )
     created_dir = not target.parent.exists()
     try:
-        check = export_onnx(loaded.model, card, target, verify_images=verification_images(payload, (h, w)))
+        check = export_onnx(loaded.model, card, target, verify_images=verification_images(payload, (h, w), resize=loaded.resize))
         config = write_config(req.repository, req.name, card, max_batch_size=req.max_batch_size,
                               tensorrt=req.tensorrt, gpu=req.gpu)
     except Exception:

@@ -162,7 +162,8 @@ def _image_diffs(onnx_out: list[np.ndarray], reference: tuple[Tensor, Tensor], s
 def _run_capturing_graph_input(reference64: InferenceGraph, frame: np.ndarray) -> tuple[tuple[Tensor, Tensor], Tensor]:
     """The float64 graph's outputs for one ``frame``, and the graph block's input on the way."""
     captured: dict[str, Tensor] = {}
-    hook = reference64.model.graph.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
+    # the hook returns None: a hook that returns a value replaces the block's output with it
+    hook = reference64.model.graph.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
     try:
         outputs = reference64(torch.from_numpy(frame[None]))
     finally:

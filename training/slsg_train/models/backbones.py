@@ -59,10 +59,26 @@ def create_backbone(name: str, weights: WeightsArg = "imagenet", allow_download:
 
 
 class FeatureExtractor(nn.Module):
-    """Base class: ``forward(x) -> list[Tensor]``, shallow to deep, described by channels/strides."""
+    """Base class: ``forward(x) -> list[Tensor]``, shallow to deep, described by channels/strides.
+
+    ``layer1_input``: what the first stage after the stem reads, ``"stem"`` (the stem's activated
+    output, the usual network) or ``"conv"`` (the stem convolution's raw output, before BN and ReLU,
+    as the SLSG authors' code feeds ResNet-18's layer1). Only backbones that set
+    ``supports_raw_stem`` honour ``"conv"``.
+    """
 
     channels: list[int]
     strides: list[int]
+    supports_raw_stem: bool = False
+    layer1_input: str = "stem"
+
+    def set_layer1_input(self, value: str) -> None:
+        """Choose what the first stage reads (see the class docstring)."""
+        if value not in ("stem", "conv"):
+            raise ValueError(f"layer1 input must be 'stem' or 'conv', got {value!r}")
+        if value == "conv" and not self.supports_raw_stem:
+            raise ValueError(f"{type(self).__name__} has no raw-stem path; use layer1 input 'stem'")
+        self.layer1_input = value
 
     def forward(self, x: Tensor) -> list[Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -365,7 +381,13 @@ def _resnet_layer(in_channels: int, out_channels: int, stride: int) -> nn.Sequen
 
 
 class ResNet18Features(FeatureExtractor):
-    """ResNet-18 without max-pool, avg-pool and fc: stem 64@s2, 64@s2, 128@s4, 256@s8, 512@s16."""
+    """ResNet-18 without max-pool, avg-pool and fc: stem 64@s2, 64@s2, 128@s4, 256@s8, 512@s16.
+
+    The stem feature is always relu(bn1(conv1(x))); with ``layer1_input == "conv"`` layer1 reads
+    conv1(x) itself, as in the authors' code (their BN+ReLU output serves only as the skip).
+    """
+
+    supports_raw_stem = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -381,8 +403,9 @@ class ResNet18Features(FeatureExtractor):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         # The authors skip the stem max-pool, so layer1 runs at stride 2 (and layer4 at 16).
-        stem = self.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(stem)
+        conv = self.conv1(x)
+        stem = self.relu(self.bn1(conv))
+        f1 = self.layer1(conv if self.layer1_input == "conv" else stem)
         f2 = self.layer2(f1)
         f3 = self.layer3(f2)
         return [stem, f1, f2, f3, self.layer4(f3)]

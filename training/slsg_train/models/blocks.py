@@ -13,6 +13,16 @@ def resize_to(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+def resize_by_doubling(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Upsample by successive x2 steps (aligned corners) while a step fits in ``size``, then
+    :func:`resize_to` the rest: the authors' repeated ``nn.Upsample(scale_factor=2)`` of the
+    auxiliary map. With aligned corners two x2 steps are not one x4 step."""
+    height, width = int(size[0]), int(size[1])
+    while 2 * x.shape[-2] <= height and 2 * x.shape[-1] <= width:
+        x = resize_to(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+    return x if tuple(x.shape[-2:]) == (height, width) else resize_to(x, (height, width))
+
+
 class ConvBNReLU(nn.Sequential):
     """3x3 (by default) convolution, batch norm, ReLU; the unit of the decoder and auxiliary head."""
 
@@ -50,6 +60,7 @@ class SpatialAttention(nn.Module):
 class DecoderStage(nn.Module):
     """One U-Net stage: (upsample to the skip's size +) conv-BN-ReLU, concatenate the skip (and an
     optional extra map, e.g. the auxiliary head's features), then ``num_convs`` conv-BN-ReLU.
+    ``extra_by_doubling``: bring the extra map to size by successive x2 steps (:func:`resize_by_doubling`).
 
     Shapes: x [B, in, h, w], skip [B, skip, H, W], extra [B, extra, H', W'] -> [B, out, H, W].
     """
@@ -63,8 +74,10 @@ class DecoderStage(nn.Module):
         num_convs: int = 2,
         extra_channels: int = 0,
         upsample: bool = True,
+        extra_by_doubling: bool = False,
     ) -> None:
         super().__init__()
+        self.extra_by_doubling = extra_by_doubling
         if num_convs < 1:
             raise ValueError(f"a decoder stage needs at least one conv, got num_convs={num_convs}")
         self.upsample = upsample
@@ -82,5 +95,6 @@ class DecoderStage(nn.Module):
         if self.extra_channels:
             if extra is None:
                 raise ValueError("this decoder stage was built to receive an extra (auxiliary) map")
-            parts.append(resize_to(extra, skip.shape[-2:]))
+            resize = resize_by_doubling if self.extra_by_doubling else resize_to
+            parts.append(resize(extra, skip.shape[-2:]))
         return self.fuse(torch.cat(parts, dim=1))

@@ -94,6 +94,13 @@ class SelfAttentiveGraph(nn.Module):
         position_bias: weight of the relative-position similarity added to the cosine similarity.
             The authors add the *negated* ViG term (-1.0), which favours similar nodes far away
             (non-local relations); +1.0 would favour nearby ones.
+        value_on_tokens: run the value's 3x3 conv on the nodes as one column [B, C, N, 1] (the
+            authors' code: the kernel's middle column slides along the row-major node order) instead
+            of on the [B, C, h, w] grid.
+        position_table: keep the position term as a tensor of the state dict (``position_table``,
+            [1, N, N] for a ``table_grid`` x ``table_grid`` graph, initialised to ``position_bias``
+            times the constructed similarity), as the authors' frozen ``relative_pos`` parameter, so
+            weights that carry another table are run with it. Other grids use the constructed term.
 
     Shape: [B, C, h, w] -> [B, C, h, w].
     """
@@ -106,6 +113,9 @@ class SelfAttentiveGraph(nn.Module):
         key_channels: int | None = None,
         groups: int = 4,
         position_bias: float = -1.0,
+        value_on_tokens: bool = False,
+        position_table: bool = False,
+        table_grid: int = 16,
     ) -> None:
         super().__init__()
         if k < 1 or dilation < 1:
@@ -120,12 +130,20 @@ class SelfAttentiveGraph(nn.Module):
         self.graph_conv = nn.Sequential(_conv_bn(2 * channels, 2 * channels, groups), nn.GELU())
         self.fc_out = _conv_bn(2 * channels, channels)
         self.similarity_offset: Tensor | None = None  # [B, N, N], set only by export verification
+        self.value_on_tokens = value_on_tokens
+        table = None
+        if position_table:
+            table = torch.from_numpy(position_bias * relative_position_similarity(table_grid, table_grid, channels))[None]
+        self.register_buffer("position_table", table)
 
     def _similarity(self, query_key: Tensor, height: int, width: int) -> Tensor:
         """[B, N, N]: cosine similarity of the query/key embedding plus the relative-position bias."""
         unit = F.normalize(query_key, dim=1)
         similarity = unit.transpose(1, 2) @ unit
-        if self.position_bias:
+        table = self.position_table
+        if table is not None and table.shape[-1] == height * width:
+            similarity = similarity + table.to(similarity.dtype)
+        elif self.position_bias:
             rel = torch.tensor(relative_position_similarity(height, width, self.channels), device=similarity.device)
             similarity = similarity + self.position_bias * rel.to(similarity.dtype)
         if self.similarity_offset is not None:  # export verification only: resolve a near-tie the other way
@@ -158,6 +176,14 @@ class SelfAttentiveGraph(nn.Module):
                 for n, r in (gaps < margin).logical_and(matters).nonzero().tolist()]
         return sorted(ties, key=lambda t: t.gap)
 
+    def _value(self, x: Tensor) -> Tensor:
+        """The value map [B, C, h, w]; on the token column the 3x3 kernel mixes each node with the
+        one before and after it in row-major order (zero beyond the first and last node)."""
+        if not self.value_on_tokens:
+            return self.value(x)
+        b, c, h, w = x.shape
+        return self.value(x.reshape(b, c, h * w, 1)).reshape(b, c, h, w)
+
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         shortcut = x
@@ -167,7 +193,7 @@ class SelfAttentiveGraph(nn.Module):
 
         # Dense relations: every node receives an attention-weighted context of all nodes.
         attention = torch.softmax(qk.transpose(1, 2) @ qk, dim=-1)  # [B, N, N]
-        context = attention @ self.value(x).flatten(2).transpose(1, 2)  # [B, N, C]
+        context = attention @ self._value(x).flatten(2).transpose(1, 2)  # [B, N, C]
         context = self.context_out(context.transpose(1, 2).reshape(b, c, h, w))
 
         # Sparse relations: max-relative aggregation over the k neighbours.

@@ -53,6 +53,14 @@ class SLSGConfig:
     graph_key_channels: int | None = None  # None: half the deepest feature's channels
     graph_groups: int = 4
     graph_position_bias: float = -1.0
+    # The authors' code, where it departs from a plain reading of the design (docs/model.md):
+    # ResNet-18's layer1 reads the raw stem convolution ("conv") rather than its BN+ReLU ("stem");
+    # the graph's value conv runs on the node column; the position term is a tensor of the weights;
+    # the auxiliary map reaches the decoder by successive x2 upsamplings ("doubling", else "direct").
+    layer1_input: str = "conv"
+    graph_value_on_tokens: bool = True
+    graph_position_table: bool = True
+    aux_upsampling: str = "doubling"
     # auxiliary head: conv widths on the graph output; its last map also feeds the decoder
     aux_channels: tuple[int, int] = (256, 32)
     aux_decoder_stages: tuple[int, ...] = (1, 2)
@@ -89,6 +97,8 @@ class SLSGConfig:
     composition_restoration: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.aux_upsampling not in ("doubling", "direct"):
+            raise ValueError(f"aux_upsampling must be 'doubling' or 'direct', got {self.aux_upsampling!r}")
         if self.composition_steps < 1:  # checked here, not after a whole training run
             raise ValueError(f"composition_steps must be >= 1, got {self.composition_steps}")
         if not 0.0 <= self.composition_restoration <= 1.0:
@@ -109,10 +119,15 @@ class SLSGConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown SLSGConfig fields: {unknown}")
-        # a checkpoint from before the setting trained its composition check on normal images only
-        data = {"composition_restoration": 0.0, **data}
+        # a checkpoint from before the setting trained its composition check on normal images only;
+        # one from before the authors' details existed ran the plain reading of them
+        data = {"composition_restoration": 0.0, **LEGACY_NETWORK, **data}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
+
+# what a checkpoint from before these settings ran (either preset)
+LEGACY_NETWORK: dict[str, Any] = dict(
+    layer1_input="stem", graph_value_on_tokens=False, graph_position_table=False, aux_upsampling="direct")
 
 PRESETS: dict[str, SLSGConfig] = {
     # The authors' network: ResNet-18 (max-pool skipped), graph on layer4 (512 ch, stride 16).
@@ -130,6 +145,7 @@ PRESETS: dict[str, SLSGConfig] = {
         # 0.6 GFLOP at 256x256 (1024 queries x 2048 patches x 152 channels) + 0.6 for its frozen encoder
         patch_memory=True,
         composition_check=True,  # 0.14 GFLOP; a few minutes of autoencoder training after SLSG
+        **LEGACY_NETWORK,  # our own reading of the authors' details, kept (docs/model.md)
     ),
 }
 
@@ -198,6 +214,7 @@ class SLSG(nn.Module):
         super().__init__()
         self.config = config = config or SLSGConfig()
         self.encoder = create_backbone(config.backbone, config.backbone_weights, config.allow_download)
+        self.encoder.set_layer1_input(config.layer1_input if self.encoder.supports_raw_stem else "stem")
         channels, strides = self.encoder.channels, self.encoder.strides
         skips = list(zip(channels[:-1], strides[:-1]))[::-1]  # deep -> shallow
         self._check_decoder_config(len(skips))
@@ -210,7 +227,8 @@ class SLSG(nn.Module):
         )  # shallow -> deep, index 0 is the stem
         self.graph = SelfAttentiveGraph(
             deep, config.graph_k, config.graph_dilation, config.graph_key_channels,
-            config.graph_groups, config.graph_position_bias,
+            config.graph_groups, config.graph_position_bias, config.graph_value_on_tokens,
+            config.graph_position_table,
         )
         self.aux_features = nn.Sequential(ConvBNReLU(deep, aux[0]), ConvBNReLU(aux[0], aux[1]))
         self.aux_classifier = nn.Sequential(ConvBNReLU(aux[1], aux[1]), nn.Conv2d(aux[1], 2, 3, padding=1))
@@ -250,7 +268,7 @@ class SLSG(nn.Module):
                 in_channels, c.decoder_channels[i], skip_channels, c.decoder_block_channels[i],
                 num_convs=c.decoder_block_convs[i],
                 extra_channels=c.aux_channels[1] if i in c.aux_decoder_stages else 0,
-                upsample=skip_stride != in_stride,
+                upsample=skip_stride != in_stride, extra_by_doubling=c.aux_upsampling == "doubling",
             ))
             in_channels, in_stride = c.decoder_block_channels[i], skip_stride
         return stages

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from slsg.contract import IMAGENET_MEAN, IMAGENET_STD
+from slsg.contract import IMAGENET_MEAN, IMAGENET_STD, RESIZE_BILINEAR, RESIZE_LANCZOS
 from slsg_train.data.loco import load_rgb
 from slsg_train.simulation import AnomalySimulator
 
@@ -22,16 +22,22 @@ _MEAN = np.asarray(IMAGENET_MEAN, np.float32) * 255
 _STD = np.asarray(IMAGENET_STD, np.float32) * 255
 
 
-def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 HxWx3 -> uint8 at (H, W) with bilinear filtering (as the exported graph expects)."""
+_FILTERS = {RESIZE_BILINEAR: Image.BILINEAR, RESIZE_LANCZOS: Image.LANCZOS}
+
+
+def resize_rgb(image: np.ndarray, size: tuple[int, int], resize: str = RESIZE_BILINEAR) -> np.ndarray:
+    """uint8 HxWx3 -> uint8 at (H, W), aspect ratio ignored, with the model's ``resize`` filter
+    (bilinear for our runs; LANCZOS for the authors' weights)."""
     h, w = size
     if image.shape[:2] == (h, w):
         return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    if resize not in _FILTERS:
+        raise ValueError(f"resize filter {resize!r} is not one of {', '.join(_FILTERS)}")
+    return np.asarray(Image.fromarray(image).resize((w, h), _FILTERS[resize]))
 
 
-def load_resized(paths: Sequence[Path], size: tuple[int, int]) -> list[np.ndarray]:
-    return [resize_rgb(load_rgb(p), size) for p in paths]
+def load_resized(paths: Sequence[Path], size: tuple[int, int], resize: str = RESIZE_BILINEAR) -> list[np.ndarray]:
+    return [resize_rgb(load_rgb(p), size, resize) for p in paths]
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
