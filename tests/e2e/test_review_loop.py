@@ -5,7 +5,7 @@ exported to a repository, a gateway recording every inspection, operators' revie
 The story: version 1 was calibrated far too low (target rate 0.99) and flags nearly every normal
 frame. Operators mark those false alarms; random-noise frames (far from every normal patch the
 patch memory holds) are the real defects. Version 2 is recalibrated on the confirmed false alarms:
-the gate passes it and --load makes the gateway serve it. Version 3 is recalibrated after an
+the gate passes it and --load deploys it (serving.json), which the gateway follows. Version 3 is recalibrated after an
 operator wrongly marked the defects as false alarms: it misses them, the gate refuses it and the
 gateway keeps serving version 2.
 """
@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from slsg.contract import read_serving_state
 from support import run_slsg as slsg
 from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
 
 pytestmark = pytest.mark.slow
-ADMIN_KEY = "admin-key"
 NORMALS, DEFECTS = 32, 6
 
 
@@ -82,8 +82,7 @@ def review(url: str, record_ids: list[str], verdict: str) -> None:
 
 def promote(trained, data: Path, candidate: int, url: str) -> tuple[int, dict]:
     proc = slsg("promote", "--candidate", f"tray:{candidate}", "--against", "tray:1", "--data", data,
-                "--repository", trained["repository"], "--load", "--gateway", url, "--admin-key", ADMIN_KEY,
-                "--json", check=False)
+                "--repository", trained["repository"], "--load", "--gateway", url, "--json", check=False)
     assert proc.returncode in (0, 1), proc.stderr
     return proc.returncode, json.loads(proc.stdout[:proc.stdout.rindex("}") + 1])
 
@@ -91,7 +90,7 @@ def promote(trained, data: Path, candidate: int, url: str) -> tuple[int, dict]:
 def test_reviews_make_a_data_set_a_recalibration_and_a_gated_promotion(trained, tmp_path):
     normals = [p.read_bytes() for p in sorted((trained["data"] / "tray" / "test" / "good").glob("*.png"))]
     noise = [png(np.random.default_rng(i).integers(0, 256, (64, 96, 3), dtype=np.uint8)) for i in range(DEFECTS)]
-    settings = Settings(repository=trained["repository"], port=0, admin_keys=[ADMIN_KEY],
+    settings = Settings(repository=trained["repository"], port=0,
                         records=str(tmp_path / "records"), records_normal_sample=1.0, batch_window_ms=2)
     with BackgroundGateway(settings) as gw:
         answers = inspect_all(gw.url, normals + noise)
@@ -133,7 +132,7 @@ def test_reviews_make_a_data_set_a_recalibration_and_a_gated_promotion(trained, 
         assert result["candidate"]["false_alarms"] <= result["incumbent"]["false_alarms"]
         assert result["candidate"]["misses"] == 0
         served = httpx.get(f"{gw.url}/v1/models").json()["models"][0]
-        assert served["served_version"] == 2
+        assert served["served_version"] == 2 and read_serving_state(trained["repository"], "tray").version == 2
         assert served["card"]["image_colour"] == "colour"  # training saw colour frames: the card says so
 
         review(gw.url, defect_ids, "false_alarm")  # an operator's mistake: the defects called false alarms
@@ -148,6 +147,7 @@ def test_reviews_make_a_data_set_a_recalibration_and_a_gated_promotion(trained, 
         assert code == 1 and not result["passed"]
         assert result["candidate"]["misses"] > result["incumbent"]["misses"]
         assert any(reason.startswith("misses") for reason in result["reasons"])
+        assert read_serving_state(trained["repository"], "tray").version == 2  # nothing deployed
         assert httpx.get(f"{gw.url}/v1/models").json()["models"][0]["served_version"] == 2
 
 
