@@ -44,7 +44,8 @@ def write_contract_model(path: str | Path, card: ModelCard, signal: str = "redne
         name, TensorProto.FLOAT if dtype == np.float32 else TensorProto.INT64,
         [len(np.atleast_1d(value))], np.atleast_1d(np.asarray(value, dtype)).tolist())
     inits = [
-        c("inv255", 1 / 255), c("inv765", 1 / 765), c("half", 0.5), c("zero", 0.0), c("one", 1.0),
+        c("inv255", 1 / 255) if signal == "redness" else c("inv765", 1 / 765),
+        c("half", 0.5), c("zero", 0.0), c("one", 1.0),
         c("idx_r", [0], np.int64), c("idx_g", [1], np.int64), c("idx_b", [2], np.int64),
         c("perm_shape", [0, 1, h * w], np.int64), c("k", [k], np.int64),
         c("thr", cal.raw_threshold), c("lo", lo), c("slope_lo", 0.5 / (cal.raw_threshold - lo)),

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from slsg.image_modes import UnsupportedImageMode, png_significant_bits, rgb8_from_image, to_rgb8
+from slsg.image_modes import (
+    COLOUR, GREYSCALE, UnsupportedImageMode, images_colour, png_significant_bits, rgb8_from_image, to_rgb8,
+)
 
 
 def _roundtrip(image: Image.Image, fmt: str = "PNG", pnginfo: PngImagePlugin.PngInfo | None = None):
@@ -119,3 +121,12 @@ def test_unreadable_frames_are_refused_with_the_reason(call, message: str) -> No
 def test_sbit_reader_on_other_bytes() -> None:
     assert png_significant_bits(b"GIF89a") is None
     assert png_significant_bits(b"\x89PNG\r\n\x1a\n\x00\x00") is None
+
+
+def test_images_colour_says_greyscale_only_when_every_channel_agrees(colours: np.ndarray) -> None:
+    grey = np.repeat(colours[:, :, :1], 3, axis=2)
+    assert images_colour([grey, grey.copy()]) == GREYSCALE
+    assert images_colour([grey, colours]) == COLOUR
+    one_pixel_off = grey.copy()
+    one_pixel_off[0, 0, 2] ^= 1
+    assert images_colour([one_pixel_off]) == COLOUR

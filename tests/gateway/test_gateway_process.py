@@ -72,7 +72,7 @@ def test_resident_memory_stays_bounded_with_four_large_frames_at_once(tmp_path):
     frame = large_png(6000, 4000)  # 24 Mpixel: 96 MB as decoded RGB in Pillow (4 bytes a pixel)
     budget_mb, limit_mb = 128, 400
     with serve(tmp_path, "--repository", str(tmp_path / "repo"), SLSG_DECODE_BUDGET_MB=str(budget_mb),
-               SLSG_ORT_THREADS="1") as (proc, url):
+               SLSG_ORT_THREADS="1", SLSG_RECORDS=str(tmp_path / "records")) as (proc, url):
         small = large_png(320, 240)
         warm = httpx.post(f"{url}/v1/models/toy/inspect?heatmap=overlay", content=small,
                           headers={"Content-Type": "image/png"}, timeout=60)
@@ -108,7 +108,8 @@ def unresponsive_server() -> Iterator[int]:
 def test_a_hung_backend_is_logged_once_as_json_with_the_timeout(tmp_path):
     with unresponsive_server() as port:
         with serve(tmp_path, "--backend", "triton", "--triton-url", f"127.0.0.1:{port}", "--triton-protocol", "http",
-                   "--log-format", "json", SLSG_TRITON_TIMEOUT_S="0.5", SLSG_RETRY_AFTER_S="1") as (_, url):
+                   "--log-format", "json", SLSG_TRITON_TIMEOUT_S="0.5", SLSG_RETRY_AFTER_S="1",
+                   SLSG_RECORDS="off") as (_, url):
             for _ in range(3):
                 r = httpx.post(f"{url}/v1/models/toy/inspect", content=large_png(320, 240),
                                headers={"Content-Type": "image/png"}, timeout=30)

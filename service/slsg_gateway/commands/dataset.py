@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", type=float, default=0.3,
                    help="share of confirmed false alarms kept in test/good for `slsg promote` instead of "
                         "validation/good (default 0.3)")
+    p.add_argument("--train-good", type=Path,
+                   help="the model's training images (its data set's <category>/train/good), copied to train/good "
+                        "so `slsg calibrate` keeps the reference checks fitted on them; without it train/good "
+                        "holds the reviewed false alarms and a recalibration refits the checks on those")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty category folder")
 
 
@@ -41,13 +45,18 @@ def run(args: argparse.Namespace) -> int:
     category = args.category or _card_category(args.repository, args.model) or args.model
     store = open_store(args.records)
     try:
-        summary = from_reviews(store, args.model, args.out, category, args.holdout, args.overwrite)
+        summary = from_reviews(store, args.model, args.out, category, args.holdout, args.overwrite,
+                               args.train_good)
     except DatasetError as exc:
         print(f"slsg dataset from-reviews: {exc}", file=sys.stderr)
         return 2
     finally:
         store.close()
     print(summary.describe())
+    if args.train_good is None:
+        print("note: train/good holds the reviewed false alarms; `slsg calibrate --data` on this data set refits "
+              "the reference checks on them (pass --train-good <the model's train/good> to keep its own)",
+              file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,10 @@
 """``slsg promote``: the promotion gate between a candidate version and the one it would replace.
 
-Exit status 0: the candidate passed (and, with ``--load``, the gateway serves it); 1: refused (and
-nothing loaded); 2: the gate could not run. The measures are in :mod:`slsg_gateway.feedback.promotion`.
+``--load`` deploys a candidate that passes the way ``slsg deploy`` does: it writes the model's
+desired state (``serving.json`` in the repository), which every gateway follows by itself; with
+``--gateway`` it also waits until that gateway serves it. Exit status 0: the candidate passed (and,
+with ``--load``, is deployed); 1: refused, nothing deployed; 2: the gate could not run, or the
+gateway did not serve the candidate in time. The measures are in :mod:`slsg_gateway.feedback.promotion`.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold on the calibrated score (default 0.5, the calibrated one; "
                              "use the gateway's SLSG_THRESHOLDS value for this model if it has one)")
-    parser.add_argument("--load", action="store_true", help="if the candidate passes, make the gateway serve it")
-    parser.add_argument("--gateway", default=os.environ.get("SLSG_GATEWAY_URL", "http://127.0.0.1:8000"),
-                        help="gateway URL for --load (default $SLSG_GATEWAY_URL or http://127.0.0.1:8000)")
-    parser.add_argument("--admin-key", default=os.environ.get("SLSG_ADMIN_KEY"),
-                        help="admin key for --load (default $SLSG_ADMIN_KEY)")
+    parser.add_argument("--load", action="store_true",
+                        help="if the candidate passes, deploy it: write NAME/serving.json in --repository, which "
+                             "every gateway follows (as `slsg deploy NAME --version N`)")
+    parser.add_argument("--gateway", help="with --load: wait until the gateway at this URL serves the candidate")
+    parser.add_argument("--api-key", default=os.environ.get("SLSG_API_KEY"),
+                        help="key for --gateway's GET /v1/models when the gateway has keys (default $SLSG_API_KEY)")
+    parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for --gateway (default 60)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -40,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
         (name, candidate), (other, incumbent) = parse_version(args.candidate), parse_version(args.against)
         if name != other:
             raise GateError(f"--candidate {args.candidate} and --against {args.against} name different models")
-        if args.load and not args.admin_key:
-            raise GateError("--load needs an admin key: --admin-key or $SLSG_ADMIN_KEY")
         images = gate_images(_category_dir(args.data, args.category, name))
         threshold = DECISION_THRESHOLD if args.threshold is None else args.threshold
         result = gate(score_version(args.repository, name, candidate, images, threshold),
@@ -52,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(result.to_dict(), indent=1) if args.json else _table(result))
     if not result.passed:
         if args.load:
-            print(f"slsg promote: {name}:{candidate} refused; nothing loaded", file=sys.stderr)
+            print(f"slsg promote: {name}:{candidate} refused; nothing deployed", file=sys.stderr)
         return 1
-    return _load(args, name, candidate) if args.load else 0
+    return _deploy(args, name, candidate) if args.load else 0
 
 
 def _category_dir(root: Path, category: str | None, name: str) -> Path:
@@ -83,19 +86,42 @@ def _table(result) -> str:
     return "\n".join(lines)
 
 
-def _load(args: argparse.Namespace, name: str, version: int) -> int:
-    import httpx
+def _deploy(args: argparse.Namespace, name: str, version: int) -> int:
+    """Write the desired state every gateway follows; with --gateway, wait until that one serves it."""
+    from slsg.contract import ServingStateError, serving_path, write_serving_state
 
     try:
-        response = httpx.post(f"{args.gateway.rstrip('/')}/v1/models/{name}/load", json={"version": version},
-                              headers={"X-API-Key": args.admin_key}, timeout=120)
-    except httpx.HTTPError as exc:
-        print(f"slsg promote: {name}:{version} passed but the gateway at {args.gateway} could not be reached: {exc}",
-              file=sys.stderr)
+        state = write_serving_state(args.repository, name, version)
+    except (ServingStateError, ValueError) as exc:
+        print(f"slsg promote: {name}:{version} passed but could not be deployed: {exc}", file=sys.stderr)
         return 2
-    if response.status_code != 200:
-        print(f"slsg promote: {name}:{version} passed but the gateway refused the load "
-              f"({response.status_code}): {response.text}", file=sys.stderr)
+    print(f"deployed: every gateway will serve {name} version {version} (was {state.previous}); "
+          f"desired state in {serving_path(args.repository, name)}")
+    if not args.gateway:
+        return 0
+    served = _wait_until_served(args.gateway, args.api_key, name, version, args.wait)
+    if served != version:
+        print(f"slsg promote: the gateway at {args.gateway} still serves {name} version {served} after "
+              f"{args.wait:g} s (is its SLSG_SERVING_ROOT this repository?)", file=sys.stderr)
         return 2
-    print(f"loaded: the gateway at {args.gateway} serves {name} version {response.json()['served_version']}")
+    print(f"the gateway at {args.gateway} serves {name} version {version}")
     return 0
+
+
+def _wait_until_served(url: str, api_key: str | None, name: str, version: int, wait_s: float) -> int | None:
+    """The version the gateway serves once it is ``version``, or the last one seen when ``wait_s`` ran out."""
+    import time
+
+    import httpx
+
+    headers = {"X-API-Key": api_key} if api_key else {}
+    deadline, served = time.monotonic() + wait_s, None
+    while True:
+        try:
+            models = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=10).json()["models"]
+            served = next((m["served_version"] for m in models if m["name"] == name), None)
+        except (httpx.HTTPError, KeyError, ValueError):
+            served = None
+        if served == version or time.monotonic() > deadline:
+            return served
+        time.sleep(0.5)

@@ -8,8 +8,12 @@ kept) and writes one category in the flat MVTec layout the training side reads
   Each goes either to ``validation/good`` (to recalibrate on: ``slsg calibrate --data ROOT``) or,
   for a share ``holdout`` chosen by its record id (stable across runs), to ``test/good``, where the
   promotion gate (``slsg promote``) scores versions on images no version was calibrated on.
-  ``train/good`` holds the ``validation/good`` images too: the layout needs normal training images,
-  and merging them into a training set is how false alarms make it into the next training run.
+  ``train/good`` holds copies of the model's own training images when they are given
+  (``train_good``): ``slsg calibrate`` refits the reference checks (the patch memory) on
+  ``train/good`` and draws the images the run held out of training from its end, so with the
+  originals the recalibrated model keeps what it was trained on. Without them ``train/good`` holds
+  the ``validation/good`` images (the layout needs normal training images), and a recalibration
+  refits the checks on those false alarms.
 - confirmed defects go to ``test/reviewed_defect`` with a mask in ``ground_truth/reviewed_defect``:
   the regions the gateway reported, filled as boxes (coarse: a box around each region, not its
   outline), or the whole frame when it reported none (a miss the operator caught).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +41,7 @@ from slsg_gateway.records import InspectionRecord, RecordStore
 
 DEFECT_TYPE = "reviewed_defect"
 MANIFEST = "reviews_manifest.json"
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/bmp": ".bmp", "image/tiff": ".tiff"}
 _PAGE = 500
 
@@ -91,10 +97,15 @@ def box_mask(record: InspectionRecord) -> tuple[np.ndarray, str]:
 
 
 def from_reviews(store: RecordStore, model: str, out: Path, category: str, holdout: float = 0.3,
-                 overwrite: bool = False) -> DatasetSummary:
-    """Write the data set (see the module docstring) under ``out / category``."""
+                 overwrite: bool = False, train_good: Path | None = None) -> DatasetSummary:
+    """Write the data set (see the module docstring) under ``out / category``.
+
+    ``train_good``: a folder of the model's training images, copied (same names, so the same order)
+    to ``train/good``; None puts the calibration false alarms there.
+    """
     if not 0.0 <= holdout < 1.0:
         raise DatasetError(f"holdout must be in [0, 1), got {holdout}")
+    originals = _training_images(train_good) if train_good is not None else None
     target = out / category
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise DatasetError(f"{target} exists and is not empty; choose another --out or pass --overwrite")
@@ -104,7 +115,7 @@ def from_reviews(store: RecordStore, model: str, out: Path, category: str, holdo
         if frame is None:
             summary.skipped["without a stored frame"] = summary.skipped.get("without a stored frame", 0) + 1
             continue
-        entries.append(_write_one(target, record, frame, holdout, summary))
+        entries.append(_write_one(target, record, frame, holdout, summary, with_train=originals is None))
     if not entries:
         raise DatasetError(f"no reviewed inspections of model {model!r} with a stored frame in {store.description}")
     if not summary.counts.get("validation/good"):
@@ -113,18 +124,35 @@ def from_reviews(store: RecordStore, model: str, out: Path, category: str, holdo
     if not any(folder.startswith("test/") for folder in summary.counts):
         raise DatasetError(f"no confirmed defect and no held-out false alarm among the {len(entries)} reviewed frames "
                            f"of {model!r}: test/ would be empty (review more, or raise --holdout)")
-    _write_manifest(target, store, model, holdout, entries)
+    if originals is not None:
+        _copy_training_images(originals, target / "train" / "good", summary)
+    _write_manifest(target, store, model, holdout, entries, train_good)
     return summary
 
 
+def _training_images(folder: Path) -> list[Path]:
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not images:
+        raise DatasetError(f"{folder}: no training images (expected the model's train/good folder)")
+    return images
+
+
+def _copy_training_images(images: list[Path], folder: Path, summary: DatasetSummary) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        shutil.copyfile(path, folder / path.name)
+    summary.counts["train/good"] = len(images)
+
+
 def _write_one(target: Path, record: InspectionRecord, frame: bytes, holdout: float,
-               summary: DatasetSummary) -> dict[str, Any]:
+               summary: DatasetSummary, with_train: bool) -> dict[str, Any]:
     assert record.review is not None  # reviewed_records yields reviewed records only
     suffix = _SUFFIX.get(record.frame_media_type or "", ".png")
     if record.review.verdict == "defect":
         folders, mask = [f"test/{DEFECT_TYPE}"], box_mask(record)
     else:
-        folders = ["test/good"] if is_held_out(record.id, holdout) else ["validation/good", "train/good"]
+        folders = (["test/good"] if is_held_out(record.id, holdout)
+                   else ["validation/good", "train/good"] if with_train else ["validation/good"])
         mask = None
     paths = []
     for folder in folders:
@@ -162,8 +190,9 @@ def _provenance(record: InspectionRecord, paths: list[str]) -> dict[str, Any]:
 
 
 def _write_manifest(target: Path, store: RecordStore, model: str, holdout: float,
-                    entries: list[dict[str, Any]]) -> None:
+                    entries: list[dict[str, Any]], train_good: Path | None) -> None:
     manifest = {"model": model, "records": store.description, "holdout": holdout,
+                "train_good": str(train_good.resolve()) if train_good else "validation/good",
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "defect_type": DEFECT_TYPE, "images": entries}
     (target / MANIFEST).write_text(json.dumps(manifest, indent=1))

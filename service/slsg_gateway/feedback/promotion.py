@@ -106,7 +106,8 @@ def score_version(repository: Path, name: str, version: int, images: list[GateIm
     size = (session.input_height, session.input_width)
     scores = []
     for start in range(0, len(images), _BATCH):
-        batch = np.stack([decode_frame(image.path.read_bytes(), size, max_pixels=10**9).pixels
+        batch = np.stack([decode_frame(image.path.read_bytes(), size, max_pixels=10**9,
+                                       resize=session.card.resize).pixels
                           for image in images[start:start + _BATCH]])
         (out,) = session.session.run([OUTPUT_SCORE], {INPUT_IMAGE: batch})
         scores.extend(float(s) for s in out.reshape(-1))
