@@ -31,7 +31,7 @@ def component_scores(loaded, images: list[np.ndarray], batch_size: int = 16) -> 
     from slsg_train.models import image_score
     from slsg_train.models.patch_memory import resize_patches
     from slsg_train.models.slsg import anomaly_log_odds
-    from slsg_train.training.dataset import to_tensor
+    from slsg_train.data.images import to_tensor
 
     model, k = loaded.model, loaded.top_k
     out: dict[str, list[torch.Tensor]] = {"local_map": [], "patch_map": [], "comp_map": [], "global": []}
@@ -87,7 +87,7 @@ def main() -> None:
     from slsg.contract import beta_quantile
     from slsg_train.data.loco import LocoCategory
     from slsg_train.inference import load_model
-    from slsg_train.training.dataset import load_resized
+    from slsg_train.data.images import load_resized
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)

@@ -124,7 +124,7 @@ def _batches(paths: list[Path], size: tuple[int, int], batch_size: int):
     import torch
 
     from slsg_train.data.loco import load_rgb
-    from slsg_train.training.dataset import resize_rgb, to_tensor
+    from slsg_train.data.images import resize_rgb, to_tensor
 
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]

@@ -108,7 +108,7 @@ def test_export_writes_a_verified_versioned_model(trained, tmp_path):
     assert amap.shape == (3, 1, 64, 64) and score.shape == (3, 1)
     assert np.all((score >= 0) & (score <= 1)) and np.all((amap >= 0) & (amap <= 1))
     # on the test images it answers the calibrated scores the evaluation reported
-    from slsg_train.training.dataset import resize_rgb
+    from slsg_train.data.images import resize_rgb
 
     rows = json.loads((trained["run"] / "eval" / "scores.json").read_text())
     frames = np.stack([resize_rgb(np.asarray(Image.open(trained["data"] / "tray" / "test" / f"{r['image']}.png")
@@ -151,7 +151,7 @@ def test_checks_are_scaled_on_other_held_out_images_than_the_threshold(trained):
     from slsg_train.models.patch_memory import resize_patches
     from slsg_train.models.reference import fitted_scale
     from slsg_train.training.calibration import split_for_calibration, threshold_for_fpr
-    from slsg_train.training.dataset import load_resized, to_tensor
+    from slsg_train.data.images import load_resized, to_tensor
 
     loaded = load_model(trained["checkpoint"])
     record = loaded.payload["calibration_split"]
@@ -228,7 +228,9 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
     assert config["simulation"]["logical_grids"] == [[2, 3]]
     # --global-branch (and the preset's patch memory and composition check): built, fitted after
     # training and before calibration, logged; one frozen reference encoder serves them all
-    assert config["model"] == {"global_branch": True, "composition_steps": 5}
+    # the stored settings are resolved: the preset's network fields with the file's and flags' on top
+    assert config["model"]["global_branch"] is True and config["model"]["composition_steps"] == 5
+    assert config["model"]["backbone"] == payload["model_config"]["backbone"] == "efficientnet_lite0"
     assert payload["model_config"]["global_branch"] is True and payload["model_config"]["patch_memory"] is True
     assert payload["model_config"]["composition_check"] is True
     state = payload["model_state"]

@@ -165,6 +165,21 @@ def inspect_wave(client: httpx.Client) -> int:
     return len(WAVE) + len(files)
 
 
+def review_flagged(client: httpx.Client) -> None:
+    """An operator confirms one flagged frame and calls another a false alarm (the review panels' data)."""
+    deadline = time.monotonic() + 20
+    while True:  # records are written in the background
+        pending = client.get("/v1/inspections", params={"decision": "anomalous", "review": "pending",
+                                                        "limit": 2}).json()["records"]
+        if len(pending) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(pending) == 2, "the gateway recorded fewer than two flagged frames"
+    for record, verdict in zip(pending, ("defect", "false_alarm")):
+        response = client.post(f"/v1/inspections/{record['id']}/review", json={"verdict": verdict, "reviewer": "ops"})
+        assert response.status_code == 200, response.text
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
     binary = prometheus_binary()
@@ -190,9 +205,12 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
                 with httpx.Client(base_url=gateway.url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
                     # two waves with a scrape between them, so every rate() is positive
                     first = inspect_wave(client)
+                    review_flagged(client)
                     wait_for(base, "sum(slsg_decisions_total)", first)
                     second = inspect_wave(client)
+                    review_flagged(client)
                     wait_for(base, "sum(slsg_decisions_total)", first + second)
+                    wait_for(base, "sum(slsg_reviews_total)", 4)
                 yield Stack(base, gateway.url, triton)
             finally:
                 process.terminate()

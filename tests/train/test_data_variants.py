@@ -150,7 +150,9 @@ def test_region_metrics_leave_out_images_without_masks(trained):
 
 def test_category_without_validation_calibrates_on_held_out_training_images(trained):
     payload = torch.load(trained["checkpoint"], map_location="cpu", weights_only=False)
-    assert payload["calibration"]["num_images"] >= 2  # train/good's last images, never trained on
+    split = payload["calibration_split"]  # train/good's last images, never trained on
+    assert split["held_out_train"] >= 2 and split["held_out_train"] == split["scale_images"] + split["threshold_images"]
+    assert payload["calibration"]["num_images"] == split["threshold_images"] >= 1
     assert "calibrated on" in trained["train_stdout"]
 
 

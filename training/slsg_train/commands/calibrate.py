@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from slsg_train.models import BackboneWeightsError, SLSGConfig
     from slsg_train.training.calibration import (calibrate_threshold, legacy_held_out_train, small_calibration_warning,
                                                  split_for_calibration)
-    from slsg_train.training.dataset import load_resized
+    from slsg_train.data.images import load_resized
 
     try:
         loaded = load_model(args.checkpoint, args.device)
@@ -97,7 +97,7 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
     from slsg_train.models.slsg import REFERENCE_CHECK_PREFIXES, REFERENCE_CHECKS, build_reference_checks
     from slsg_train.simulation.config import SimulationConfig
     from slsg_train.training.calibration import fit_reference_checks
-    from slsg_train.training.dataset import load_resized
+    from slsg_train.data.images import load_resized
     from slsg_train.training.precision import channels_last, resolve_precision
 
     config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), **switches)

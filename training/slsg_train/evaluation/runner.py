@@ -27,7 +27,7 @@ from slsg_train.evaluation.report import (
 from slsg_train.inference import LoadedModel, predict
 from slsg_train.metrics import ImageMaps, PixelROC, SPROByType, image_auroc_by_defect, image_auroc_by_type
 from slsg_train.metrics.false_alarms import false_alarm_report
-from slsg_train.training.dataset import resize_rgb
+from slsg_train.data.images import resize_rgb
 
 THUMBNAIL = 192  # px, longest side of the images kept for the heat-map grid
 

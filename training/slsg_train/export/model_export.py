@@ -58,7 +58,7 @@ def verification_images(payload: dict, size: tuple[int, int], limit: int = 2,
     from skimage import data as skdata
 
     from slsg_train.data.loco import LocoCategory
-    from slsg_train.training.dataset import load_resized, resize_rgb
+    from slsg_train.data.images import load_resized, resize_rgb
 
     images = [resize_rgb(skdata.chelsea(), size, resize), resize_rgb(skdata.coffee(), size, resize)]
     try:

@@ -166,7 +166,7 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     from slsg_train.models import image_score
     from slsg_train.models.patch_memory import resize_patches
     from slsg_train.models.composition import autoencoder_input
-    from slsg_train.training.dataset import to_tensor
+    from slsg_train.data.images import to_tensor
 
     encoder, glob, patch = model.reference_encoder, model.global_branch, model.patch_memory
     composition = model.composition_check

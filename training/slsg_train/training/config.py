@@ -126,7 +126,7 @@ def load_settings_file(path: str) -> dict:
         else:
             data = json.loads(text)
     except Exception as exc:  # noqa: BLE001 - any read or parse failure is the file's fault
-        raise ValueError(f"--config {path}: cannot read: {exc}") from exc
+        raise ValueError(f"--config {path}: cannot parse: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
     return data
