@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("slsg_train.commands.info", "print a checkpoint's configuration, parameters and GFLOP"),
     "triton": ("slsg_gateway.commands.triton", "run a local Triton server (CPU, no container) over a repository"),
     "serve": ("slsg_gateway.commands.serve", "run the inspection gateway"),
-    "bench": ("slsg.commands.bench", "benchmarks: model, gateway, triton, load, pipeline, presets"),
+    "bench": ("slsg.commands.bench", "benchmarks: model, gateway, triton, load, pipeline, presets, padim"),
 }
 
 
