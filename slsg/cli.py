@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dataset": ("slsg_gateway.commands.dataset", "data sets from the gateway's records: from-reviews"),
     "promote": ("slsg_gateway.commands.promote", "gate a model version on reviewed frames; --load serves it"),
     "deploy": ("slsg.commands.deploy", "choose the version every gateway serves (a rollback: an older one)"),
-    "bench": ("slsg_bench.command", "benchmarks: model, gateway, triton, load, pipeline, presets"),
+    "bench": ("slsg_bench.command", "benchmarks: model, gateway, triton, load, pipeline, presets, records, padim"),
 }
 
 

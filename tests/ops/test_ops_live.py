@@ -32,7 +32,7 @@ from PIL import Image
 
 from support import free_ports
 from onnx_fixtures import make_card, write_contract_model
-from slsg.contract import model_path
+from slsg.contract import model_path, write_serving_state
 from slsg.triton_config import write_config
 from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
@@ -188,6 +188,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     card = make_card(MODEL, size=64)
     write_contract_model(model_path(repository, MODEL, 1), card)
     write_config(repository, MODEL, card, gpu=False, max_batch_size=8)
+    write_serving_state(repository, MODEL, 1)  # the desired-state panel's data (`slsg deploy toy --version 1`)
     time.sleep(0.5)  # LocalTriton publishes a version only once its files are 0.3 s old
     triton = start_triton(repository)
     try:
