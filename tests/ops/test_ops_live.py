@@ -192,7 +192,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     time.sleep(0.5)  # LocalTriton publishes a version only once its files are 0.3 s old
     triton = start_triton(repository)
     try:
-        backend = {"backend": "triton", "triton_url": triton.grpc_url} if triton else {"repository": repository}
+        backend = ({"backend": "triton", "triton_url": triton.grpc_url, "serving_root": repository} if triton
+                   else {"repository": repository})
         settings = Settings(port=0, api_keys=[API_KEY], metrics_keys=[METRICS_KEY], lines=LINES, batch_window_ms=5,
                             **backend)
         key_file = work / "metrics_key"
