@@ -22,7 +22,7 @@ REPOSITORY ?= model_repository
 HOST       ?= 127.0.0.1
 PORT       ?= 8080
 
-.PHONY: setup run test test-fast clean prometheus
+.PHONY: setup run test test-fast clean prometheus postgresql chromium checkov
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -52,7 +52,37 @@ ifeq ($(PROMETHEUS_PKG),missing)
 	else echo "promtool not found and cannot apt-get install prometheus: the ops tests will be skipped"; fi
 endif
 
-test: setup prometheus
+# PostgreSQL server (record-store tests start their own cluster) and chromium (the review page's browser
+# test): Debian's packages, installed the same way.
+POSTGRES_PKG := $(shell ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || echo missing)
+CHROMIUM_PKG := $(shell test -x /usr/bin/chromium || echo missing)
+
+postgresql:
+ifeq ($(POSTGRES_PKG),missing)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	else echo "PostgreSQL not found and cannot apt-get install postgresql: the PostgreSQL record tests will be skipped"; fi
+endif
+
+chromium:
+ifeq ($(CHROMIUM_PKG),missing)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else echo "chromium not found and cannot apt-get install chromium: the review page's browser test will be skipped"; fi
+endif
+
+
+# checkov (security scan of deploy/k8s) in a venv of its own: its pinned dependencies clash with ours
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(VENV)/checkov/bin/checkov
+
+$(CHECKOV):
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q checkov==$(CHECKOV_VERSION)
+
+checkov: $(CHECKOV)
+
+test: setup prometheus postgresql chromium checkov
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m pytest -q -rs --durations=15
 
 # the quick loop: everything but the tests marked slow (real servers, training runs)

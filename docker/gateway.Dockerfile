@@ -23,8 +23,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     SLSG_PORT=8000 \
     SLSG_BACKEND=triton \
     SLSG_TRITON_URL=triton:8001
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin slsg
-# the gateway writes nothing; with the embedded backend mount a repository at /srv/slsg/model_repository
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin slsg \
+    && mkdir -p /var/lib/slsg && chown slsg:slsg /var/lib/slsg
+# the gateway writes only inspection records, under SLSG_DATA_DIR (mount a volume there); with the
+# embedded backend mount a repository at /srv/slsg/model_repository
+ENV SLSG_DATA_DIR=/var/lib/slsg
 WORKDIR /srv/slsg
 USER slsg
 EXPOSE 8000

@@ -26,7 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("slsg_train.commands.score", "score image files with a checkpoint, no server (raw and calibrated)"),
     "triton": ("slsg_triton.command", "run a local Triton server (CPU, no container) over a repository"),
     "serve": ("slsg_gateway.commands.serve", "run the inspection gateway"),
-    "bench": ("slsg_bench.command", "benchmarks: model, gateway, triton, load, pipeline, presets"),
+    "dataset": ("slsg_gateway.commands.dataset", "data sets from the gateway's records: from-reviews"),
+    "promote": ("slsg_gateway.commands.promote", "gate a model version on reviewed frames; --load serves it"),
+    "deploy": ("slsg.commands.deploy", "choose the version every gateway serves (a rollback: an older one)"),
+    "bench": ("slsg_bench.command", "benchmarks: model, gateway, triton, load, pipeline, presets, records, padim"),
 }
 
 
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     missing = getattr(args, "_missing", None)
     if missing is not None:
-        extra = "serve" if args.command in ("serve", "triton") else "train"
+        extra = "serve" if args.command in ("serve", "triton", "dataset", "promote") else "train"
         print(
             f"slsg {args.command}: cannot import {missing.name!r}. Install the '{extra}' extra: "
             f"pip install -e '.[{extra}]'",

@@ -63,6 +63,12 @@ class Calibration:
     is in the raw score's log-odds (:meth:`calibrated_score`). ``score_max`` is no longer used (cards
     kept it when the map above the threshold was linear up to it); ``score_median`` is None on cards
     from before it existed.
+
+    ``num_images`` normal images, never trained on, set the threshold; the promised false-positive
+    rates (:meth:`expected_fpr`, :meth:`fpr_upper`) count them alone. ``scale_images`` other such
+    images fitted the reference checks' scales (0: the model has none). None on cards from before that
+    split: a model with checks had them scaled on the threshold's own images, and its promise is
+    optimistic (new normal images pass more often than its threshold images did).
     """
 
     raw_threshold: float = 0.5
@@ -72,6 +78,7 @@ class Calibration:
     pixel_threshold: float = 0.5  # anomaly-map value above which a pixel belongs to a region
     num_images: int = 0
     score_median: float | None = None
+    scale_images: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
@@ -200,6 +207,8 @@ class ModelCard:
     project_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     anomaly_map_scale: str = ANOMALY_MAP_CALIBRATED  # see the module docstring
+    # what the training images were: "colour", "greyscale" (three equal channels), or "" (not recorded)
+    image_colour: str = ""
     resize: str = RESIZE_BILINEAR  # the filter frames are resized with (RESIZE_FILTERS); older cards: bilinear
 
     def __post_init__(self) -> None:
@@ -258,3 +267,123 @@ def list_models(root: str | Path) -> list[str]:
 
 def model_path(root: str | Path, name: str, version: int) -> Path:
     return Path(root) / name / str(version) / MODEL_FILENAME
+
+
+# -- desired state: which version every gateway should serve -----------------------------------------------
+
+SERVING_FILENAME = "serving.json"
+
+
+class ServingStateError(ValueError):
+    """A ``serving.json`` that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """The desired state of one model, ``<root>/<name>/serving.json``: the version every gateway serves.
+
+    Written by ``slsg deploy`` (a rollback is the same command with an older version); each gateway
+    polls it and loads that version on its backend. ``updated`` (UTC, ISO 8601) and ``previous`` (the
+    version it replaced, None for a first deploy) are for people reading the file.
+    """
+
+    model: str
+    version: int
+    updated: str = ""
+    previous: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def serving_path(root: str | Path, name: str) -> Path:
+    return Path(root) / validate_model_name(name) / SERVING_FILENAME
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_serving_state(text: str, name: str, source: str = SERVING_FILENAME) -> ServingState:
+    """Validate the text of ``name``'s serving.json; ServingStateError says what is wrong and where."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ServingStateError(f"{source}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ServingStateError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if data.get("model", name) != name:
+        raise ServingStateError(f"{source}: names model {data['model']!r} but lies in the folder of {name!r}")
+    version = data.get("version")
+    if not _whole_number(version) or version < 1:
+        raise ServingStateError(f"{source}: 'version' must be a whole number >= 1, got {version!r}")
+    previous = data.get("previous")
+    if previous is not None and (not _whole_number(previous) or previous < 1):
+        raise ServingStateError(f"{source}: 'previous' must be null or a whole number >= 1, got {previous!r}")
+    updated = data.get("updated", "")
+    if not isinstance(updated, str):
+        raise ServingStateError(f"{source}: 'updated' must be a string, got {updated!r}")
+    return ServingState(name, version, updated, previous)
+
+
+def read_serving_state(root: str | Path, name: str) -> ServingState | None:
+    """``name``'s desired state, None when it has no serving.json; ServingStateError when it is unusable."""
+    path = serving_path(root, name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServingStateError(f"{path}: cannot be read ({exc})") from None
+    return parse_serving_state(text, name, str(path))
+
+
+def models_with_serving_state(root: str | Path) -> list[str]:
+    """Names of the models under ``root`` that have a serving.json (whether valid or not)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    names = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / SERVING_FILENAME).is_file()):
+        try:
+            names.append(validate_model_name(folder.name))
+        except ValueError:
+            continue  # not a model folder ("lost+found", ".snapshot"): nothing a gateway could serve
+    return names
+
+
+def write_serving_state(root: str | Path, name: str, version: int) -> ServingState:
+    """Make ``version`` the one every gateway serves; refuses a version the repository does not hold.
+
+    Written atomically (a temporary file in the same folder, then a rename), so a gateway polling the
+    file reads the old state or the new one, never half of one.
+    """
+    import datetime
+    import os
+    import tempfile
+
+    path = serving_path(root, name)
+    versions = list_versions(root, name)
+    if not versions:
+        raise ServingStateError(f"{Path(root) / name}: no servable version of {name!r} (no <N>/{MODEL_FILENAME})")
+    if version not in versions:
+        raise ServingStateError(f"version {version} of {name!r} is not in {Path(root) / name} "
+                                f"(servable versions: {versions})")
+    try:
+        old = read_serving_state(root, name)
+    except ServingStateError:
+        old = None  # a broken file is replaced by a good one; that is how it gets repaired
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    state = ServingState(name, version, now, old.version if old else None)
+    fd, tmp = tempfile.mkstemp(prefix=f".{SERVING_FILENAME}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(state.to_json())
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; gateways run as another user
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return state

@@ -26,8 +26,14 @@ def make_card(name: str = "toy", size: int = 64, top_k: int = 16, **kw) -> Model
                      top_k=top_k, calibration=cal, project_version="test", **kw)
 
 
-def write_contract_model(path: str | Path, card: ModelCard) -> Path:
-    """Write ``model.onnx`` with the contract's inputs/outputs and ``card`` as metadata."""
+def write_contract_model(path: str | Path, card: ModelCard, signal: str = "redness") -> Path:
+    """Write ``model.onnx`` with the contract's inputs/outputs and ``card`` as metadata.
+
+    ``signal="brightness"`` makes the map each pixel's mean of R, G, B / 255 instead of its redness:
+    a model that tells a white frame from a grey one.
+    """
+    if signal not in ("redness", "brightness"):
+        raise ValueError(f"signal must be 'redness' or 'brightness', got {signal!r}")
     import onnx
     from onnx import TensorProto, helper
 
@@ -38,7 +44,8 @@ def write_contract_model(path: str | Path, card: ModelCard) -> Path:
         name, TensorProto.FLOAT if dtype == np.float32 else TensorProto.INT64,
         [len(np.atleast_1d(value))], np.atleast_1d(np.asarray(value, dtype)).tolist())
     inits = [
-        c("inv255", 1 / 255), c("half", 0.5), c("zero", 0.0), c("one", 1.0),
+        c("inv255", 1 / 255) if signal == "redness" else c("inv765", 1 / 765),
+        c("half", 0.5), c("zero", 0.0), c("one", 1.0),
         c("idx_r", [0], np.int64), c("idx_g", [1], np.int64), c("idx_b", [2], np.int64),
         c("perm_shape", [0, 1, h * w], np.int64), c("k", [k], np.int64),
         c("thr", cal.raw_threshold), c("lo", lo), c("slope_lo", 0.5 / (cal.raw_threshold - lo)),
@@ -51,10 +58,12 @@ def write_contract_model(path: str | Path, card: ModelCard) -> Path:
         helper.make_node("Gather", ["nchw", "idx_g"], ["g"], axis=1),
         helper.make_node("Gather", ["nchw", "idx_b"], ["b"], axis=1),
         helper.make_node("Add", ["g", "b"], ["gb"]),
-        helper.make_node("Mul", ["gb", "half"], ["gb2"]),
-        helper.make_node("Sub", ["r", "gb2"], ["red"]),
-        helper.make_node("Relu", ["red"], ["red_pos"]),
-        helper.make_node("Mul", ["red_pos", "inv255"], [OUTPUT_ANOMALY_MAP]),
+        *([helper.make_node("Mul", ["gb", "half"], ["gb2"]),
+           helper.make_node("Sub", ["r", "gb2"], ["red"]),
+           helper.make_node("Relu", ["red"], ["red_pos"]),
+           helper.make_node("Mul", ["red_pos", "inv255"], [OUTPUT_ANOMALY_MAP])] if signal == "redness" else
+          [helper.make_node("Add", ["gb", "r"], ["rgb"]),
+           helper.make_node("Mul", ["rgb", "inv765"], [OUTPUT_ANOMALY_MAP])]),
         helper.make_node("Reshape", [OUTPUT_ANOMALY_MAP, "perm_shape"], ["flat"]),
         helper.make_node("TopK", ["flat", "k"], ["topv", "topi"], axis=-1),
         helper.make_node("ReduceMean", ["topv"], ["raw3"], axes=[-1], keepdims=0),  # [N, 1]

@@ -1,5 +1,5 @@
 """`slsg bench`: measured figures for the model, the gateway, Triton, a locust load test, the training
-pipeline and the two presets' cost and quality side by side.
+pipeline, the two presets' cost and quality side by side, and a PaDiM baseline.
 
 Each sub-command prints tables, or with ``--json`` one JSON document on stdout (tables on stderr).
 Only the standard library is imported here; the benchmark modules load inside ``run``.
@@ -97,6 +97,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gateway.add_argument("--in-process", action="store_true",
                          help="run the gateway in this process (default: its own `slsg serve` process, as deployed)")
 
+    records = sub.add_parser("records", help="gateway throughput with inspection records off / on / on with "
+                                             "every frame kept, interleaved rounds")
+    _common(records)
+    records.add_argument("--frame-size", type=_frame_size, default=(1600, 1280), help="JPEG WIDTHxHEIGHT")
+    records.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
+    records.add_argument("--requests", type=int, default=80, help="timed requests per variant and round")
+    records.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+
     triton = sub.add_parser("triton", help="local Triton (gRPC, Python backend) vs in-process ONNX Runtime")
     _common(triton)
     triton.add_argument("--iterations", type=int, default=20)
@@ -129,6 +137,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "(default cpu)")
     pipeline.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     pipeline.add_argument("--json", action="store_true", help="print one JSON document on stdout (tables go to stderr)")
+
+    padim = sub.add_parser("padim", help="PaDiM (Defard et al. 2020) with one of our ImageNet backbones, scored with "
+                           "our metrics: a baseline beside `slsg evaluate`")
+    padim.add_argument("--data", type=Path, required=True, help="data set root (MVTec AD or LOCO AD layout)")
+    padim.add_argument("--category", required=True)
+    padim.add_argument("--image-size", default="256", help="model input, '256' or 'WxH' (default 256, as `slsg train`)")
+    padim.add_argument("--backbone", default="efficientnet_lite0", help="a registered backbone (default: the default "
+                       "preset's efficientnet_lite0)")
+    padim.add_argument("--backbone-weights", default="imagenet", help="'imagenet' or a state-dict file")
+    padim.add_argument("--features", type=int, default=100, help="channels kept at random (paper: 100 for ResNet-18)")
+    padim.add_argument("--seed", type=int, default=0, help="seed of the channel subset")
+    padim.add_argument("--batch-size", type=int, default=8)
+    padim.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    padim.add_argument("--json", action="store_true", help="print one JSON document on stdout (tables go to stderr)")
 
     presets = sub.add_parser("presets", help="the default and paper presets trained and evaluated side by side: "
                              "GFLOP, training time, image AUROC, AU-sPRO")
@@ -175,6 +197,14 @@ def _gateway(args: argparse.Namespace):
                              memory_requests=args.memory_requests, threads=args.threads, iterations=args.iterations,
                              separate_process=not args.in_process)
     return run_gateway_bench(cfg), gateway_tables
+
+
+def _records(args: argparse.Namespace):
+    from slsg_bench.records import RecordsBenchConfig, records_tables, run_records_bench
+
+    cfg = RecordsBenchConfig(args.repository, args.name, args.frame_size, args.concurrency, args.requests,
+                             args.rounds, threads=args.threads)
+    return run_records_bench(cfg), records_tables
 
 
 def _triton(args: argparse.Namespace):
@@ -239,6 +269,17 @@ def _presets(args: argparse.Namespace):
     return report, _preset_tables
 
 
+def _padim(args: argparse.Namespace):
+    from slsg_bench.padim import PadimConfig, padim_tables, run_padim_bench
+    from slsg_train.training.config import parse_image_size
+
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    cfg = PadimConfig(args.data, args.category, parse_image_size(args.image_size), args.backbone,
+                      args.backbone_weights, args.features, args.seed, args.batch_size, args.threads)
+    return run_padim_bench(cfg), padim_tables
+
+
 def _preset_tables(r: dict) -> list:
     from slsg_bench.report import Table
 
@@ -264,8 +305,8 @@ def _preset_tables(r: dict) -> list:
     return tables
 
 
-BENCHMARKS = {"model": _model, "gateway": _gateway, "triton": _triton, "load": _load, "pipeline": _pipeline,
-              "presets": _presets}
+BENCHMARKS = {"model": _model, "gateway": _gateway, "records": _records, "triton": _triton, "load": _load,
+              "pipeline": _pipeline, "presets": _presets, "padim": _padim}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from slsg_train.data.input_size import choose_input_size_for, parse_auto
 from slsg_train.data.loco import LocoCategory
 from slsg_train.models import SLSG, preset, top_k_for_size
 from slsg_train.simulation import AnomalySimulator, SimulationConfig, TextureBank
@@ -42,14 +43,17 @@ def _timed_steps(model: SLSG, batches, steps: int, opt: torch.optim.Optimizer, p
     return times
 
 
-def benchmark_pipeline(data_root: str | Path, category: str, image_size: tuple[int, int] = (256, 256),
+def benchmark_pipeline(data_root: str | Path, category: str, image_size: tuple[int, int] | str = (256, 256),
                        steps: int = 20, warmup: int = 3, batch_size: int = 4, workers: int = 2,
                        preset_name: str = "default", precision: str = "auto",
                        device_name: str = "cpu") -> dict[str, Any]:
     """On ``device``, as training runs there: the faster the step (bf16, a GPU), the harder it is to keep fed."""
     device = resolve_device(device_name)
     precision = resolve_precision(precision, device)
-    images = load_resized(LocoCategory(data_root, category).train_paths, image_size)
+    paths = LocoCategory(data_root, category).train_paths
+    if isinstance(image_size, str):  # "auto[:N]": the size training would choose for these images
+        image_size = choose_input_size_for(paths, parse_auto(image_size)).size
+    images = load_resized(paths, image_size)
     sim_cfg = SimulationConfig().for_category(category)
     dataset = SimulatedAnomalyDataset(images, AnomalySimulator(sim_cfg, TextureBank.from_source(None)), seed=0)
     model = channels_last(SLSG(preset(preset_name)).to(device)).train()

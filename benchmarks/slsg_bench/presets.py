@@ -138,7 +138,7 @@ def _run_row(preset: str, seed: int, run_dir: Path, how: str, metrics: dict) -> 
     flagged = metrics["threshold"].get("flagged_share_by_type", {})
     return {"preset": preset, "seed": seed, "run_dir": str(run_dir), "training": how,
             "backbone": metrics["checkpoint"]["backbone"], **_training_summary(run_dir),
-            "image_auroc": metrics["image_auroc"], "au_spro_0.05": metrics["au_spro"]["0.05"],
+            "image_auroc": metrics["image_auroc"], "au_spro_0.05": (metrics["au_spro"] or {}).get("0.05", {}),
             "flagged_share": {type_key(t): v for t, v in flagged.items()}}
 
 

@@ -27,6 +27,12 @@ class BadImage(GatewayError):
     status, code = 400, "bad_image"
 
 
+class FrameTooSmall(GatewayError):
+    """A frame far smaller than the model input: blown up to it, it shows nothing of the part."""
+
+    status, code = 422, "image_too_small"
+
+
 class UnsupportedMediaType(GatewayError):
     status, code = 415, "unsupported_media_type"
 

@@ -15,11 +15,16 @@ from functools import partial
 from typing import Literal
 
 from slsg.contract import DECISION_THRESHOLD, RESIZE_BILINEAR
+from slsg.image_modes import COLOUR
 from slsg_gateway.backends.base import Backend, ServedModel
 from slsg_gateway.batching import BatchItem, MicroBatcher
 from slsg_gateway.errors import ModelNotReady
-from slsg_gateway.imaging import Frame, decode_frame, heatmap_png
+from slsg_gateway.imaging import (
+    Frame, check_frame_size, decode_opened, heatmap_png, heatmap_size, open_frame, plan_draft,
+)
+from slsg_gateway.limits import DecodeBudget
 from slsg_gateway.metrics import GatewayMetrics
+from slsg_gateway.records.recorder import Recorder
 from slsg_gateway.regions import find_regions
 from slsg_gateway.schemas import Box, Heatmap, InspectionResult, Region, Timings
 from slsg_gateway.settings import Settings
@@ -33,6 +38,15 @@ class Inspection:
     heatmap_png: bytes | None = None
 
 
+def frame_warnings(model: ServedModel, frame: Frame) -> list[str]:
+    """What the answer should tell the caller about this frame and model (the verdict stands)."""
+    warnings = []
+    if frame.greyscale and model.card is not None and model.card.image_colour == COLOUR:
+        warnings.append(f"greyscale frame (mode {frame.source_mode}) sent to model {model.name!r}, which was "
+                        f"trained on colour images: colour defects cannot show and the score may be off")
+    return warnings
+
+
 class Inspector:
     def __init__(self, settings: Settings, backend: Backend, batcher: MicroBatcher, metrics: GatewayMetrics,
                  pool: Executor) -> None:
@@ -41,6 +55,8 @@ class Inspector:
         self.batcher = batcher
         self.metrics = metrics
         self.pool = pool
+        self.budget = DecodeBudget(settings.decode_budget_mb * 1024 * 1024)
+        self.recorder: Recorder | None = None  # set by the app when inspection records are on
 
     async def served_model(self, name: str) -> ServedModel:
         model = await self.backend.get_model(name)
@@ -48,18 +64,25 @@ class Inspector:
             raise ModelNotReady(f"model {name!r} is not ready")
         return model
 
-    async def decode(self, model: ServedModel, data: bytes, keep_full: bool) -> Frame:
-        job = partial(decode_frame, data, (model.input_height, model.input_width),
-                      max_pixels=self.settings.max_pixels, draft_min_ratio=self.settings.draft_min_ratio,
-                      keep_full=keep_full, resize=model.card.resize if model.card else RESIZE_BILINEAR)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, job)
+    async def decode(self, model: ServedModel, data: bytes, heatmap: HeatmapMode | None) -> Frame:
+        """Decode within the memory budget; 4xx for what is no image, too large or far too small."""
+        settings, input_size = self.settings, (model.input_height, model.input_width)
+        resize = model.card.resize if model.card else RESIZE_BILINEAR
+        opened = open_frame(data, settings.max_pixels)  # the header only: cheap
+        check_frame_size(opened.width, opened.height, input_size, settings.min_frame_fraction)
+        preview = (heatmap_size(opened.width, opened.height, settings.heatmap_max_side)
+                   if heatmap == "overlay" else None)
+        plan_draft(opened, input_size, preview, settings.draft_min_ratio, resize)
+        async with self.budget.reserve(opened.cost_bytes()):
+            job = partial(decode_opened, opened, data, input_size, preview, resize)
+            return await asyncio.get_running_loop().run_in_executor(self.pool, job)
 
     async def inspect(self, name: str, data: bytes, *, heatmap: HeatmapMode | None = None,
                       camera_id: str | None = None, line_id: str | None = None,
                       model: ServedModel | None = None) -> Inspection:
         t0 = time.perf_counter()
         model = model or await self.served_model(name)
-        frame = await self.decode(model, data, keep_full=heatmap == "overlay")
+        frame = await self.decode(model, data, heatmap)
         t1 = time.perf_counter()
         item = await self.batcher.submit(name, frame.pixels, model.max_batch_size)
         t2 = time.perf_counter()
@@ -72,15 +95,19 @@ class Inspector:
         timings = {"decode": frame.decode_ms, "preprocess": frame.preprocess_ms, "infer": (t2 - t1) * 1e3,
                    "postprocess": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
         threshold = self.settings.threshold_for(name)
+        png_size = heatmap_size(frame.width, frame.height, self.settings.heatmap_max_side)
+        record_id = self.recorder.new_id() if self.recorder else None
         result = InspectionResult(
-            model=name, version=item.version, score=item.score, threshold=threshold,
+            id=record_id, model=name, version=item.version, score=item.score, threshold=threshold,
             is_anomalous=item.score >= threshold, image_width=frame.width, image_height=frame.height,
             regions=regions, timings=Timings(**{f"{k}_ms": round(v, 3) for k, v in timings.items()}),
-            camera_id=camera_id, line_id=line_id,
-            heatmap=Heatmap(mode=heatmap, width=frame.width, height=frame.height,
+            camera_id=camera_id, line_id=line_id, warnings=frame_warnings(model, frame),
+            heatmap=Heatmap(mode=heatmap, width=png_size[0], height=png_size[1],
                             png_base64=base64.b64encode(png).decode()) if png else None,
         )
         self._record(name, result, timings, line_id)
+        if self.recorder and record_id:
+            self.recorder.record(record_id, result, data, item.anomaly_map)
         return Inspection(result, png)
 
     def _postprocess(self, model: ServedModel, frame: Frame, item: BatchItem,
@@ -90,8 +117,10 @@ class Inspector:
         size = (frame.width, frame.height)
         regions = [Region(box=Box(x0=r.x0, y0=r.y0, x1=r.x1, y1=r.y1), peak=r.peak, area=r.area)
                    for r in find_regions(item.anomaly_map, pixel_threshold, size, self.settings.max_regions)]
-        png = heatmap_png(item.anomaly_map, size, frame.full) if heatmap else None
-        return regions, png
+        if not heatmap:
+            return regions, None
+        png_size = heatmap_size(frame.width, frame.height, self.settings.heatmap_max_side)
+        return regions, heatmap_png(item.anomaly_map, png_size, frame.preview)
 
     def _record(self, name: str, result: InspectionResult, timings: dict[str, float], line_id: str | None) -> None:
         self.metrics.observe_stages(name, timings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,12 +44,15 @@ class Timings(BaseModel):
 
 class Heatmap(BaseModel):
     mode: Literal["overlay", "map"]
-    width: int
+    width: int = Field(description="the PNG's width: the frame's, scaled down to at most heatmap_max_side "
+                                   "(default 1024) on the long side")
     height: int
     png_base64: str
 
 
 class InspectionResult(BaseModel):
+    id: str | None = Field(default=None, description="the inspection record's id (GET /v1/inspections/{id}); "
+                                                     "null when the gateway records nothing (SLSG_RECORDS=off)")
     model: str
     version: int
     score: float = Field(description="calibrated anomaly score; 0.5 is the calibrated threshold, and above it "
@@ -61,6 +65,8 @@ class InspectionResult(BaseModel):
     timings: Timings
     camera_id: str | None = None
     line_id: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="what may make this answer less reliable, "
+                                "e.g. a greyscale frame sent to a model trained on colour images")
     heatmap: Heatmap | None = None
 
 
@@ -80,6 +86,9 @@ class ModelVersionInfo(BaseModel):
     served_version: int | None = Field(description="version answering requests, if loaded")
     pinned_version: int | None = Field(
         default=None, description="version pinned by a rollback (load with a version); null: the newest serves")
+    desired_version: int | None = Field(
+        default=None, description="version the model's serving.json (written by `slsg deploy`) asks for; "
+                                  "null: no desired state, the served version is managed by load calls")
     ready: bool
     input_height: int | None = None
     input_width: int | None = None
@@ -113,3 +122,50 @@ class Readiness(BaseModel):
     backend: str
     backend_reachable: bool
     ready_models: list[str]
+
+
+class ReviewInfo(BaseModel):
+    verdict: Literal["defect", "false_alarm"]
+    note: str
+    reviewer: str = Field(description="who reviewed: the name given, else the operator key's fingerprint")
+    time: datetime
+
+
+class InspectionRecordOut(BaseModel):
+    """One recorded inspection."""
+
+    id: str = Field(description="32 hex characters; the first 12 are the time in ms, so ids sort by time")
+    time: datetime
+    model: str
+    version: int
+    line_id: str | None
+    camera_id: str | None
+    score: float
+    threshold: float
+    decision: Literal["anomalous", "normal"]
+    regions: list[Region]
+    frame_sha256: str = Field(description="SHA-256 of the frame's bytes as received")
+    image_width: int
+    image_height: int
+    timings: dict[str, float]
+    frame_stored: bool = Field(description="the frame is kept: GET .../frame")
+    frame_media_type: str | None
+    heatmap_stored: bool = Field(description="the heat map is kept: GET .../heatmap (PNG, model resolution)")
+    review: ReviewInfo | None
+
+
+class InspectionPage(BaseModel):
+    records: list[InspectionRecordOut] = Field(description="newest first")
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next (older) page; null on the last")
+
+
+class ReviewRequest(BaseModel):
+    """Body of ``POST /v1/inspections/{id}/review``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: Literal["defect", "false_alarm"] = Field(description="'defect': the flag was right; 'false_alarm': "
+                                                                  "the part is good")
+    note: str = Field(default="", max_length=2000)
+    reviewer: str | None = Field(default=None, max_length=128,
+                                 description="who reviews; default: the presented API key's fingerprint")

@@ -43,8 +43,16 @@ def test_evaluate_writes_metrics_report_figures_and_official_maps(trained):
     assert set(metrics["au_spro"]) == {"0.05", "0.1", "0.3", "1.0"}
     assert 0.0 <= metrics["pixel_auroc"] <= 1.0
     assert metrics["threshold"]["raw"] > 0
-    assert metrics["threshold"]["expected_fpr"] == pytest.approx(1 / 5)  # 4 calibration images, above all of them
-    assert metrics["threshold"]["fpr_upper_90"] == pytest.approx(1 - 0.1 ** (1 / 4))
+    # 4 validation images and 1 held out of the 8 training images: 2 fit the checks' scales, 3 the
+    # threshold, which is above all of them
+    assert metrics["threshold"]["calibration_images"] == 3 and metrics["threshold"]["scale_images"] == 2
+    assert metrics["threshold"]["expected_fpr"] == pytest.approx(1 / 4)
+    assert metrics["threshold"]["fpr_upper_90"] == pytest.approx(1 - 0.1 ** (1 / 3))
+    alarms = metrics["false_alarms"]  # observed on the 3 good test images beside the promise
+    flagged_good = sum(s["score"] >= metrics["threshold"]["raw"] for s in json.loads((out / "scores.json").read_text())
+                       if s["type"] == "good")
+    assert (alarms["good_images"], alarms["flagged"]) == (3, flagged_good) and alarms["promise_by_construction"]
+    assert alarms["expected_fpr"] == metrics["threshold"]["expected_fpr"] and 0 <= alarms["p_value_more"] <= 1
     report = (out / "report.md").read_text()
     assert f"{metrics['image_auroc']['mean']:.3f}" in report and "structural" in proc.stdout
     scores = json.loads((out / "scores.json").read_text())
@@ -74,10 +82,11 @@ def test_calibrate_changes_the_threshold_with_the_target_rate(trained, tmp_path)
     proc = slsg("calibrate", "--checkpoint", str(ckpt), "--fpr", "0.5")
     after = torch.load(ckpt, weights_only=False)["calibration"]
     assert after["target_fpr"] == 0.5 and after["raw_threshold"] <= before
-    assert "warning" not in proc.stderr  # 1 of 4 images above the threshold: 2 / 5 on average, within 0.5
+    assert "warning" not in proc.stderr  # 1 of 3 threshold images above it: 2 / 4 on average, within 0.5
     proc = slsg("calibrate", "--checkpoint", str(ckpt), "--fpr", "0.01")
-    assert "4 normal calibration images cannot pin a 1.00% false-positive rate" in proc.stderr
-    assert "at least 99" in proc.stderr and "20.00%" in proc.stderr
+    assert "3 normal threshold images (and 2 more set the reference checks' scales) cannot pin a 1.00% false-positive" \
+        in proc.stderr
+    assert "at least 99" in proc.stderr and "25.00%" in proc.stderr
 
 
 def test_export_writes_a_verified_versioned_model(trained, tmp_path):
@@ -99,7 +108,7 @@ def test_export_writes_a_verified_versioned_model(trained, tmp_path):
     assert amap.shape == (3, 1, 64, 64) and score.shape == (3, 1)
     assert np.all((score >= 0) & (score <= 1)) and np.all((amap >= 0) & (amap <= 1))
     # on the test images it answers the calibrated scores the evaluation reported
-    from slsg_train.training.dataset import resize_rgb
+    from slsg_train.data.images import resize_rgb
 
     rows = json.loads((trained["run"] / "eval" / "scores.json").read_text())
     frames = np.stack([resize_rgb(np.asarray(Image.open(trained["data"] / "tray" / "test" / f"{r['image']}.png")
@@ -133,6 +142,43 @@ def test_export_refuses_to_overwrite_a_version_and_keeps_it(trained, tmp_path):
                 "--version", "1", check=False)
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert model.read_bytes() == before
+
+
+def test_checks_are_scaled_on_other_held_out_images_than_the_threshold(trained):
+    from slsg_train.data.loco import LocoCategory
+    from slsg_train.inference import load_model, predict
+    from slsg_train.models import image_score
+    from slsg_train.models.patch_memory import resize_patches
+    from slsg_train.models.reference import fitted_scale
+    from slsg_train.training.calibration import split_for_calibration, threshold_for_fpr
+    from slsg_train.data.images import load_resized, to_tensor
+
+    loaded = load_model(trained["checkpoint"])
+    record = loaded.payload["calibration_split"]
+    split = split_for_calibration(LocoCategory(trained["data"], "tray"), 0.01, has_checks=True,
+                                  held_out_train=record["held_out_train"])
+    assert record == split.summary() and not set(split.scale) & set(split.threshold)
+    assert loaded.calibration.scale_images == len(split.scale) and loaded.calibration.num_images == len(split.threshold)
+
+    def patch_scale(paths):  # the patch memory's scale as calibration fits it, on these images
+        images = load_resized(paths, loaded.image_size)
+        model = loaded.model
+        with torch.no_grad():
+            maps = model.reference_encoder(torch.stack([to_tensor(im) for im in images]))
+            distances = image_score(resize_patches(model.patch_memory(maps), loaded.image_size), loaded.top_k)
+            model.patch_memory.fitted.fill_(False)  # the paper's local score, as the map checks are scaled on
+            model.composition_check.fitted.fill_(False)
+            local = predict(model, images, loaded.top_k).scores
+            model.patch_memory.fitted.fill_(True)
+            model.composition_check.fitted.fill_(True)
+        return fitted_scale(distances.double().numpy(), local)
+
+    stored = loaded.model.patch_memory.scale
+    torch.testing.assert_close(stored, patch_scale(split.scale).float(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(stored, patch_scale(split.threshold).float(), rtol=1e-3)
+    # the threshold is set on the threshold images alone, with the checks so scaled
+    scores = predict(loaded.model, load_resized(split.threshold, loaded.image_size), loaded.top_k).scores
+    assert loaded.calibration.raw_threshold == pytest.approx(threshold_for_fpr(scores, 0.01), rel=1e-6)
 
 
 def test_export_rejects_bad_names_and_uncalibrated_checkpoints(trained, tmp_path):
@@ -182,7 +228,9 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
     assert config["simulation"]["logical_grids"] == [[2, 3]]
     # --global-branch (and the preset's patch memory and composition check): built, fitted after
     # training and before calibration, logged; one frozen reference encoder serves them all
-    assert config["model"] == {"global_branch": True, "composition_steps": 5}
+    # the stored settings are resolved: the preset's network fields with the file's and flags' on top
+    assert config["model"]["global_branch"] is True and config["model"]["composition_steps"] == 5
+    assert config["model"]["backbone"] == payload["model_config"]["backbone"] == "efficientnet_lite0"
     assert payload["model_config"]["global_branch"] is True and payload["model_config"]["patch_memory"] is True
     assert payload["model_config"]["composition_check"] is True
     state = payload["model_state"]
@@ -193,11 +241,11 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
     assert events.index("reference_checks") < events.index("calibrated") < events.index("calibration_warning")
     assert "at least 99" in lines[events.index("calibration_warning")]["message"]  # 4 validation images for 1 %
     fit = lines[events.index("reference_checks")]
-    assert fit["patch_memory"]["candidates"] == 8 * 8 * 8  # 8 training images, 8x8 patches at 64 px
+    assert fit["patch_memory"]["candidates"] == 7 * 8 * 8  # 7 training images (1 held out), 8x8 patches at 64 px
     assert fit["global_branch"]["feature_dim"] == 304
-    assert fit["composition_check"]["steps"] == 5 and fit["composition_check"]["images"] == 8
+    assert fit["composition_check"]["steps"] == 5 and fit["composition_check"]["images"] == 7
     # half of its batches are simulated logical anomalies to undo: 4 copies of each training image
-    assert fit["composition_check"]["restoration_share"] == 0.5 and fit["composition_check"]["restoration_inputs"] == 32
+    assert fit["composition_check"]["restoration_share"] == 0.5 and fit["composition_check"]["restoration_inputs"] == 28
     # its autoencoder trains in the run's precision, as SLSG did
     assert fit["composition_check"]["precision"] == lines[events.index("start")]["precision"]
 

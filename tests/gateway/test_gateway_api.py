@@ -246,7 +246,7 @@ def test_concurrent_requests_are_batched_and_metrics_are_labelled(gateway, clien
         return [r.status_code for r in rs]
 
     assert asyncio.run(burst()) == [200] * 16
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers={"X-API-Key": ADMIN_KEY}).text
     sizes = {s.labels.get("le"): s.value for s in metric_samples(text, "slsg_batch_size_bucket")
              if s.labels["model"] == "toy"}
     count = sizes["+Inf"]
@@ -359,5 +359,8 @@ def test_large_jpeg_is_decoded_in_draft_mode_with_the_same_content():
     assert fast.pixels.shape == full.pixels.shape == (64, 64, 3)
     assert np.abs(fast.pixels.astype(int) - full.pixels.astype(int)).mean() < 3
     assert fast.pixels[24, 40, 0] > 200 and fast.pixels[24, 40, 1] < 60  # the patch is still red
-    with_frame = decode_frame(data, (64, 64), max_pixels=10**7, keep_full=True)
-    assert with_frame.draft is False and with_frame.full.size == (1024, 768)  # overlays need the full frame
+    # an overlay needs the frame at the heat map's size: drafted no further than that
+    at_frame_size = decode_frame(data, (64, 64), max_pixels=10**7, preview_size=(1024, 768))
+    assert at_frame_size.draft is False and at_frame_size.preview.size == (1024, 768)
+    halved = decode_frame(data, (64, 64), max_pixels=10**7, preview_size=(512, 384))
+    assert halved.draft is True and halved.preview.size == (512, 384) and halved.width == 1024

@@ -5,6 +5,7 @@ inspection over gRPC and HTTP, explicit load of a new version, and fault handlin
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import time
 
@@ -118,7 +119,8 @@ def test_explicit_load_serves_a_new_version_and_a_failed_load_keeps_it(triton, r
             triton.wait_synced()
 
 
-def test_triton_down_gives_503_and_gateway_recovers_by_itself(triton):
+def test_triton_down_gives_503_and_gateway_recovers_by_itself(triton, caplog):
+    caplog.set_level(logging.INFO, logger="slsg_gateway")
     with BackgroundGateway(gateway_settings(triton)) as gw:
         assert httpx.post(f"{gw.url}/v1/models/toy/inspect", content=frame_png(), headers=PNG).status_code == 200
         triton.kill()
@@ -141,3 +143,7 @@ def test_triton_down_gives_503_and_gateway_recovers_by_itself(triton):
             time.sleep(0.5)
         assert status == 200, "gateway did not recover after Triton came back"
         assert httpx.get(f"{gw.url}/readyz").json()["ready"] is True
+    # one line when it went away (with the cause), one when it came back: not one per failed request
+    events = [(r.fields["event"], r.fields.get("cause")) for r in caplog.records if hasattr(r, "fields")]
+    assert [e for e, _ in events[:2]] == ["backend_unavailable", "backend_available"], events
+    assert events[0][1], "the warning must say why Triton is unavailable"

@@ -189,3 +189,14 @@ def test_docker_compose_refuses_to_start_without_the_keys(tmp_path):
     result = subprocess.run([*client, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "--env-file",
                              str(empty), "config", "-q"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "SLSG_API_KEYS" in result.stderr + result.stdout
+
+
+def test_gateway_reads_the_desired_state_from_the_repository_triton_serves():
+    """Every gateway replica polls model_repository/NAME/serving.json (`slsg deploy`) on the same folder
+    Triton loads versions from, read-only."""
+    env = service("gateway")["environment"]
+    triton_source = {target: src for src, target in mounts("triton").items()}["/models"]
+    gateway_target = mounts("gateway")[triton_source]
+    assert f"{triton_source}:{gateway_target}:ro" in service("gateway")["volumes"]
+    assert env["SLSG_REPOSITORY"] == gateway_target
+    assert str(env["SLSG_RECONCILE_INTERVAL_S"]).startswith("${SLSG_RECONCILE_INTERVAL_S:-")

@@ -32,7 +32,7 @@ from PIL import Image
 
 from support import free_ports
 from onnx_fixtures import make_card, write_contract_model
-from slsg.contract import model_path
+from slsg.contract import model_path, write_serving_state
 from slsg.triton_config import write_config
 from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
@@ -41,6 +41,7 @@ from test_ops_prometheus import PROMETHEUS_DIR, rules
 
 pytestmark = pytest.mark.slow
 MODEL, LINES, API_KEY = "toy", ["line-1", "line-2"], "station-key"
+METRICS_KEY = "prometheus-scrape-key"
 DOCKER_DIR = Path(__file__).resolve().parents[2] / "docker"
 HEALTHCHECK = DOCKER_DIR / "triton" / "healthcheck.sh"
 
@@ -61,8 +62,11 @@ def frame_png(anomalous: bool) -> bytes:
     return out.getvalue()
 
 
-def loopback_config(gateway_port: int, triton_metrics_port: int | None) -> dict:
-    """The production prometheus.yml with DNS discovery swapped for loopback targets and 1 s intervals."""
+def loopback_config(gateway_port: int, triton_metrics_port: int | None, metrics_key_file: Path) -> dict:
+    """The production prometheus.yml with DNS discovery swapped for loopback targets and 1 s intervals.
+
+    The gateway's /metrics is closed (API keys are set): Prometheus scrapes it with its own metrics key,
+    as the comment in prometheus.yml describes for a Prometheus outside the compose network."""
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_DIR / pattern) for pattern in config["rule_files"]]
@@ -74,6 +78,8 @@ def loopback_config(gateway_port: int, triton_metrics_port: int | None) -> dict:
                 continue
             job.pop("dns_sd_configs")
             job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
+            if job["job_name"] == "slsg-gateway":
+                job["authorization"] = {"type": "Bearer", "credentials_file": str(metrics_key_file)}
         jobs.append(job)
     config["scrape_configs"] = jobs
     return config
@@ -159,6 +165,21 @@ def inspect_wave(client: httpx.Client) -> int:
     return len(WAVE) + len(files)
 
 
+def review_flagged(client: httpx.Client) -> None:
+    """An operator confirms one flagged frame and calls another a false alarm (the review panels' data)."""
+    deadline = time.monotonic() + 20
+    while True:  # records are written in the background
+        pending = client.get("/v1/inspections", params={"decision": "anomalous", "review": "pending",
+                                                        "limit": 2}).json()["records"]
+        if len(pending) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(pending) == 2, "the gateway recorded fewer than two flagged frames"
+    for record, verdict in zip(pending, ("defect", "false_alarm")):
+        response = client.post(f"/v1/inspections/{record['id']}/review", json={"verdict": verdict, "reviewer": "ops"})
+        assert response.status_code == 200, response.text
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
     binary = prometheus_binary()
@@ -167,23 +188,31 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     card = make_card(MODEL, size=64)
     write_contract_model(model_path(repository, MODEL, 1), card)
     write_config(repository, MODEL, card, gpu=False, max_batch_size=8)
+    write_serving_state(repository, MODEL, 1)  # the desired-state panel's data (`slsg deploy toy --version 1`)
     time.sleep(0.5)  # LocalTriton publishes a version only once its files are 0.3 s old
     triton = start_triton(repository)
     try:
-        backend = {"backend": "triton", "triton_url": triton.grpc_url} if triton else {"repository": repository}
-        settings = Settings(port=0, api_keys=[API_KEY], lines=LINES, batch_window_ms=5, **backend)
+        backend = ({"backend": "triton", "triton_url": triton.grpc_url, "serving_root": repository} if triton
+                   else {"repository": repository})
+        settings = Settings(port=0, api_keys=[API_KEY], metrics_keys=[METRICS_KEY], lines=LINES, batch_window_ms=5,
+                            **backend)
+        key_file = work / "metrics_key"
+        key_file.write_text(METRICS_KEY)
         with BackgroundGateway(settings) as gateway:
             (prometheus_port,) = free_ports(1)
-            config = loopback_config(gateway.settings.port, triton.metrics_port if triton else None)
+            config = loopback_config(gateway.settings.port, triton.metrics_port if triton else None, key_file)
             process = start_prometheus(binary, config, work, prometheus_port)
             try:
                 base = f"http://127.0.0.1:{prometheus_port}"
                 with httpx.Client(base_url=gateway.url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
                     # two waves with a scrape between them, so every rate() is positive
                     first = inspect_wave(client)
+                    review_flagged(client)
                     wait_for(base, "sum(slsg_decisions_total)", first)
                     second = inspect_wave(client)
+                    review_flagged(client)
                     wait_for(base, "sum(slsg_decisions_total)", first + second)
+                    wait_for(base, "sum(slsg_reviews_total)", 4)
                 yield Stack(base, gateway.url, triton)
             finally:
                 process.terminate()

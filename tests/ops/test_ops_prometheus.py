@@ -19,7 +19,7 @@ PROMETHEUS_DIR = ROOT / "docker" / "prometheus"
 RULE_FILES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))
 REQUIRED_ALERTS = {"SLSGGatewayDown", "TritonNotReady", "SLSGHighErrorRatio", "SLSGLatencyP95OverBudget",
-                   "SLSGAnomalyRateJump"}
+                   "SLSGAnomalyRateJump", "SLSGReviewBacklogGrowing"}
 GATEWAY_METRIC = re.compile(r"(?<![\w:])slsg_[a-z0-9_]+(?![\w:])")  # not inside recorded names
 
 

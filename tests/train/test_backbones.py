@@ -10,7 +10,7 @@ from skimage.transform import resize
 
 from slsg.contract import IMAGENET_MEAN, IMAGENET_STD
 from slsg_train.models.backbones import (
-    BACKBONES, RESNET18_FILENAME, BackboneWeightsError, create_backbone, efficientnet_lite0_classifier,
+    BACKBONES, RESNET18_FILENAME, BackboneWeightsError, create_backbone, efficientnet_lite_classifier,
     register_backbone,
 )
 
@@ -62,7 +62,7 @@ def test_register_backbone_refuses_duplicates():
         register_backbone("resnet18")(lambda **kw: None)
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18"])
 def test_features_match_their_description(name):
     backbone = create_backbone(name, weights=None).eval()
     x = torch.randn(2, 3, 64, 96)
@@ -74,18 +74,26 @@ def test_features_match_their_description(name):
         assert tuple(f.shape) == (2, c, 64 // s, 96 // s)
 
 
-def test_efficientnet_lite0_imagenet_weights_classify_a_cat():
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_imagenet_weights_classify_a_cat(name):
     image = resize(data.chelsea(), (224, 224), anti_aliasing=True).astype(np.float32)  # [0, 1] RGB
     x = (torch.from_numpy(image).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
         IMAGENET_STD
     ).view(3, 1, 1)
-    classifier = efficientnet_lite0_classifier("imagenet")
+    classifier = efficientnet_lite_classifier(name, "imagenet")
     with torch.no_grad():
         top = classifier(x[None]).softmax(dim=1)[0].argmax().item()
     assert top in IMAGENET_CAT_CLASSES
-    # The feature extractor gets the same pretrained weights.
-    features = create_backbone("efficientnet_lite0")
-    assert torch.equal(features._blocks[10]._project_conv.weight, classifier._blocks[10]._project_conv.weight)
+    # The feature extractor gets the same pretrained weights, up to its stride-16 tap.
+    features = create_backbone(name)
+    last = features.taps[-1]
+    assert torch.equal(features._blocks[last]._project_conv.weight, classifier._blocks[last]._project_conv.weight)
+
+
+def test_lite_variants_differ_where_the_builder_scales_them():
+    lite0, lite2 = create_backbone("efficientnet_lite0", None), create_backbone("efficientnet_lite2", None)
+    assert lite0.channels == [32, 16, 24, 40, 112] and lite0.taps == (0, 2, 4, 10)
+    assert lite2.channels == [32, 16, 24, 48, 120] and lite2.taps == (0, 3, 6, 14)
 
 
 def test_resnet18_loads_a_torchvision_checkpoint_by_path(tmp_path):

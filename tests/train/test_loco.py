@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from slsg_train.data.loco import DataSetError, DefectConfig, LocoCategory, list_categories, load_rgb
 
@@ -132,6 +132,43 @@ def test_load_rgb_converts_to_uint8_rgb(tmp_path, mode):
     assert np.abs(rgb[:, :, 1].astype(int) - grey).max() <= 1
 
 
+def _frame_file(tmp_path: Path, kind: str) -> Path:
+    grey = np.linspace(0, 255, H * W).reshape(H, W).astype(np.uint8)
+    path, info = tmp_path / f"{kind}.png", None
+    if kind == "16-bit":
+        img = Image.fromarray(grey.astype(np.uint16) * 257)
+    elif kind == "12-bit+sBIT":  # a mono camera's raw 12-bit values, the PNG saying so
+        img = Image.fromarray(grey.astype(np.uint16) * 16)
+        info = PngImagePlugin.PngInfo()
+        info.add(b"sBIT", bytes([12]))
+    elif kind == "RGBA":
+        img = Image.fromarray(np.dstack([grey, 255 - grey, grey // 2, np.full_like(grey, 7)]))
+    else:
+        img = Image.fromarray(grey).convert(kind)
+    img.save(path, **({"pnginfo": info} if info else {}))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["L", "P", "RGBA", "16-bit", "12-bit+sBIT"])
+def test_data_set_images_decode_as_the_gateway_decodes_frames(tmp_path, kind):
+    """One decoding rule (slsg.image_modes) on both sides: a model sees in service what it saw in training."""
+    from slsg_gateway.imaging import decode_frame
+
+    path = _frame_file(tmp_path, kind)
+    training_side = load_rgb(path)
+    gateway_side = decode_frame(path.read_bytes(), (H, W), max_pixels=10**6).pixels
+    np.testing.assert_array_equal(training_side, gateway_side)
+    assert training_side.dtype == np.uint8 and training_side.shape == (H, W, 3) and training_side.max() >= 250
+
+
+def test_unsupported_image_mode_is_a_data_set_error(tmp_path):
+    path = tmp_path / "lab.tif"
+    Image.new("LAB", (W, H)).save(path)
+    with pytest.raises(DataSetError, match="lab.tif: cannot use image") as info:
+        load_rgb(path)
+    assert "'LAB'" in str(info.value)
+
+
 def test_data_hash_follows_training_bytes_not_location(tmp_path):
     make_loco(tmp_path / "a")
     first = LocoCategory(tmp_path / "a", "box").data_hash()
@@ -193,10 +230,15 @@ def test_error_corrupt_image(tmp_path):
         load_rgb(truncated)
 
 
-def test_error_mask_folder_missing(tmp_path):
+def test_missing_mask_folder_is_reported_not_an_error(tmp_path):
     folder = tmp_path / "box" / "ground_truth" / "structural_anomalies" / "000"
-    message = _error(tmp_path, lambda cat: shutil.rmtree(folder), samples=True)
-    assert str(folder) in message and "mask folder missing" in message
+    make_loco(tmp_path)
+    shutil.rmtree(folder)
+    samples = {s.name: s for s in LocoCategory(tmp_path, "box").test_samples()}
+    structural = samples["structural_anomalies/000"]
+    assert structural.masks == () and not structural.has_ground_truth
+    assert str(folder) in structural.ground_truth_issue and "mask folder missing" in structural.ground_truth_issue
+    assert samples["logical_anomalies/000"].has_ground_truth and samples["good/000"].has_ground_truth
 
 
 def test_error_mask_size_differs(tmp_path):
@@ -211,12 +253,47 @@ def test_error_mask_value_not_in_config(tmp_path):
     assert str(mask) in message and "mask value 77 is not in" in message and "defects_config.json" in message
 
 
-def test_error_flat_mask_missing(tmp_path):
-    cat = make_flat(tmp_path, ("crack",), validation=False)
+def test_flat_mask_missing_is_reported_by_name(tmp_path):
+    cat = make_flat(tmp_path, ("crack", "hole"), validation=False)
     (cat / "ground_truth" / "crack" / "000_mask.png").unlink()
-    with pytest.raises(DataSetError, match="mask missing") as info:
-        LocoCategory(tmp_path, "flat").test_samples()
-    assert str(cat / "ground_truth" / "crack" / "000_mask.png") in str(info.value)
+    crack, good, hole = LocoCategory(tmp_path, "flat").test_samples()
+    assert crack.masks == () and str(cat / "ground_truth" / "crack" / "000_mask.png") in crack.ground_truth_issue
+    assert "mask missing" in crack.ground_truth_issue and crack.is_anomalous
+    assert good.ground_truth_issue is None and hole.ground_truth_issue is None and len(hole.masks) == 1
+
+
+def test_category_without_ground_truth_has_image_labels_only(tmp_path):
+    """MVTec AD as some users have it: test/<defect>/ folders, no ground_truth folder, no validation split."""
+    cat = make_flat(tmp_path, ("broken_large", "contamination"), validation=False, name="bottle")
+    shutil.rmtree(cat / "ground_truth")
+    data = LocoCategory(tmp_path, "bottle")
+    assert data.layout == "flat" and not data.has_ground_truth_folder and data.validation_paths == []
+    samples = data.test_samples()
+    assert [(s.anomaly_type, s.is_anomalous, s.masks) for s in samples] == [
+        ("broken_large", True, ()), ("contamination", True, ()), ("good", False, ())]
+    for s in samples[:2]:
+        assert not s.has_ground_truth and "no ground truth" in s.ground_truth_issue
+        assert str(cat / "ground_truth") in s.ground_truth_issue
+
+
+@pytest.mark.parametrize("layout", ["flat", "loco"])
+@pytest.mark.parametrize("problem", ["empty", "unreadable"])
+def test_empty_or_unreadable_mask_is_reported_by_name(tmp_path, layout, problem):
+    if layout == "flat":
+        cat = make_flat(tmp_path, ("crack",), validation=False, name="box")
+        mask, name = cat / "ground_truth" / "crack" / "000_mask.png", "crack/000"
+    else:
+        cat = make_loco(tmp_path)
+        mask, name = cat / "ground_truth" / "logical_anomalies" / "000" / "001.png", "logical_anomalies/000"
+    if problem == "empty":
+        _png(mask, np.zeros((H, W), np.uint8))
+    else:
+        mask.write_bytes(b"\x89PNG not really")
+    samples = {s.name: s for s in LocoCategory(tmp_path, "box").test_samples()}
+    broken = samples[name]
+    assert broken.masks == () and not broken.has_ground_truth and str(mask) in broken.ground_truth_issue
+    assert ("mask is empty" if problem == "empty" else "cannot read mask") in broken.ground_truth_issue
+    assert [s.name for s in samples.values() if not s.has_ground_truth] == [name]
 
 
 def test_error_unknown_test_type(tmp_path):

@@ -364,7 +364,7 @@ def test_global_branch_is_off_by_default_and_neutral_until_fitted():
 def test_fitted_global_branch_flags_a_global_change_the_map_cannot_see():
     from slsg_train.inference import predict
     from slsg_train.training.calibration import fit_reference_checks
-    from slsg_train.training.dataset import to_tensor
+    from slsg_train.data.images import to_tensor
 
     rng = np.random.default_rng(0)
     # ImageNet weights: the branch's features are real
@@ -473,7 +473,7 @@ def test_fitted_patch_memory_scores_and_locates_a_local_defect():
     from slsg_train.inference import predict
     from slsg_train.models.patch_memory import resize_patches
     from slsg_train.training.calibration import fit_reference_checks
-    from slsg_train.training.dataset import to_tensor
+    from slsg_train.data.images import to_tensor
 
     rng = np.random.default_rng(1)
     # ImageNet weights; SLSG itself untrained: its map knows nothing
@@ -578,7 +578,7 @@ def test_fitted_composition_check_flags_parts_that_do_not_go_together():
     from slsg_train.inference import predict
     from slsg_train.models.patch_memory import resize_patches
     from slsg_train.training.calibration import fit_reference_checks
-    from slsg_train.training.dataset import to_tensor
+    from slsg_train.data.images import to_tensor
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -605,7 +605,7 @@ def test_restoration_inputs_are_simulated_logical_anomalies_of_each_training_ima
     from slsg_train.models.composition import autoencoder_input
     from slsg_train.simulation import SimulationConfig
     from slsg_train.training.composition import restoration_inputs
-    from slsg_train.training.dataset import to_tensor
+    from slsg_train.data.images import to_tensor
 
     images = _paired_scenes(np.random.default_rng(0), 6)
     inputs, sources = restoration_inputs(images, SimulationConfig(), seed=3, copies=2, progress=False)

@@ -163,3 +163,18 @@ def test_tiff_maps_in_official_layout_read_back_equal(tmp_path):
         write_tiff_map(tmp_path, "breakfast_box", "good", "../000", amap)
     with pytest.raises(ValueError, match="2-D"):
         write_tiff_map(tmp_path, "breakfast_box", "good", "000", np.zeros((2, 3, 3)))
+
+
+def test_report_without_ground_truth_says_why_and_rows_follow_the_defect_types():
+    metrics = {"category": "bottle", "image_auroc": {"crack": 0.8, "hole": 0.6, "mean": 0.7, "all": 0.75},
+               "pixel_auroc": None, "au_spro": None, "threshold": {}, "counts": {"good": 2, "crack": 1, "hole": 1},
+               "ground_truth": {"anomalous_images": 2, "with_masks": 0, "left_out": {"crack/000": "x", "hole/000": "y"},
+                                "region_metrics": "unavailable: no ground-truth masks (test)"}}
+    markdown = render_report_md(metrics)
+    assert [table_row(markdown, row)[0] for row in ("crack", "hole", "mean", "all")] == ["0.800", "0.600", "0.700",
+                                                                                        "0.750"]
+    assert table_row(markdown, "all")[1:] == ["–"] * 4
+    assert "Pixel AUROC and AU-sPRO: unavailable: no ground-truth masks (test)" in markdown
+    assert "| logical |" not in markdown
+    summary = render_summary_table([metrics])
+    assert table_row(summary, "bottle")[-1] == "–"  # pixel AUROC

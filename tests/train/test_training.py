@@ -50,7 +50,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     for name in full:
         torch.testing.assert_close(parts[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
     done = torch.load(tmp_path / "parts" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert done["stage"] == "done" and done["calibration"]["num_images"] == 4
+    assert done["stage"] == "done" and done["calibration"]["num_images"] == 3  # 4 validation + 1 held out - 2 scale
     assert done["image_size"] == [64, 64] and done["backbone"] == "efficientnet_lite0"
     log = (tmp_path / "parts" / "train_log.jsonl").read_text().splitlines()
     train_steps = [line for line in log if '"event": "step"' in line and '"stage": "train"' in line]
@@ -181,5 +181,5 @@ def test_threshold_leaves_the_allowed_calibration_images_above_it_and_warns_when
     cal, stats = calibration_from_scores(scores[:60], 0.01)
     assert stats["at_or_above_threshold"] == 0 and cal.raw_threshold > scores[:60].max()
     warning = small_calibration_warning(cal)
-    assert "60 normal calibration images" in warning and "1.64%" in warning and "at least 99" in warning
+    assert "60 normal threshold images" in warning and "1.64%" in warning and "at least 99" in warning
     assert small_calibration_warning(Calibration(target_fpr=0.0, num_images=60)) is None  # asked for the strictest

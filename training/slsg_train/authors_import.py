@@ -56,7 +56,7 @@ def import_authors(weights: str | Path, category: str, out: str | Path, data_roo
     normal images there (validation/good, else the last tenth of train/good)."""
     from slsg_train.data.loco import LocoCategory
     from slsg_train.training.calibration import calibrate_threshold, split_for_calibration
-    from slsg_train.training.dataset import load_resized
+    from slsg_train.data.images import load_resized
 
     weights, target = Path(weights), Path(out) / "checkpoint.pt"
     if target.exists():

@@ -11,7 +11,7 @@ import torch
 
 from slsg.contract import RESIZE_BILINEAR, Calibration
 from slsg_train.checkpoint import build_model, load_checkpoint_payload
-from slsg_train.training.dataset import to_tensor
+from slsg_train.data.images import to_tensor
 from slsg_train.training.precision import channels_last
 
 

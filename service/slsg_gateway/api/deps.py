@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from slsg_gateway.batching import MicroBatcher
 from slsg_gateway.errors import Forbidden, PayloadTooLarge, Unauthorized
 from slsg_gateway.inspection import Inspector
 from slsg_gateway.metrics import GatewayMetrics
+from slsg_gateway.records.store import RecordStore
+from slsg_gateway.reconcile import Reconciler
 from slsg_gateway.settings import Settings
 
 
@@ -25,6 +28,8 @@ class GatewayState:
     batcher: MicroBatcher
     inspector: Inspector
     pool: ThreadPoolExecutor
+    reconciler: Reconciler
+    records: RecordStore | None = None  # None: SLSG_RECORDS=off
 
 
 def get_state(request: Request) -> GatewayState:
@@ -60,6 +65,47 @@ def require_admin_key(state: GatewayState = Depends(get_state), header_key: str 
     if not state.settings.admin_keys:
         raise Forbidden("model administration is disabled: no SLSG_ADMIN_KEYS configured")
     _check(_presented_key(header_key, bearer), state.settings.admin_keys, "model administration")
+
+
+def require_models_key(state: GatewayState = Depends(get_state), header_key: str | None = Depends(_api_key_header),
+                       bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """The model list (cards: calibration, training-data hash) takes an inspection key once keys are
+    configured, unless SLSG_OPEN_MODELS opens it."""
+    settings = state.settings
+    if settings.api_keys and not settings.open_models:
+        _check(_presented_key(header_key, bearer), settings.api_keys + settings.admin_keys, "the model list")
+
+
+def require_metrics_access(request: Request, state: GatewayState = Depends(get_state),
+                           header_key: str | None = Depends(_api_key_header),
+                           bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """Metrics are closed once API or metrics keys are configured, unless SLSG_OPEN_METRICS opens them.
+
+    A scraper gets in with a metrics key (or an admin key) or from one of SLSG_METRICS_NETWORKS; the
+    address checked is the TCP peer's, so a proxy in front makes the proxy's address the one to list.
+    """
+    settings = state.settings
+    if settings.open_metrics or not (settings.api_keys or settings.metrics_keys):
+        return
+    if _peer_in(request, settings.metrics_networks):
+        return
+    allowed = settings.metrics_keys + settings.admin_keys
+    key = _presented_key(header_key, bearer)
+    if key is None:
+        raise Unauthorized("metrics require a metrics key ('X-API-Key' or 'Authorization: Bearer') or a request "
+                           "from one of SLSG_METRICS_NETWORKS")
+    if not allowed or not any(hmac.compare_digest(key.encode(), k.encode()) for k in allowed):
+        raise Forbidden("the API key is not valid for metrics (SLSG_METRICS_KEYS or SLSG_ADMIN_KEYS)")
+
+
+def _peer_in(request: Request, networks: list[str]) -> bool:
+    if not networks or request.client is None:
+        return False
+    try:
+        peer = ipaddress.ip_address(request.client.host)
+    except ValueError:  # not an IP address (a Unix socket, a test client's name)
+        return False
+    return any(peer in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

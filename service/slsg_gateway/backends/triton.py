@@ -24,6 +24,7 @@ import numpy as np
 from slsg.contract import INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, ModelCard
 from slsg_gateway.backends.base import Backend, InferenceOutput, ServedModel
 from slsg_gateway.errors import BackendUnavailable, GatewayError, LoadFailed, ModelNotFound, ModelNotReady
+from slsg_gateway.logs import BackendHealth
 from slsg_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class TritonBackend(Backend):
         # a load runs, so requests never name a version that load may drop)
         self._route: dict[str, int] = {}
         self._policies: dict[str, dict] = {}  # version policy seen before a pin, restored on unpin
+        self.health = BackendHealth("Triton", settings.triton_url, log)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _make_client(self) -> Any:
@@ -101,12 +103,15 @@ class TritonBackend(Backend):
             import tritonclient.http.aio as module
         return module
 
-    def _translate(self, exc: BaseException, what: str) -> GatewayError:
+    def _translate(self, exc: BaseException, what: str, timeout_s: float | None = None) -> GatewayError:
         from tritonclient.utils import InferenceServerException
 
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         if isinstance(exc, GatewayError):
             return exc
+        if isinstance(exc, TimeoutError):  # str() of a timeout is empty: say what timed out and after how long
+            return BackendUnavailable(f"Triton at {self.settings.triton_url} did not answer during {what}: timed "
+                                      f"out after {timeout_s or self.timeout_s:g} s", headers=retry)
         if isinstance(exc, InferenceServerException):
             status, message = str(exc.status()), exc.message() or str(exc)
             if status in _UNAVAILABLE:
@@ -119,19 +124,27 @@ class TritonBackend(Backend):
         return BackendUnavailable(f"Triton at {self.settings.triton_url} unavailable during {what}: "
                                   f"{type(exc).__name__}: {exc}", headers=retry)
 
-    async def _call(self, what: str, call: Awaitable[Any]) -> Any:
+    async def _call(self, what: str, call: Awaitable[Any], timeout_s: float | None = None) -> Any:
+        """``call`` within the timeout; trouble becomes a GatewayError, and the backend's state is logged."""
         try:
-            return await asyncio.wait_for(call, self.timeout_s)
+            result = await asyncio.wait_for(call, timeout_s or self.timeout_s)
         except Exception as exc:
-            raise self._translate(exc, what) from exc
+            error = self._translate(exc, what, timeout_s)
+            if isinstance(error, BackendUnavailable):
+                self.health.failed(error.message)
+            else:
+                self.health.answered()  # an error answer still came from Triton
+            raise error from exc
+        self.health.answered()
+        return result
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         self._client = self._make_client()
         try:
             await self.refresh()
-        except GatewayError as exc:  # not fatal: readiness reports it and lookups retry
-            log.warning("Triton not available at start-up: %s", exc.message)
+        except GatewayError:  # not fatal: readiness reports it, lookups retry, the health log said why
+            pass
 
     async def close(self) -> None:
         if self._client is not None:
@@ -242,14 +255,14 @@ class TritonBackend(Backend):
     async def _load_call(self, name: str, config: str | None = None) -> None:
         """Triton's repository ``load`` (optionally with a JSON config override); LoadFailed keeps the old version."""
         try:
-            await asyncio.wait_for(self._client.load_model(name, config=config), max(self.timeout_s, 60.0))
-        except Exception as exc:
-            error = self._translate(exc, f"load of {name}")
+            await self._call(f"load of {name}", self._client.load_model(name, config=config),
+                             max(self.timeout_s, 60.0))
+        except GatewayError as error:
             if isinstance(error, BackendUnavailable):
-                raise error from exc
+                raise
             kept = self._models.get(name)
             keep = f"; still serving version {kept.served_version}" if kept and kept.ready else ""
-            raise LoadFailed(f"Triton could not load {name!r}: {error.message}{keep}") from exc
+            raise LoadFailed(f"Triton could not load {name!r}: {error.message}{keep}") from error
 
     async def _current_config(self, name: str) -> dict | None:
         """The configuration Triton serves ``name`` with, or None when no version is loaded."""

@@ -12,6 +12,7 @@ import os
 _ENV = {
     "host": "SLSG_HOST", "port": "SLSG_PORT", "repository": "SLSG_REPOSITORY", "backend": "SLSG_BACKEND",
     "triton_url": "SLSG_TRITON_URL", "triton_protocol": "SLSG_TRITON_PROTOCOL", "workers": "SLSG_WORKERS",
+    "records": "SLSG_RECORDS", "data_dir": "SLSG_DATA_DIR", "log_format": "SLSG_LOG_FORMAT",
 }
 
 
@@ -23,7 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-url", help="Triton address, e.g. 127.0.0.1:8001 (SLSG_TRITON_URL)")
     parser.add_argument("--triton-protocol", choices=["grpc", "http"], help="Triton protocol (SLSG_TRITON_PROTOCOL)")
     parser.add_argument("--workers", type=int, help="uvicorn worker processes (default 1; SLSG_WORKERS)")
+    parser.add_argument("--data-dir", help="the gateway's data folder (default ./gateway-data; SLSG_DATA_DIR)")
+    parser.add_argument("--records", help="inspection records: a folder, a postgresql:// URL or 'off' "
+                                          "(default DATA_DIR/records; SLSG_RECORDS)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="the gateway's own log lines (backend down / back, errors) as text or JSON lines "
+                             "(default text; SLSG_LOG_FORMAT)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""`slsg calibrate`: re-choose a checkpoint's image-score threshold for a target false-positive rate."""
+"""`slsg calibrate`: re-choose a checkpoint's image-score threshold for a target false-positive rate.
+
+The reference checks are refitted too (the composition check's trained autoencoder kept unless asked
+otherwise), their scales on one part of the normal images the run held out of training and the
+threshold on the other (see ``training/calibration.py``), so an older checkpoint whose checks were
+scaled on its threshold's own images gets a promise that holds."""
 
 from __future__ import annotations
 
@@ -31,16 +36,15 @@ def run(args: argparse.Namespace) -> int:
     from slsg_train.checkpoint import CheckpointError, save_checkpoint
     from slsg_train.data.loco import DataSetError, LocoCategory
     from slsg_train.inference import load_model
-    from slsg_train.models import BackboneWeightsError
-    from slsg_train.training.calibration import calibrate_threshold, small_calibration_warning, split_for_calibration
-    from slsg_train.training.dataset import load_resized
+    from slsg_train.models import BackboneWeightsError, SLSGConfig
+    from slsg_train.training.calibration import (calibrate_threshold, legacy_held_out_train, small_calibration_warning,
+                                                 split_for_calibration)
+    from slsg_train.data.images import load_resized
 
     try:
         loaded = load_model(args.checkpoint, args.device)
         payload = loaded.payload
         category = LocoCategory(args.data or payload["data_root"], payload["category"])
-        train_paths, paths = split_for_calibration(category)
-        calib_images = load_resized(paths, loaded.image_size, loaded.resize)
         model = loaded.model
         switches = {name: value == "on" for name, value in
                     (("global_branch", args.global_branch), ("patch_memory", args.patch_memory),
@@ -50,18 +54,28 @@ def run(args: argparse.Namespace) -> int:
                 if args.composition_check != "on":
                     raise ValueError(f"--{name.replace('_', '-')} needs --composition-check on")
                 switches[name] = getattr(args, name)
-        if switches:
-            model = _switch_reference_checks(loaded, switches, train_paths, calib_images, args.device)
-        cal, stats = calibrate_threshold(model, calib_images, loaded.top_k, args.fpr, args.device)
+        has_checks = SLSGConfig.from_dict({**payload["model_config"], **switches}).uses_reference
+        # the images the run held out of training, and only those, may calibrate it
+        split_record = payload.get("calibration_split")
+        held = split_record["held_out_train"] if split_record else legacy_held_out_train(category)
+        split = split_for_calibration(category, args.fpr, has_checks, held_out_train=held)
+        if has_checks or switches:  # every check's scale is refitted on the scale images, never the threshold's
+            model = _switch_reference_checks(loaded, switches, split.train,
+                                             load_resized(split.scale, loaded.image_size, loaded.resize), args.device)
+        cal, stats = calibrate_threshold(model, load_resized(split.threshold, loaded.image_size, loaded.resize), loaded.top_k,
+                                         args.fpr, args.device, scale_images=len(split.scale))
     except (CheckpointError, DataSetError, BackboneWeightsError, ValueError) as exc:
         print(f"slsg calibrate: {exc}", file=sys.stderr)
         return 2
+    stats["held_out_train"] = split.held_out_train
+    payload["calibration_split"] = split.summary()
     payload["model_state"] = model.state_dict()
     payload["calibration"], payload["calibration_stats"] = dataclasses.asdict(cal), stats
     path = payload.pop("path")
     save_checkpoint(path, {k: v for k, v in payload.items() if k != "format"})
+    scales = f"; the checks' scales on {len(split.scale)} others" if split.scale else ""
     print(f"raw threshold {cal.raw_threshold:.5f} for FPR {args.fpr:.2%} on {stats['num_images']} normal images "
-          f"(scores {stats['min']:.4f}..{stats['max']:.4f}); saved to {path}")
+          f"(scores {stats['min']:.4f}..{stats['max']:.4f}{scales}); saved to {path}")
     print(f"normal images expected at or above it: {stats['expected_fpr']:.2%} on average, under "
           f"{stats['fpr_upper_90']:.2%} for nine calibration sets in ten")
     warning = small_calibration_warning(cal)
@@ -83,7 +97,7 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
     from slsg_train.models.slsg import REFERENCE_CHECK_PREFIXES, REFERENCE_CHECKS, build_reference_checks
     from slsg_train.simulation.config import SimulationConfig
     from slsg_train.training.calibration import fit_reference_checks
-    from slsg_train.training.dataset import load_resized
+    from slsg_train.data.images import load_resized
     from slsg_train.training.precision import channels_last, resolve_precision
 
     config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), **switches)

@@ -20,6 +20,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def _warn_about_ground_truth(metrics: dict) -> None:
+    """Name on stderr each anomalous image the region metrics left out, or say that there were none to compute."""
+    import sys
+
+    truth = metrics.get("ground_truth") or {}
+    if metrics["pixel_auroc"] is None:
+        print(f"slsg evaluate: {metrics['category']}: pixel AUROC and AU-sPRO {truth.get('region_metrics')}; "
+              "image metrics computed from the test folders' labels", file=sys.stderr)
+        return
+    for name, reason in (truth.get("left_out") or {}).items():
+        print(f"slsg evaluate: warning: {metrics['category']}: {name} left out of the region metrics: {reason}",
+              file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
@@ -44,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
             result = evaluate_category(loaded, LocoCategory(args.data, category or loaded.category), out,
                                        args.maps_dir, args.device, args.batch_size)
             results.append(result.metrics)
+            _warn_about_ground_truth(result.metrics)
             print((out / "report.md").read_text().split("\n## Figures")[0])
             print(f"\nwritten to {out} in {result.metrics['evaluation_seconds']:.1f} s")
     except (CheckpointError, DataSetError, ValueError) as exc:

@@ -50,7 +50,7 @@ def score_images(loaded, originals, names, device: str, batch_size: int, heatmap
 
     from slsg.contract import DECISION_THRESHOLD
     from slsg_train.inference import predict
-    from slsg_train.training.dataset import resize_rgb
+    from slsg_train.data.images import resize_rgb
 
     frames = [resize_rgb(image, loaded.image_size, loaded.resize) for image in originals]
     pred = predict(loaded.model, frames, loaded.top_k, device, batch_size)

@@ -18,7 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from slsg_train.training.config import PRECISIONS
 
     d = _defaults()
-    h, w = d["image_size"]
     p.add_argument("--data", help="data set root (MVTec LOCO AD layout); required unless --print-config")
     p.add_argument("--category", help="category folder under --data (required unless --all-categories)")
     p.add_argument("--out", help="run directory (checkpoint.pt, train_log.jsonl); with --all-categories the folder of "
@@ -53,7 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--composition-restoration", type=float,
                    help="the share of the composition check's training batches that are simulated logical anomalies "
                         f"it learns to undo (0: normal images only) (default {d['model.composition_restoration']})")
-    p.add_argument("--image-size", help=f"model input, 'N' or 'WxH', multiples of 32 (default {w}x{h})")
+    p.add_argument("--image-size",
+                   help="model input: 'N' or 'WxH' (multiples of 32), or 'auto': the training images' aspect ratio "
+                        "within 256x256 pixels, e.g. 416x160 for 500x1250 strips and 256x256 for square images; "
+                        f"'auto:N' sets an N x N pixel budget (default {d['image_size']})")
     p.add_argument("--steps", type=int, help=f"detector training steps (default {d['steps']})")
     p.add_argument("--pretrain-steps", type=int, help=f"generative pre-training steps, 0 to skip (default {d['pretrain_steps']})")
     p.add_argument("--batch-size", type=int,
@@ -70,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, help=f"steps between log lines (default {d['log_every']})")
     p.add_argument("--calibration-fpr", type=float,
                    help=f"target false-positive rate of the threshold (default {d['calibration_fpr']})")
+    p.add_argument("--calibration-holdout", type=float,
+                   help="at most this share of train/good is held out of training for calibration when "
+                        f"validation/good is short of the images the target rate needs (default {d['calibration_holdout']})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--until-step", type=int,
                    help="stop after this step of the current stage (checkpoint saved; continue later with --resume)")
@@ -81,7 +86,7 @@ def _flag_settings(args: argparse.Namespace) -> dict:
 
     flat = {name: getattr(args, name) for name in (
         "preset", "backbone", "steps", "batch_size", "seed", "workers", "device", "precision", "checkpoint_every",
-        "log_every", "anomaly_source", "calibration_fpr")}
+        "log_every", "anomaly_source", "calibration_fpr", "calibration_holdout")}
     settings = {k: v for k, v in flat.items() if v is not None}
     if args.allow_download:
         settings["allow_download"] = True

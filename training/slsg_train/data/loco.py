@@ -11,12 +11,21 @@ Three ground-truth layouts are read (the project design note LOCO.md):
 
 The folder structure and ``defects_config.json`` are checked when a :class:`LocoCategory` is built;
 the masks are checked (size, value) when :meth:`LocoCategory.test_samples` lists them.
-Only numpy and Pillow are used (no torch), so the gateway side could read data sets too.
+
+Ground truth as users have it: a category may have no ``ground_truth`` folder at all (image-level
+labels only), and single masks may be missing, empty or unreadable. None of these is an error: the
+anomalous image keeps its label for the image metrics, gets no masks, and says why in
+:attr:`TestSample.ground_truth_issue`, so evaluation can leave it out of the region metrics by name.
+A mask of the wrong size, or one whose value is not in ``defects_config.json``, still is an error:
+it means the data set and its configuration disagree, not that one file is missing.
+Only numpy, Pillow and the core's decoding rule are used (no torch), so the gateway side could read
+data sets too; every image is decoded as the gateway decodes a frame (``load_rgb``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from slsg.image_modes import UnsupportedImageMode, rgb8_from_image
 
 GOOD = "good"
 SPLITS_REQUIRED = {"loco": ("train", "validation", "test"), "flat": ("train", "test")}
@@ -73,7 +84,11 @@ class DefectMask:
 
 @dataclass(frozen=True)
 class TestSample:
-    """One test image with its ground truth. ``size`` is the original image's (H, W)."""
+    """One test image with its ground truth. ``size`` is the original image's (H, W).
+
+    ``ground_truth_issue`` says why an anomalous image has no usable masks (no mask file, an empty or
+    unreadable one); it is None for good images and for anomalous images whose masks are all usable.
+    """
 
     __test__ = False  # not a pytest test class despite the name
 
@@ -82,34 +97,44 @@ class TestSample:
     index: str
     masks: tuple[DefectMask, ...]
     size: tuple[int, int]
+    ground_truth_issue: str | None = None
 
     @property
     def is_anomalous(self) -> bool:
         return self.anomaly_type != GOOD
+
+    @property
+    def name(self) -> str:
+        """``<type>/<index>``, how reports name the image."""
+        return f"{self.anomaly_type}/{self.index}"
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """True for good images (no defect anywhere) and for anomalous images with usable masks."""
+        return not self.is_anomalous or bool(self.masks)
 
     def load_image(self) -> np.ndarray:
         return load_rgb(self.path)
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Uint8 HxWx3 RGB array; grey, palette, RGBA and 16-bit images are converted."""
+    """Uint8 HxWx3 RGB array by the project's one decoding rule (:mod:`slsg.image_modes`, the gateway's too):
+    greyscale copied to three channels, 16-bit scaled by its bit depth (a PNG's sBIT), palette and CMYK
+    converted, alpha dropped."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _to_rgb8(img)
+            return rgb8_from_image(img, data).pixels
+    except UnsupportedImageMode as exc:
+        raise DataSetError(f"{path}: cannot use image ({exc})") from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DataSetError(f"{path}: cannot read image ({exc}); expected a readable PNG/JPEG/BMP/TIFF") from exc
 
 
-def _to_rgb8(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float grey: scale the 16-bit range to 8 bits instead of clipping it.
-        grey = np.asarray(img, dtype=np.float64)
-        scale = 255.0 if img.mode == "F" and grey.max(initial=0) <= 1.0 else 255.0 / 65535.0
-        grey8 = np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8)
-        return np.repeat(grey8[:, :, None], 3, axis=2)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+class MaskUnusable(Exception):
+    """One mask file cannot serve as ground truth (missing, empty, unreadable); the message says why."""
 
 
 def _load_mask_values(path: Path) -> np.ndarray:
@@ -230,8 +255,16 @@ class LocoCategory:
     def __repr__(self) -> str:
         return f"LocoCategory({str(self.root)!r}, {self.name!r}, layout={self.layout!r})"
 
+    @property
+    def has_ground_truth_folder(self) -> bool:
+        return (self.path / "ground_truth").is_dir()
+
     def test_samples(self, types: Iterable[str] | None = None) -> list[TestSample]:
-        """Test images with their masks, sorted by type then index; reads every mask to check it."""
+        """Test images with their masks, sorted by type then index; reads every mask to check it.
+
+        An anomalous image whose masks are missing, empty or unreadable is listed without masks and
+        with the reason in ``ground_truth_issue``.
+        """
         wanted = self.test_types if types is None else list(types)
         unknown = sorted(set(wanted) - set(self.test_types))
         if unknown:
@@ -240,41 +273,59 @@ class LocoCategory:
         for anomaly_type in sorted(wanted):
             for path in _images_in(self.path / "test" / anomaly_type):
                 size = image_size(path)
-                masks = self._masks_for(anomaly_type, path.stem, size) if anomaly_type != GOOD else ()
-                samples.append(TestSample(path, anomaly_type, path.stem, masks, size))
+                masks: tuple[DefectMask, ...] = ()
+                issue = None
+                if anomaly_type != GOOD:
+                    try:
+                        masks = self._masks_for(anomaly_type, path.stem, size)
+                    except MaskUnusable as exc:
+                        issue = str(exc)
+                samples.append(TestSample(path, anomaly_type, path.stem, masks, size, issue))
         return samples
 
     def _masks_for(self, anomaly_type: str, index: str, size: tuple[int, int]) -> tuple[DefectMask, ...]:
+        """The usable masks of one anomalous image; MaskUnusable says why there are none."""
+        if not self.has_ground_truth_folder:
+            raise MaskUnusable(f"no ground truth ({self.path / 'ground_truth'} does not exist)")
         gt = self.path / "ground_truth" / anomaly_type
         if self.layout == "flat":
-            mask_path = next((gt / f"{index}{FLAT_MASK_SUFFIX}{s}" for s in IMAGE_SUFFIXES
-                              if (gt / f"{index}{FLAT_MASK_SUFFIX}{s}").is_file()), None)
-            if mask_path is None:
-                hint = (f" (found folder {gt / index}: a LOCO multi-mask layout needs {self.path / DEFECTS_CONFIG})"
-                        if (gt / index).is_dir() else "")
-                raise DataSetError(f"{gt / (index + FLAT_MASK_SUFFIX + '.png')}: mask missing for test image "
-                                   f"{anomaly_type}/{index}{hint}")
-            defect = next(d for d in self.defects if d.defect_name == anomaly_type)
-            self._check_mask_size(mask_path, size)
-            return (DefectMask(mask_path, defect, binary=True),)
+            return (self._flat_mask(gt, anomaly_type, index, size),)
         folder = gt / index
         files = _images_in(folder) if folder.is_dir() else []
         if not files:
-            raise DataSetError(f"{folder}: mask folder missing or empty; expected one mask PNG per defect of "
-                               f"test image {anomaly_type}/{index}")
+            raise MaskUnusable(f"{folder}: mask folder missing or empty; expected one mask PNG per defect")
         return tuple(DefectMask(f, self._defect_of(f, size)) for f in files)
 
+    def _flat_mask(self, gt: Path, anomaly_type: str, index: str, size: tuple[int, int]) -> DefectMask:
+        mask_path = next((gt / f"{index}{FLAT_MASK_SUFFIX}{s}" for s in IMAGE_SUFFIXES
+                          if (gt / f"{index}{FLAT_MASK_SUFFIX}{s}").is_file()), None)
+        if mask_path is None:
+            hint = (f" (found folder {gt / index}: a LOCO multi-mask layout needs {self.path / DEFECTS_CONFIG})"
+                    if (gt / index).is_dir() else "")
+            raise MaskUnusable(f"{gt / (index + FLAT_MASK_SUFFIX + '.png')}: mask missing{hint}")
+        values = self._checked_mask_values(mask_path, size)
+        if not values.any():
+            raise MaskUnusable(f"{mask_path}: mask is empty (no non-zero pixel)")
+        defect = next(d for d in self.defects if d.defect_name == anomaly_type)
+        return DefectMask(mask_path, defect, binary=True)
+
     @staticmethod
-    def _check_mask_size(path: Path, size: tuple[int, int]) -> None:
-        mask_size = image_size(path)
-        if mask_size != size:
-            raise DataSetError(f"{path}: mask size (H, W)={mask_size} differs from its image's {size}")
+    def _checked_mask_values(path: Path, size: tuple[int, int]) -> np.ndarray:
+        """The mask's values; MaskUnusable if it cannot be read, DataSetError if its size is not its image's."""
+        try:
+            values = _load_mask_values(path)
+        except DataSetError as exc:
+            raise MaskUnusable(str(exc)) from exc
+        if values.shape != size:
+            raise DataSetError(f"{path}: mask size (H, W)={values.shape} differs from its image's {size}")
+        return values
 
     def _defect_of(self, path: Path, size: tuple[int, int]) -> DefectConfig:
         """The defect a LOCO mask marks, from its single non-zero pixel value."""
-        self._check_mask_size(path, size)
-        values = np.unique(_load_mask_values(path))
+        values = np.unique(self._checked_mask_values(path, size))
         values = values[values != 0]
+        if len(values) == 0:
+            raise MaskUnusable(f"{path}: mask is empty (no non-zero pixel)")
         if len(values) != 1:
             raise DataSetError(f"{path}: mask has non-zero values {values.tolist()}; expected exactly one "
                                f"pixel_value from {self.path / DEFECTS_CONFIG}")

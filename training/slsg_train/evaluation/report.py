@@ -8,7 +8,10 @@ The metrics dict of one category has a fixed shape (``validate_metrics``)::
      "au_spro": {"0.05": {"logical": x, "structural": x, "mean": x}, "0.1": ..., "0.3": ..., "1.0": ...},
      "threshold": {...}, "counts": {...}}
 
-Values may be None where a type is absent. Figures use matplotlib's object API with the Agg
+Values may be None where a type is absent; ``pixel_auroc`` and ``au_spro`` are None when the test
+set has no ground-truth masks, and an optional ``ground_truth`` entry says why and which images
+were left out. MVTec AD-style categories key ``image_auroc`` by their defect folders, plus
+``mean`` and ``all`` (every anomalous image against the good ones). Figures use matplotlib's object API with the Agg
 canvas (no pyplot state, no display needed). Anomaly maps are written as float32 TIFFs in the
 official evaluation layout ``<maps_dir>/<category>/test/<type>/<index>.tiff``.
 """
@@ -29,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from slsg_train.metrics.false_alarms import render_false_alarms_md
 from slsg_train.metrics.roc import GOOD, auroc, roc_curve, type_key
 
 SPRO_LIMIT_KEYS = ("0.05", "0.1", "0.3", "1.0")
@@ -54,9 +58,11 @@ def validate_metrics(metrics: Mapping[str, Any]) -> None:
     missing = [key for key in REQUIRED_KEYS if key not in metrics]
     if missing:
         raise ValueError(f"metrics lack keys {missing}; expected {list(REQUIRED_KEYS)}")
-    if not isinstance(metrics["image_auroc"], Mapping) or not isinstance(metrics["au_spro"], Mapping):
-        raise ValueError("metrics['image_auroc'] and metrics['au_spro'] must be dicts")
-    wrong = [key for key in metrics["au_spro"] if key not in SPRO_LIMIT_KEYS]
+    if not isinstance(metrics["image_auroc"], Mapping):
+        raise ValueError("metrics['image_auroc'] must be a dict")
+    if metrics["au_spro"] is not None and not isinstance(metrics["au_spro"], Mapping):
+        raise ValueError("metrics['au_spro'] must be a dict, or None where there is no ground truth")
+    wrong = [key for key in metrics["au_spro"] or {} if key not in SPRO_LIMIT_KEYS]
     if wrong:
         raise ValueError(f"metrics['au_spro'] has unknown limit keys {wrong}; expected among {list(SPRO_LIMIT_KEYS)}")
 
@@ -92,20 +98,44 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _type_rows(image_auroc: Mapping[str, Any]) -> tuple[str, ...]:
+    """Table rows: LOCO's structural/logical/mean, or an MVTec AD category's defect types, mean and all."""
+    if "all" not in image_auroc:
+        return TYPE_ROWS
+    return (*sorted(k for k in image_auroc if k not in ("mean", "all")), "mean", "all")
+
+
+def _ground_truth_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The pixel AUROC line, and which images the region metrics left out and why."""
+    truth = metrics.get("ground_truth") or {}
+    if metrics["pixel_auroc"] is None and truth.get("region_metrics", "").startswith("unavailable"):
+        lines = [f"Pixel AUROC and AU-sPRO: {truth['region_metrics']}"]
+    else:
+        lines = [f"Pixel AUROC (all test pixels): {_fmt(metrics['pixel_auroc'])}"]
+    left_out = truth.get("left_out") or {}
+    if left_out and metrics["pixel_auroc"] is not None:
+        lines += ["", f"## Left out of the region metrics ({len(left_out)} of {truth['anomalous_images']} "
+                      "anomalous images: no usable mask)", ""]
+        lines += [f"- {name}: {reason}" for name, reason in left_out.items()]
+    return lines
+
+
 def render_report_md(metrics: Mapping[str, Any]) -> str:
-    """Markdown report of one category: rows structural/logical/mean, columns image AUROC and AU-sPRO limits."""
+    """Markdown report of one category: rows per anomaly type and mean, columns image AUROC and AU-sPRO limits."""
     validate_metrics(metrics)
-    spro = metrics["au_spro"]
+    spro = metrics["au_spro"] or {}
     header = ["", "image AUROC", *(f"AU-sPRO @ FPR {limit}" for limit in SPRO_LIMIT_KEYS)]
     rows = [[row, _fmt(metrics["image_auroc"].get(row)),
-             *(_fmt(spro.get(limit, {}).get(row)) for limit in SPRO_LIMIT_KEYS)] for row in TYPE_ROWS]
-    parts = [f"# Evaluation: {metrics['category']}", "", _table(header, rows), "",
-             f"Pixel AUROC (all test pixels): {_fmt(metrics['pixel_auroc'])}"]
+             *(_fmt(spro.get(limit, {}).get(row)) for limit in SPRO_LIMIT_KEYS)]
+            for row in _type_rows(metrics["image_auroc"])]
+    parts = [f"# Evaluation: {metrics['category']}", "", _table(header, rows), "", *_ground_truth_lines(metrics)]
     by_defect = metrics.get("image_auroc_by_defect")
     if by_defect:
         parts += ["", "## Image AUROC by defect (each against the good images)", "",
                   _table(["defect", "images", "image AUROC"],
                          [[name, str(v["count"]), _fmt(v["auroc"])] for name, v in by_defect.items()])]
+    if metrics.get("false_alarms"):
+        parts += ["", *render_false_alarms_md(metrics["false_alarms"])]
     for section in ("threshold", "counts"):
         if metrics[section]:
             parts += ["", f"## {section.capitalize()}", ""]
@@ -125,7 +155,7 @@ _SUMMARY_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
 def _summary_value(metrics: Mapping[str, Any], source: str, row: str | None) -> float | None:
     if source == "pixel_auroc":
         return metrics["pixel_auroc"]
-    table = metrics["image_auroc"] if source == "image_auroc" else metrics["au_spro"].get(source, {})
+    table = metrics["image_auroc"] if source == "image_auroc" else (metrics["au_spro"] or {}).get(source, {})
     return table.get(row)
 
 

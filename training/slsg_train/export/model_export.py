@@ -58,7 +58,7 @@ def verification_images(payload: dict, size: tuple[int, int], limit: int = 2,
     from skimage import data as skdata
 
     from slsg_train.data.loco import LocoCategory
-    from slsg_train.training.dataset import load_resized, resize_rgb
+    from slsg_train.data.images import load_resized, resize_rgb
 
     images = [resize_rgb(skdata.chelsea(), size, resize), resize_rgb(skdata.coffee(), size, resize)]
     try:
@@ -90,7 +90,8 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
     card = ModelCard(
         name=req.name, category=loaded.category, backbone=payload["backbone"], input_height=h, input_width=w,
         top_k=loaded.top_k, calibration=loaded.calibration.on_calibrated_map(), metrics=_find_metrics(req),
-        training_data_hash=payload.get("data_hash", ""), project_version=__version__,
+        training_data_hash=payload.get("data_hash", ""), image_colour=payload.get("image_colour", ""),
+        project_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         extra={"checkpoint_step": payload["step"], "calibration_stats": payload.get("calibration_stats", {})},
         resize=loaded.resize,

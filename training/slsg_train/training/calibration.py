@@ -1,22 +1,98 @@
-"""Calibration: the image-score threshold for a target false-positive rate on normal images."""
+"""Calibration: the image-score threshold for a target false-positive rate on normal images.
+
+The threshold is split-conformal: a new normal image's score ranks anywhere among the calibration
+images' scores with equal chance, so the rate it promises holds only if those images are scored
+exactly as new ones are. Two things broke that, and the split below keeps them apart:
+
+- every model fitted on the training images scores them low (SLSG, the patch memory's coreset, the
+  composition check's autoencoder), so calibration images are held out of training;
+- the reference checks' scales are fitted on held-out normal images as well; fitted on the threshold's
+  own images, they make those images look more alike than new ones (each check's spread is measured
+  on them), and new images pass the threshold more often than promised. So the held-out images are
+  cross-fitted: a third set the checks' scales, the rest the threshold.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from slsg.contract import Calibration, calibration_exceedances, images_for_fpr
 from slsg_train.inference import predict
+from slsg_train.training.config import CALIBRATION_HOLDOUT
+
+SCALE_SHARE = 1 / 3  # of the held-out normal images, the part that fits the reference checks' scales
+MIN_SCALE_IMAGES = 2  # a mean and a standard deviation
 
 
-def split_for_calibration(category) -> tuple[list, list]:
-    """(training images, calibration images) of a LocoCategory: validation/good when the data set has
-    it, else the last tenth of train/good (at least 2), which training then never sees."""
-    train, calib = list(category.train_paths), list(category.validation_paths)
-    if not calib:
-        n_hold = max(2, len(train) // 10)
-        train, calib = train[:-n_hold], train[-n_hold:]
-    return train, calib
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """Which normal images fit what: ``train`` SLSG and the checks' models, ``scale`` the reference
+    checks' scales, ``threshold`` the threshold alone. ``scale`` and ``threshold`` are disjoint and
+    never trained on; they are validation/good followed by the last ``held_out_train`` images of
+    train/good, interleaved so both parts draw on both sources."""
+
+    train: list[Path]
+    scale: list[Path]
+    threshold: list[Path]
+    held_out_train: int
+
+    def summary(self) -> dict[str, int]:
+        return {"train_images": len(self.train), "scale_images": len(self.scale),
+                "threshold_images": len(self.threshold), "held_out_train": self.held_out_train}
+
+
+def holdout_for_calibration(num_train: int, num_validation: int, target_fpr: float, has_checks: bool,
+                            max_share: float = CALIBRATION_HOLDOUT) -> int:
+    """How many train/good images to hold out: as many as the threshold needs to meet ``target_fpr``
+    (:func:`images_for_fpr` threshold images, plus the scale images), beyond what validation/good has,
+    at most ``max_share`` of train/good; and in any case enough for one threshold image (and two scale
+    images with reference checks)."""
+    if not 0 <= max_share < 1:
+        raise ValueError(f"the share of train/good held out for calibration must be in [0, 1), got {max_share}")
+    wanted = images_for_fpr(target_fpr) if target_fpr > 0 else 1
+    if has_checks:
+        wanted = math.ceil(wanted / (1 - SCALE_SHARE))
+    minimum = (MIN_SCALE_IMAGES + 1) if has_checks else 1
+    held = min(max(wanted - num_validation, 0), math.floor(max_share * num_train))
+    held = max(held, minimum - num_validation, 0)
+    if num_train - held < 1:
+        raise ValueError(f"{num_train} training and {num_validation} validation images are too few: calibration "
+                         f"needs {minimum} normal images held out of training and training at least one")
+    return held
+
+
+def split_for_calibration(category, target_fpr: float = 0.01, has_checks: bool = True,
+                          max_share: float = CALIBRATION_HOLDOUT, held_out_train: int | None = None
+                          ) -> CalibrationSplit:
+    """The :class:`CalibrationSplit` of a LocoCategory. ``held_out_train`` (a trained run's, when
+    recalibrating it) overrides :func:`holdout_for_calibration`: images a model was trained on must
+    never calibrate it."""
+    train, validation = list(category.train_paths), list(category.validation_paths)
+    held = (holdout_for_calibration(len(train), len(validation), target_fpr, has_checks, max_share)
+            if held_out_train is None else held_out_train)
+    if not 0 <= held < len(train):
+        raise ValueError(f"cannot hold out {held} of {len(train)} training images for calibration")
+    pool = validation + train[len(train) - held:]
+    n_scale = max(MIN_SCALE_IMAGES, round(SCALE_SHARE * len(pool))) if has_checks else 0
+    if len(pool) - n_scale < 1:
+        raise ValueError(f"{len(pool)} held-out normal images are too few to calibrate: the reference checks' "
+                         f"scales need {n_scale} and the threshold at least one more")
+    # spread the scale images evenly over the pool: both parts draw on validation and training alike
+    is_scale = [math.floor((i + 1) * n_scale / len(pool)) > math.floor(i * n_scale / len(pool))
+                for i in range(len(pool))]
+    return CalibrationSplit(train=train[:len(train) - held], scale=[p for p, s in zip(pool, is_scale) if s],
+                            threshold=[p for p, s in zip(pool, is_scale) if not s], held_out_train=held)
+
+
+def legacy_held_out_train(category) -> int:
+    """What a run from before :class:`CalibrationSplit` held out of train/good: nothing when the data set
+    has validation/good, else its last tenth (at least 2)."""
+    return 0 if category.validation_paths else max(2, len(category.train_paths) // 10)
 
 
 def threshold_for_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
@@ -35,29 +111,39 @@ def small_calibration_warning(cal: Calibration) -> str | None:
     expected = cal.expected_fpr()
     if expected is None or cal.target_fpr <= 0 or expected <= cal.target_fpr + 1e-12:
         return None
-    return (f"{cal.num_images} normal calibration images cannot pin a {cal.target_fpr:.2%} false-positive rate: "
-            f"the threshold is above all of them, and a new normal image still reaches it {expected:.2%} of the "
-            f"time on average. Give at least {images_for_fpr(cal.target_fpr)} normal images in validation/good "
-            f"(without that split, train/good's last tenth is used), or accept the higher rate.")
+    scale = f" (and {cal.scale_images} more set the reference checks' scales)" if cal.scale_images else ""
+    return (f"{cal.num_images} normal threshold images{scale} cannot pin a {cal.target_fpr:.2%} false-positive "
+            f"rate: the threshold is above all of them, and a new normal image still reaches it {expected:.2%} of "
+            f"the time on average (under {cal.fpr_upper(0.9):.2%} for nine calibration sets in ten). The threshold "
+            f"needs at least {images_for_fpr(cal.target_fpr)} normal images never trained on: add them to "
+            f"validation/good, or let training hold out more of train/good (--calibration-holdout), or accept the "
+            f"higher rate.")
 
 
-def calibration_from_scores(normal_scores: np.ndarray, target_fpr: float) -> tuple[Calibration, dict]:
+def calibration_from_scores(normal_scores: np.ndarray, target_fpr: float,
+                            scale_images: int | None = None) -> tuple[Calibration, dict]:
+    """The calibration whose threshold is set on ``normal_scores`` (normal images never trained on, and
+    with reference checks never used for their scales, whose number is ``scale_images``: 0 without
+    checks; None: unknown, as on cards from before the split)."""
     scores = np.asarray(normal_scores, dtype=np.float64)
     thr = threshold_for_fpr(scores, target_fpr)
     cal = Calibration(raw_threshold=thr, score_min=float(scores.min()), score_max=1.0, target_fpr=target_fpr,
-                      pixel_threshold=thr, num_images=int(scores.size), score_median=float(np.median(scores)))
-    stats = {"num_images": int(scores.size), "min": float(scores.min()), "max": float(scores.max()),
-             "mean": float(scores.mean()), "std": float(scores.std()), "expected_fpr": cal.expected_fpr(),
-             "fpr_upper_90": cal.fpr_upper(0.9),
+                      pixel_threshold=thr, num_images=int(scores.size), score_median=float(np.median(scores)),
+                      scale_images=scale_images)
+    stats = {"num_images": int(scores.size), "scale_images": scale_images, "min": float(scores.min()),
+             "max": float(scores.max()), "mean": float(scores.mean()), "std": float(scores.std()),
+             "expected_fpr": cal.expected_fpr(), "fpr_upper_90": cal.fpr_upper(0.9),
              "at_or_above_threshold": int((scores.astype(np.float32) >= np.float32(thr)).sum())}
     return cal, stats
 
 
 @torch.no_grad()
 def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr: float,
-                        device: torch.device | str = "cpu") -> tuple[Calibration, dict]:
+                        device: torch.device | str = "cpu", scale_images: int | None = None
+                        ) -> tuple[Calibration, dict]:
+    """The threshold on ``images`` (normal, held out of training and of the checks' scales)."""
     scores = predict(model, images, top_k, device).scores
-    return calibration_from_scores(scores, target_fpr)
+    return calibration_from_scores(scores, target_fpr, scale_images)
 
 
 @torch.no_grad()
@@ -80,7 +166,7 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
     from slsg_train.models import image_score
     from slsg_train.models.patch_memory import resize_patches
     from slsg_train.models.composition import autoencoder_input
-    from slsg_train.training.dataset import to_tensor
+    from slsg_train.data.images import to_tensor
 
     encoder, glob, patch = model.reference_encoder, model.global_branch, model.patch_memory
     composition = model.composition_check

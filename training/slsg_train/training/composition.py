@@ -32,7 +32,7 @@ from slsg_train.models.composition import CompositionCheck, autoencoder_input
 from slsg_train.simulation.config import SimulationConfig
 from slsg_train.simulation.foreground import estimate_foreground
 from slsg_train.simulation.logical import simulate_logical_anomaly
-from slsg_train.training.dataset import to_tensor
+from slsg_train.data.images import to_tensor
 from slsg_train.training.precision import autocast
 
 BRIGHTNESS = 0.2  # the input's brightness factor is drawn from [1 - b, 1 + b]

@@ -44,6 +44,9 @@ class OptimConfig:
     warmup_steps: int = 0
 
 
+CALIBRATION_HOLDOUT = 0.2
+
+
 @dataclass
 class TrainConfig:
     category: str = ""
@@ -51,7 +54,9 @@ class TrainConfig:
     backbone: str | None = None              # overrides the preset's backbone
     backbone_weights: str | None = "imagenet"
     allow_download: bool = False             # resnet18 "imagenet" weights via torch.hub when online
-    image_size: tuple[int, int] = (256, 256)  # (H, W), multiples of 32
+    # (H, W), multiples of 32; or "auto" / "auto:N": from the training images' aspect ratio within
+    # N x N pixels (256), resolved when training starts (data/input_size.py); square images give 256x256
+    image_size: tuple[int, int] | str = "auto"
     steps: int = 3500
     batch_size: int = 4                      # normal images per step; as many simulated copies are added
     seed: int = 0
@@ -63,6 +68,9 @@ class TrainConfig:
     log_every: int = 10
     anomaly_source: str | None = None        # DTD folder for textures; None = built-in textures
     calibration_fpr: float = 0.01
+    # at most this share of train/good is held out of training to calibrate on, where validation/good
+    # has fewer normal images than the target rate needs (see training/calibration.py)
+    calibration_holdout: float = CALIBRATION_HOLDOUT
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -71,6 +79,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        size = self.image_size  # a settings file may say 256, "320x256", "auto" or [256, 320]
+        self.image_size = parse_image_size(size) if isinstance(size, (str, int)) else tuple(size)
+        if not 0 <= self.calibration_holdout < 1:
+            raise ValueError(f"calibration_holdout must be in [0, 1), got {self.calibration_holdout}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,7 +94,7 @@ class TrainConfig:
         for key, kind in nested.items():
             if isinstance(data.get(key), dict):
                 data[key] = kind(**data[key])
-        if "image_size" in data:
+        if isinstance(data.get("image_size"), list):
             data["image_size"] = tuple(data["image_size"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
@@ -114,7 +126,7 @@ def load_settings_file(path: str) -> dict:
         else:
             data = json.loads(text)
     except Exception as exc:  # noqa: BLE001 - any read or parse failure is the file's fault
-        raise ValueError(f"--config {path}: cannot read: {exc}") from exc
+        raise ValueError(f"--config {path}: cannot parse: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
     return data
@@ -150,13 +162,18 @@ def resolve_train_config(category: str, layers: list[dict[str, Any]]) -> TrainCo
     return cfg
 
 
-def parse_image_size(text: str | int) -> tuple[int, int]:
-    """'256' -> (256, 256); '320x256' (WxH) -> (256, 320). Both sides must be multiples of 32."""
-    text = str(text).lower()
-    if "x" in text:
-        w, h = (int(v) for v in text.split("x", 1))
-    else:
-        w = h = int(text)
+def parse_image_size(text: str | int) -> tuple[int, int] | str:
+    """'256' -> (256, 256); '320x256' (WxH) -> (256, 320), both sides multiples of 32; 'auto' and
+    'auto:N' stay as they are (lower case), to be resolved from the training images."""
+    from slsg_train.data.input_size import parse_auto
+
+    text = str(text).strip().lower()
+    if parse_auto(text) is not None:
+        return text
+    try:
+        w, h = (int(v) for v in text.split("x", 1)) if "x" in text else (int(text),) * 2
+    except ValueError:
+        raise ValueError(f"image size {text!r}: expected N, WxH or auto[:N]") from None
     if h <= 0 or w <= 0 or h % 32 or w % 32:
         raise ValueError(f"image size {text!r}: both sides must be positive multiples of 32")
     return h, w

@@ -25,10 +25,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from slsg import __version__
+from slsg.image_modes import images_colour
 from slsg_train.checkpoint import load_checkpoint_payload, normalisation, save_checkpoint
+from slsg_train.data.input_size import choose_input_size_for, parse_auto
 from slsg_train.data.loco import LocoCategory
-from slsg_train.training.calibration import (calibrate_threshold, fit_reference_checks, small_calibration_warning,
-                                             split_for_calibration)
+from slsg_train.training.calibration import (CalibrationSplit, calibrate_threshold, fit_reference_checks,
+                                             legacy_held_out_train, small_calibration_warning, split_for_calibration)
 from slsg_train.training.config import TrainConfig
 from slsg_train.training.dataset import (
     NormalImageDataset, SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized,
@@ -143,9 +145,22 @@ class TrainingRun:
         self.device = resolve_device(cfg.device, self.env.local_rank)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.category = LocoCategory(data_root, cfg.category)
+        self.input_size_choice = self._resolve_input_size()
         self.data_root = Path(data_root)
         self.log_path = self.run_dir / "train_log.jsonl"
         torch.manual_seed(cfg.seed)
+
+    def _resolve_input_size(self) -> dict[str, Any] | None:
+        """Turn ``image_size`` "auto[:N]" into (H, W) from the training images' headers, before anything is
+        built; what was chosen (None if the size was given) goes into the checkpoint, and a resumed run keeps it."""
+        if self.resume_payload is not None:
+            return self.resume_payload.get("input_size_choice")
+        budget_side = parse_auto(self.cfg.image_size) if isinstance(self.cfg.image_size, str) else None
+        if budget_side is None:
+            return None
+        choice = choose_input_size_for(self.category.train_paths, budget_side)
+        self.cfg = dataclasses.replace(self.cfg, image_size=choice.size)
+        return {**choice.to_dict(), "message": choice.describe()}
 
     # ---------------------------------------------------------------- helpers
     def log(self, event: str, **fields: Any) -> None:
@@ -169,8 +184,10 @@ class TrainingRun:
             "train_config": self.cfg.to_dict(), "model_config": self.model_config,
             "backbone": self.model_config["backbone"], "image_size": list(self.cfg.image_size),
             "normalisation": normalisation(), "top_k": self.top_k, "data_hash": self.data_hash,
+            "image_colour": self.image_colour, "calibration_split": self.split.summary(),
             "data_root": str(self.data_root.resolve()),
             "model_state": model.state_dict(), "project_version": __version__,
+            "input_size_choice": self.input_size_choice,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
         }
 
@@ -188,17 +205,19 @@ class TrainingRun:
         cfg = self.cfg
         h, w = cfg.image_size
         self.top_k = top_k_for_size(h, w)
-        train_paths, calib_paths = split_for_calibration(self.category)
+        payload = self.resume_payload
+        self.model_config = payload["model_config"] if payload else build_model_config(cfg)
+        self.split = self._calibration_split(SLSGConfig.from_dict(self.model_config).uses_reference)
+        train_paths = self.split.train
         self.data_hash = self.category.data_hash()
         images = load_resized(train_paths, cfg.image_size)
+        self.image_colour = images_colour(images)  # the model card says it; the gateway warns on a mismatch
         sim_cfg = SimulationConfig.from_dict(cfg.simulation) if cfg.simulation else SimulationConfig()
         if cfg.anomaly_source:
             sim_cfg = dataclasses.replace(sim_cfg, texture_source=cfg.anomaly_source)
         sim_cfg = sim_cfg.for_category(cfg.category)
         cfg.simulation = sim_cfg.to_dict()
 
-        payload = self.resume_payload
-        self.model_config = payload["model_config"] if payload else build_model_config(cfg)
         model_cfg = SLSGConfig.from_dict(self.model_config)
         if payload:
             model_cfg = dataclasses.replace(model_cfg, backbone_weights=None)
@@ -210,11 +229,14 @@ class TrainingRun:
         if payload:
             self.log("resume", stage=stage, step=step, precision=self.precision)
 
+        if self.env.is_main and not payload and self.input_size_choice is not None:
+            self.log("input_size", **self.input_size_choice)
+            tqdm.write(self.input_size_choice["message"])
         if self.env.is_main and not payload:
             params = count_parameters(model)
             gflop = count_flops(model, h, w)
             self.log("start", config=cfg.to_dict(), parameters=params, gflop_per_image=gflop, precision=self.precision,
-                     train_images=len(train_paths), calibration_images=len(calib_paths), world_size=self.env.world_size)
+                     **self.split.summary(), world_size=self.env.world_size)
             tqdm.write(f"SLSG {model_cfg.backbone} @ {h}x{w}: {params['total'] / 1e6:.2f} M parameters "
                        f"({params['trainable'] / 1e6:.2f} M trainable), {gflop:.2f} GFLOP per image; "
                        f"training in {self.precision} on {self.device}")
@@ -236,17 +258,15 @@ class TrainingRun:
                 return self.ckpt_path
 
         if self.env.is_main:
-            calib_images = load_resized(calib_paths, cfg.image_size)
-            if model.reference_encoder is not None:
-                fit = fit_reference_checks(model, images, calib_images, self.top_k, self.device, seed=cfg.seed,
-                                           simulation=sim_cfg, precision=self.precision)
-                self.log("reference_checks", **fit)
-            calibration, stats = calibrate_threshold(model, calib_images, self.top_k, cfg.calibration_fpr, self.device)
+            calibration, stats = self._calibrate(model, images, sim_cfg)
             save_checkpoint(self.ckpt_path, self._payload(model, "done", cfg.steps, calibration=dataclasses.asdict(calibration),
                                                           calibration_stats=stats))
             self.log("calibrated", calibration=dataclasses.asdict(calibration), stats=stats)
-            tqdm.write(f"calibrated on {stats['num_images']} normal images: raw threshold {calibration.raw_threshold:.4f} "
-                       f"at target FPR {cfg.calibration_fpr:.2%}; checkpoint {self.ckpt_path}")
+            tqdm.write(f"calibrated on {stats['num_images']} normal images never trained on"
+                       + (f" (the checks' scales on {stats['scale_images']} others)" if stats["scale_images"] else "")
+                       + f": raw threshold {calibration.raw_threshold:.4f} at target FPR {cfg.calibration_fpr:.2%}; "
+                       f"new normal images expected at or above it {stats['expected_fpr']:.2%} of the time, under "
+                       f"{stats['fpr_upper_90']:.2%} for nine calibration sets in ten; checkpoint {self.ckpt_path}")
             warning = small_calibration_warning(calibration)
             if warning:
                 self.log("calibration_warning", message=warning)
@@ -255,6 +275,29 @@ class TrainingRun:
             (self.run_dir / f"weights_digest.rank{self.env.rank}.txt").write_text(weights_digest(model))
             dist.barrier()
         return self.ckpt_path
+
+    def _calibration_split(self, has_checks: bool) -> CalibrationSplit:
+        """A resumed run keeps the split it started with (runs from before it: the split they had then)."""
+        held = None
+        if self.resume_payload is not None:
+            split = self.resume_payload.get("calibration_split")
+            held = split["held_out_train"] if split else legacy_held_out_train(self.category)
+        return split_for_calibration(self.category, self.cfg.calibration_fpr, has_checks,
+                                     self.cfg.calibration_holdout, held_out_train=held)
+
+    def _calibrate(self, model, train_images: list[np.ndarray], sim_cfg) -> tuple[Any, dict]:
+        """Fit the reference checks (their scales on the split's scale images), then the threshold on
+        its threshold images."""
+        cfg = self.cfg
+        if model.reference_encoder is not None:
+            fit = fit_reference_checks(model, train_images, load_resized(self.split.scale, cfg.image_size), self.top_k,
+                                       self.device, seed=cfg.seed, simulation=sim_cfg, precision=self.precision)
+            self.log("reference_checks", **fit)
+        threshold_images = load_resized(self.split.threshold, cfg.image_size)
+        scale_images = len(self.split.scale) if model.reference_encoder is not None else 0
+        calibration, stats = calibrate_threshold(model, threshold_images, self.top_k, cfg.calibration_fpr, self.device,
+                                                 scale_images=scale_images)
+        return calibration, {**stats, "held_out_train": self.split.held_out_train}
 
     def _pretrain(self, model, images: list[np.ndarray], start: int, payload: dict | None) -> bool:
         cfg, pcfg = self.cfg, self.cfg.pretrain

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from slsg_gateway.api.deps import GatewayState, get_state
-from slsg_gateway.schemas import Health, Readiness
+from slsg_gateway.api.deps import GatewayState, get_state, require_metrics_access
+from slsg_gateway.schemas import ErrorResponse, Health, Readiness
 
 router = APIRouter(tags=["health"])
 
@@ -35,7 +35,9 @@ async def readyz(state: GatewayState = Depends(get_state)):
     return body
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
-            summary="Prometheus metrics")
+@router.get("/metrics", response_class=Response, dependencies=[Depends(require_metrics_access)],
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: {"model": ErrorResponse},
+                       403: {"model": ErrorResponse}},
+            summary="Prometheus metrics (a metrics key or a listed network once keys are configured)")
 async def metrics(state: GatewayState = Depends(get_state)) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

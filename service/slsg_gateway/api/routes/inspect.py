@@ -28,8 +28,9 @@ _BATCH_BODY = {"requestBody": {"required": True, "content": {
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)}
 
 HeatmapQuery = Annotated[Literal["overlay", "map"] | None, Query(
-    description="also return the anomaly map as a PNG at the frame's size, over the frame or alone; coloured blue (0) -> "
-                "green (0.5, the threshold on a calibrated map) -> red (1)")]
+    description="also return the anomaly map as a PNG over the frame or alone, at the frame's size scaled to at most "
+                "SLSG_HEATMAP_MAX_SIDE (1024) px on the long side; coloured blue (0) -> green (0.5, the threshold "
+                "on a calibrated map) -> red (1)")]
 CameraHeader = Annotated[str | None, Header(alias="X-Camera-Id", max_length=128)]
 LineHeader = Annotated[str | None, Header(alias="X-Line-Id", max_length=128)]
 
