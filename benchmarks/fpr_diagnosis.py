@@ -1,8 +1,10 @@
 """Why the false-alarm promise broke: resample calibrations of one trained checkpoint on a large pool
 of held-out normal images and measure each one's true false-positive rate on the rest of the pool.
 
-The checkpoint must have been trained with a large ``validation/good`` (its normal images are the pool;
-none was trained on). Each component of the score (SLSG's map, the patch memory's distances, the
+The pool is ``validation/good`` of ``--pool-data`` (default: the run's data set), none of it trained on:
+either a run trained with a large validation split, or a second synthetic data set of the same
+category (another seed: other images of the same kind). Its ``test/good`` is scored too, and the
+run's own training images. Each component of the score (SLSG's map, the patch memory's distances, the
 composition check's errors, the global distance) is computed once per image; the reference checks'
 scales and the threshold are then refitted per resample exactly as calibration fits them, on:
 
@@ -14,7 +16,7 @@ For each it prints the mean observed rate against the promised (k + 1) / (n + 1)
 resamples whose rate exceeds the promised 90 % bound (nominally 10 %). Also the rate on ``test/good``
 for thresholds set on validation images, to see whether the two splits differ.
 
-    python benchmarks/fpr_diagnosis.py --checkpoint RUN/checkpoint.pt --sizes 20,60 --resamples 300
+    python benchmarks/fpr_diagnosis.py --checkpoint RUN/checkpoint.pt --pool-data POOL --sizes 20,60
 """
 
 from __future__ import annotations
@@ -87,11 +89,13 @@ def main() -> None:
     from slsg.contract import beta_quantile
     from slsg_train.data.loco import LocoCategory
     from slsg_train.inference import load_model
+    from slsg_train.training.calibration import legacy_held_out_train, split_for_calibration
     from slsg_train.training.dataset import load_resized
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", default=None)
+    p.add_argument("--data", default=None, help="the run's data set (default: the checkpoint's)")
+    p.add_argument("--pool-data", default=None, help="data set whose validation/good is the pool (default: --data)")
     p.add_argument("--sizes", default="20,60", help="calibration set sizes n")
     p.add_argument("--resamples", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
@@ -99,10 +103,14 @@ def main() -> None:
 
     torch.set_num_threads(2)
     loaded = load_model(args.checkpoint)
-    category = LocoCategory(args.data or loaded.payload["data_root"], loaded.category)
-    pool_paths = list(category.validation_paths)
-    test_good = [s.path for s in category.test_samples() if s.anomaly_type == "good"]
-    train_paths = list(category.train_paths)
+    data = args.data or loaded.payload["data_root"]
+    pool_category = LocoCategory(args.pool_data or data, loaded.category)
+    pool_paths = list(pool_category.validation_paths)
+    test_good = [s.path for s in pool_category.test_samples() if s.anomaly_type == "good"]
+    record = loaded.payload.get("calibration_split")
+    category = LocoCategory(data, loaded.category)
+    train_paths = split_for_calibration(category, held_out_train=record["held_out_train"] if record else
+                                        legacy_held_out_train(category)).train  # the images it trained on
     size = loaded.image_size
     m = loaded.model
     weights = {"patch": getattr(m.patch_memory, "weight", 1.0), "comp": getattr(m.composition_check, "weight", 1.0),
