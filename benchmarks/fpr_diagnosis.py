@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--pool-data", default=None, help="data set whose validation/good is the pool (default: --data)")
     p.add_argument("--sizes", default="20,60", help="calibration set sizes n")
     p.add_argument("--resamples", type=int, default=300)
+    p.add_argument("--limit", type=int, default=None, help="at most this many pool (and test/good) images")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -107,6 +108,7 @@ def main() -> None:
     pool_category = LocoCategory(args.pool_data or data, loaded.category)
     pool_paths = list(pool_category.validation_paths)
     test_good = [s.path for s in pool_category.test_samples() if s.anomaly_type == "good"]
+    pool_paths, test_good = pool_paths[:args.limit], test_good[:args.limit]
     record = loaded.payload.get("calibration_split")
     category = LocoCategory(data, loaded.category)
     train_paths = split_for_calibration(category, held_out_train=record["held_out_train"] if record else
