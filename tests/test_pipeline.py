@@ -190,9 +190,9 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
     assert not any(k.startswith("global_branch.encoder") for k in state)
     lines = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     events = [line["event"] for line in lines]
-    assert events.index("reference_checks") < events.index("calibrated") < events.index("calibration_warning")
+    assert events.index("checks") < events.index("calibrated") < events.index("calibration_warning")
     assert "at least 99" in lines[events.index("calibration_warning")]["message"]  # 4 validation images for 1 %
-    fit = lines[events.index("reference_checks")]
+    fit = lines[events.index("checks")]
     assert fit["patch_memory"]["candidates"] == 8 * 8 * 8  # 8 training images, 8x8 patches at 64 px
     assert fit["global_branch"]["feature_dim"] == 304
     assert fit["composition_check"]["steps"] == 5 and fit["composition_check"]["images"] == 8

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from slsg import __version__
 from slsg_train.checkpoint import load_checkpoint_payload, normalisation, save_checkpoint
 from slsg_train.data.loco import LocoCategory
-from slsg_train.training.calibration import (calibrate_threshold, fit_reference_checks, small_calibration_warning,
+from slsg_train.training.calibration import (calibrate_threshold, fit_checks, small_calibration_warning,
                                              split_for_calibration)
 from slsg_train.training.config import TrainConfig
 from slsg_train.training.dataset import (
@@ -96,10 +96,10 @@ def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of the trained state; the reference checks are left out: only the main process fits
     them, after training."""
     h = hashlib.sha256()
-    from slsg_train.models.slsg import REFERENCE_CHECK_PREFIXES
+    from slsg_train.models.slsg import CHECK_PREFIXES
 
     for name, tensor in sorted((k, v) for k, v in model.state_dict().items()
-                               if not k.startswith(REFERENCE_CHECK_PREFIXES)):
+                               if not k.startswith(CHECK_PREFIXES)):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -238,9 +238,9 @@ class TrainingRun:
         if self.env.is_main:
             calib_images = load_resized(calib_paths, cfg.image_size)
             if model.reference_encoder is not None:
-                fit = fit_reference_checks(model, images, calib_images, self.top_k, self.device, seed=cfg.seed,
-                                           simulation=sim_cfg, precision=self.precision)
-                self.log("reference_checks", **fit)
+                fit = fit_checks(model, images, calib_images, self.top_k, self.device, seed=cfg.seed,
+                                 simulation=sim_cfg, precision=self.precision)
+                self.log("checks", **fit)
             calibration, stats = calibrate_threshold(model, calib_images, self.top_k, cfg.calibration_fpr, self.device)
             save_checkpoint(self.ckpt_path, self._payload(model, "done", cfg.steps, calibration=dataclasses.asdict(calibration),
                                                           calibration_stats=stats))
