@@ -117,3 +117,31 @@ def test_component_check_exports_and_the_served_answer_equals_the_checkpoint(fit
     np.testing.assert_allclose(onnx_score, torch_score.numpy(), atol=1e-4)
     np.testing.assert_allclose(onnx_map, torch_map.numpy(), atol=1e-4)
     assert onnx_score[1:].min() > onnx_score[0]  # the wrong counts score above the normal scene
+
+
+def test_box_scenes_hold_fixed_counts_and_one_washer_shade_and_logical_defects_break_them():
+    from slsg_train.data.synth import BOX, BOX_COUNTS, box_extra_part, box_missing_part, box_washer_mismatch
+
+    def census(scene) -> dict[str, int]:
+        kinds = [scene.attrs["parts"][e.name][0] for e in scene.elements if e.name.startswith("part:")]
+        return {kind: kinds.count(kind) for kind in BOX_COUNTS}
+
+    def washer_colours(scene) -> set:
+        return {e.shapes[0].fill for e in scene.elements if e.name.startswith("part:washer")}
+
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        scene = BOX.build_scene(rng)
+        assert census(scene) == BOX_COUNTS
+        shades = washer_colours(scene)
+        assert max(abs(a - b) for c1 in shades for c2 in shades for a, b in zip(c1, c2)) <= 8  # one shade (+ jitter)
+        missing = BOX.build_scene(np.random.default_rng(seed))
+        box_missing_part(missing, rng)
+        assert sum(census(missing).values()) == sum(BOX_COUNTS.values()) - 1
+        extra = BOX.build_scene(np.random.default_rng(seed))
+        box_extra_part(extra, rng)
+        assert sum(census(extra).values()) == sum(BOX_COUNTS.values()) + 1
+        mismatch = BOX.build_scene(np.random.default_rng(seed))
+        box_washer_mismatch(mismatch, rng)
+        shades = washer_colours(mismatch)
+        assert max(abs(a - b) for c1 in shades for c2 in shades for a, b in zip(c1, c2)) >= 18  # half the range
