@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--composition-check", choices=("on", "off"), default=None,
                    help="add or remove the composition check before calibrating; trains its autoencoder "
                         "(a few minutes), keeps the SLSG weights")
+    p.add_argument("--component-check", choices=("on", "off"), default=None,
+                   help="add or remove the component check before calibrating; closed form, no retraining")
     p.add_argument("--composition-steps", type=int, default=None,
                    help="with --composition-check on: its autoencoder's training steps (default: the checkpoint's)")
     p.add_argument("--composition-restoration", type=float, default=None,
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         model = loaded.model
         switches = {name: value == "on" for name, value in
                     (("global_branch", args.global_branch), ("patch_memory", args.patch_memory),
-                     ("composition_check", args.composition_check)) if value is not None}
+                     ("composition_check", args.composition_check), ("component_check", args.component_check))
+                    if value is not None}
         for name in ("composition_steps", "composition_restoration"):
             if getattr(args, name) is not None:
                 if args.composition_check != "on":

@@ -754,7 +754,7 @@ def box_washer_mismatch(scene: Scene, rng: np.random.Generator) -> SimulatedDefe
     if name is None:
         return None
     t = scene.attrs["washer_t"]
-    other = rng.uniform(0.75, 1.0) if t < 0.5 else rng.uniform(0.0, 0.25)
+    other = rng.uniform(t + 0.5, 1.0) if t < 0.5 else rng.uniform(0.0, t - 0.5)  # half the range away at least
     kind, x, y = scene.attrs["parts"][name]
     new = Element(name, _box_shapes(kind, x, y, rng.uniform(0, 360), _washer_shade(other, rng),
                                     scene.attrs["surface"], 1.0))

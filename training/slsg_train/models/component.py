@@ -40,14 +40,20 @@ from .reference import MAP, Check, FitContext, ReferenceEncoder
 
 GRID_CELLS = 64  # the segmentation's grid has this many cells on the image's shorter side
 FEATURE_STRIDES = (4,)  # the reference stages described with the colour (deeper ones blur the parts' edges)
-COLOUR_SHARE = 0.85  # share of the descriptor's variance that is colour
+# shares of the descriptor's variance: chromaticity (3 channels), brightness against the image's mean
+# (lighting and the container's shade change from image to image; a part's hue does not), features
+CHROMA_SHARE, BRIGHTNESS_SHARE = 0.8, 0.05
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MAX_COMPONENTS = 48  # component slots per image; roots beyond are not described
 ITERATION_SHARE = 3  # label propagation runs grid side / this many steps
 THING_AREA_SHARE = 0.03  # a part kind's typical component covers at most this share of the grid
 FRAGMENT_SHARE = 0.3  # components below this share of their kind's typical area are fragments
 KMEANS_PIXELS, KMEANS_STEPS = 60000, 30
 # floors of the normal spreads: counts are whole numbers and identical on clean normal images
-COUNT_STD_FLOOR, AREA_STD_SHARE, COLOUR_STD_FLOOR = 0.25, 0.1, 0.05
+COUNT_STD_FLOOR, AREA_STD_SHARE, COLOUR_STD_FLOOR = 0.25, 0.1, 0.002
+# the image scores' spread on the calibration images, at least (in normal standard deviations): on clean
+# parts every deviation is ~0, and dividing by that spread would turn rounding noise into anomalies
+DEVIATION_STD_FLOOR = 0.5
 
 
 class ComponentCheck(Check):
@@ -63,8 +69,10 @@ class ComponentCheck(Check):
             raise ValueError(f"component check needs clusters >= 2, weight > 0 and a reference stage at stride "
                              f"{FEATURE_STRIDES}; got {clusters}, {weight}, strides {strides}")
         features = sum(channels[i] for i in self.levels)
-        dim = 3 + features
-        weights = [(COLOUR_SHARE / 3) ** 0.5] * 3 + [((1 - COLOUR_SHARE) / features) ** 0.5] * features
+        dim = 4 + features
+        feature_share = 1 - CHROMA_SHARE - BRIGHTNESS_SHARE
+        weights = ([(CHROMA_SHARE / 3) ** 0.5] * 3 + [BRIGHTNESS_SHARE ** 0.5]
+                   + [(feature_share / features) ** 0.5] * features)
         self.register_buffer("channel_weight", torch.tensor(weights).view(1, dim, 1, 1))
         self.register_buffer("feature_mean", torch.zeros(1, dim, 1, 1))
         self.register_buffer("feature_std", torch.ones(1, dim, 1, 1))
@@ -88,11 +96,17 @@ class ComponentCheck(Check):
     # ------------------------------------------------------------------ segmentation
 
     def descriptor(self, x: Tensor, maps: list[Tensor]) -> Tensor:
-        """[B, 3 + C, h, w]: each grid cell's mean colour and the chosen stages' features, unstandardised."""
+        """[B, 4 + C, h, w]: each grid cell's chromaticity (r, g, b over their sum), brightness over the
+        image's mean, and the chosen stages' features; unstandardised."""
         stride = grid_stride(x)
         grid = (x.shape[-2] // stride, x.shape[-1] // stride)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        rgb = F.avg_pool2d(x * std + mean, stride).clamp_min(0)
+        total = rgb.sum(1, keepdim=True) + 1e-3
+        brightness = total / total.mean(dim=(2, 3), keepdim=True)
         feats = [F.interpolate(maps[i], size=grid, mode="bilinear", align_corners=False) for i in self.levels]
-        return torch.cat([F.avg_pool2d(x, stride)] + feats, dim=1)
+        return torch.cat([rgb / total, brightness] + feats, dim=1)
 
     def _weighted(self, descriptor: Tensor) -> Tensor:
         return (descriptor - self.feature_mean) / self.feature_std * self.channel_weight
@@ -102,7 +116,11 @@ class ComponentCheck(Check):
         d = self._weighted(descriptor)
         c = self.centroids
         distance = (c * c).sum(1).view(1, -1, 1, 1) - 2 * torch.einsum("bdhw,kd->bkhw", d, c)
-        votes = F.avg_pool2d(self._one_hot(distance.argmin(dim=1)), 3, stride=1, padding=1)
+        nearest = self._one_hot(distance.argmin(dim=1))
+        # whole-number vote counts (a sum of 0/1 by a depthwise convolution, exact in any order), so a tied
+        # vote goes to the first kind in PyTorch and ONNX Runtime alike
+        ones = torch.ones(self.clusters, 1, 3, 3, dtype=nearest.dtype, device=nearest.device)
+        votes = F.conv2d(nearest, ones, padding=1, groups=self.clusters)
         return self._one_hot(votes.argmax(dim=1))
 
     def _one_hot(self, index: Tensor) -> Tensor:
@@ -127,10 +145,10 @@ class ComponentCheck(Check):
         return self.parts(x, self.descriptor(x, maps))
 
     def parts(self, x: Tensor, descriptor: Tensor) -> dict[str, Tensor]:
-        """The parts of image ``x`` with :meth:`descriptor` ``descriptor``: per slot ``area`` [B, S] (cells), ``colour`` [B, S, 3], one-hot ``kind``
-        [B, S, K], ``valid`` [B, S] (a part, not a fragment), ``member`` [B, S, h*w] (its cells); per
-        kind ``count`` [B, K] and ``kind_colour`` [B, K, 3] (its parts' mean colour)."""
-        colour_map = F.avg_pool2d(x, grid_stride(x))
+        """The parts of image ``x`` with :meth:`descriptor` ``descriptor``: per slot ``area`` [B, S] (cells),
+        ``colour`` [B, S, 3] (chromaticity), one-hot ``kind`` [B, S, K], ``valid`` [B, S] (a part, not a
+        fragment), ``member`` [B, S, h*w] (its cells); per kind ``count`` [B, K] and ``kind_colour`` [B, K, 3] (its parts' mean colour)."""
+        colour_map = descriptor[:, :3]  # chromaticity: the lighting's gradient barely moves it
         kinds = self.segment(descriptor)
         h, w = kinds.shape[-2:]
         label = self.propagate(kinds * self.things.view(1, -1, 1, 1), max(1, max(h, w) // ITERATION_SHARE))
@@ -175,6 +193,11 @@ class ComponentCheck(Check):
         return self.describe(x, maps)["count"] * self.things
 
     # ------------------------------------------------------------------ fitting
+
+    @torch.no_grad()
+    def fit_scale(self, raw_scores: np.ndarray, local_scores: np.ndarray) -> None:
+        super().fit_scale(raw_scores, local_scores)
+        self.scale[1] = self.scale[1].clamp_min(DEVIATION_STD_FLOOR)
 
     def collect(self, x: Tensor, maps: list[Tensor]) -> tuple[Tensor, Tensor]:
         """(the batch's :meth:`descriptor` in float16, the batch) on the CPU: the fit segments every image."""

@@ -81,8 +81,9 @@ class CompositionCheck(Check):
 
     @classmethod
     def from_config(cls, config, encoder: ReferenceEncoder) -> CompositionCheck:
-        return cls(encoder.channels, config.composition_levels, config.composition_latent, weight=config.composition_weight,
-                   steps=config.composition_steps, restoration=config.composition_restoration)
+        return cls(encoder.channels, config.composition_levels, config.composition_latent,
+                   weight=config.composition_weight, steps=config.composition_steps,
+                   restoration=config.composition_restoration)
 
     @property
     def dim(self) -> int:
