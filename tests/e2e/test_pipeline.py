@@ -147,8 +147,6 @@ def test_export_refuses_to_overwrite_a_version_and_keeps_it(trained, tmp_path):
 def test_checks_are_scaled_on_other_held_out_images_than_the_threshold(trained):
     from slsg_train.data.loco import LocoCategory
     from slsg_train.inference import load_model, predict
-    from slsg_train.models import image_score
-    from slsg_train.models.patch_memory import resize_patches
     from slsg_train.models.reference import fitted_scale
     from slsg_train.training.calibration import split_for_calibration, threshold_for_fpr
     from slsg_train.data.images import load_resized, to_tensor
@@ -162,16 +160,17 @@ def test_checks_are_scaled_on_other_held_out_images_than_the_threshold(trained):
 
     def patch_scale(paths):  # the patch memory's scale as calibration fits it, on these images
         images = load_resized(paths, loaded.image_size)
-        model = loaded.model
+        model, patch = loaded.model, loaded.model.patch_memory
         with torch.no_grad():
-            maps = model.reference_encoder(torch.stack([to_tensor(im) for im in images]))
-            distances = image_score(resize_patches(model.patch_memory(maps), loaded.image_size), loaded.top_k)
-            model.patch_memory.fitted.fill_(False)  # the paper's local score, as the map checks are scaled on
-            model.composition_check.fitted.fill_(False)
+            x = torch.stack([to_tensor(im) for im in images])
+            raw = patch.image_raw(patch(x, model.reference_encoder(x)), loaded.image_size, loaded.top_k)
+            fitted = {check.name: bool(check.fitted) for check in model.checks}
+            for check in model.checks:  # the paper's local score, as the map checks are scaled against
+                check.fitted.fill_(False)
             local = predict(model, images, loaded.top_k).scores
-            model.patch_memory.fitted.fill_(True)
-            model.composition_check.fitted.fill_(True)
-        return fitted_scale(distances.double().numpy(), local)
+            for check in model.checks:
+                check.fitted.fill_(fitted[check.name])
+        return fitted_scale(raw.double().numpy(), local)
 
     stored = loaded.model.patch_memory.scale
     torch.testing.assert_close(stored, patch_scale(split.scale).float(), rtol=1e-4, atol=1e-5)
@@ -238,9 +237,9 @@ def test_train_reads_a_settings_file_and_flags_win(trained, tmp_path):
     assert not any(k.startswith("global_branch.encoder") for k in state)
     lines = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     events = [line["event"] for line in lines]
-    assert events.index("reference_checks") < events.index("calibrated") < events.index("calibration_warning")
+    assert events.index("checks") < events.index("calibrated") < events.index("calibration_warning")
     assert "at least 99" in lines[events.index("calibration_warning")]["message"]  # 4 validation images for 1 %
-    fit = lines[events.index("reference_checks")]
+    fit = lines[events.index("checks")]
     assert fit["patch_memory"]["candidates"] == 7 * 8 * 8  # 7 training images (1 held out), 8x8 patches at 64 px
     assert fit["global_branch"]["feature_dim"] == 304
     assert fit["composition_check"]["steps"] == 5 and fit["composition_check"]["images"] == 7

@@ -353,30 +353,30 @@ def test_global_branch_is_off_by_default_and_neutral_until_fitted():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out = model(x)
-        assert out.global_distance is None  # unfitted: the paper's score alone
+        assert not out.checks  # unfitted: the paper's score alone
         local = image_score(anomaly_probability(out.logits), 8)
         assert torch.equal(model.score_images(out, 8), local)
         model.train()
-        assert model(x).global_distance is None  # never computed in training
+        assert not model(x).checks  # never computed in training
     assert not any(p.requires_grad for p in model.global_branch.parameters())
 
 
 def test_fitted_global_branch_flags_a_global_change_the_map_cannot_see():
     from slsg_train.inference import predict
-    from slsg_train.training.calibration import fit_reference_checks
     from slsg_train.data.images import to_tensor
+    from slsg_train.training.calibration import fit_checks
 
     rng = np.random.default_rng(0)
     # ImageNet weights: the branch's features are real
     model = SLSG(preset("default", global_branch=True, patch_memory=False, composition_check=False))
     normal, calib = _scenes(rng, 24, (200, 60, 40)), _scenes(rng, 8, (200, 60, 40))
     wrong_colour = _scenes(rng, 6, (40, 60, 200))
-    fit = fit_reference_checks(model, normal, calib, top_k=8)
+    fit = fit_checks(model, normal, calib, top_k=8)
     assert fit["global_branch"]["feature_dim"] == model.global_branch.dim == 2 * (40 + 112)
     assert bool(model.global_branch.fitted) and "patch_memory" not in fit
     with torch.no_grad():
         out = model.eval()(torch.stack([to_tensor(im) for im in calib + wrong_colour]))
-    distance = out.global_distance.numpy()
+    distance = out.checks["global_branch"].numpy()
     assert distance[8:].min() > distance[:8].max()  # every wrong-colour scene is farther than every normal one
     scores = predict(model, calib + wrong_colour, 8).scores
     combined = model.score_images(out, 8).numpy()
@@ -391,24 +391,24 @@ def test_fitted_global_branch_flags_a_global_change_the_map_cannot_see():
 # --------------------------------------------------------------------------- patch memory (ours)
 
 
-@pytest.mark.parametrize("check, output, grid", [
-    ("patch_memory", "patch_distance", (8, 12)),  # stride 8: the shallower of the last two stages
-    ("composition_check", "composition_error", (4, 6)),  # stride 16, whatever the autoencoder's own size
+@pytest.mark.parametrize("check, grid", [
+    ("patch_memory", (8, 12)),  # stride 8: the shallower of the last two stages
+    ("composition_check", (4, 6)),  # stride 16, whatever the autoencoder's own size
 ])
-def test_map_checks_are_on_in_the_default_preset_and_neutral_until_fitted(check, output, grid):
+def test_map_checks_are_on_in_the_default_preset_and_neutral_until_fitted(check, grid):
     assert getattr(PRESETS["paper"], check) is False and getattr(random_model("paper"), check) is None
     model = random_model().eval()
     assert model.global_branch is None
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         out = model(x)
-        assert getattr(out, output) is None
+        assert check not in out.checks
         assert torch.equal(model.anomaly_map(out), anomaly_probability(out.logits))
         getattr(model, check).fitted.fill_(True)
         out = model(x)
-        assert getattr(out, output).shape == (2, 1, *grid)
+        assert out.checks[check].shape == (2, 1, *grid)
         assert model.anomaly_map(out).shape == (2, 1, 64, 96)
-        assert getattr(model.train()(x), output) is None  # never computed in SLSG's training
+        assert not model.train()(x).checks  # never computed in SLSG's training
 
 
 def test_coreset_keeps_one_patch_of_every_kind_however_rare():
@@ -433,13 +433,13 @@ def test_patch_memory_distance_is_the_nearest_memory_patch():
     assert patches.shape == (2, 8, 4, 4)
     train = patches[:1].permute(0, 2, 3, 1).reshape(-1, 8)
     assert branch.fit_memory(train, progress=False) == 16
-    distance = branch(maps)
+    distance = branch(torch.zeros(2, 3, 32, 32), maps)  # the image: unused by this check
     naive = torch.cdist(patches.permute(0, 2, 3, 1).reshape(-1, 8), branch.memory).min(1).values ** 2
     torch.testing.assert_close(distance.flatten(), naive, atol=1e-4, rtol=1e-4)
     assert distance[0].max() < 1e-4 < distance[1].min()  # every training patch is in a 16-patch memory
     small = PatchMemoryBranch([4, 3, 5], levels=2, size=40)
     assert small.fit_memory(train, progress=False) == 16  # fewer patches than memory: repeats fill it
-    torch.testing.assert_close(small(maps), distance, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(small(torch.zeros(2, 3, 32, 32), maps), distance, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="shape"):
         small.fit_memory(torch.zeros(5, 7), progress=False)
 
@@ -472,22 +472,22 @@ def _scenes_with_stain(rng: np.random.Generator, n: int) -> tuple[list[np.ndarra
 def test_fitted_patch_memory_scores_and_locates_a_local_defect():
     from slsg_train.inference import predict
     from slsg_train.models.patch_memory import resize_patches
-    from slsg_train.training.calibration import fit_reference_checks
     from slsg_train.data.images import to_tensor
+    from slsg_train.training.calibration import fit_checks
 
     rng = np.random.default_rng(1)
     # ImageNet weights; SLSG itself untrained: its map knows nothing
     model = SLSG(preset("default", composition_check=False))
     normal, calib = _scenes(rng, 24, (200, 60, 40)), _scenes(rng, 8, (200, 60, 40))
     stained, centres = _scenes_with_stain(rng, 6)
-    fit = fit_reference_checks(model, normal, calib, top_k=8, progress=False)
+    fit = fit_checks(model, normal, calib, top_k=8, progress=False)
     assert fit["patch_memory"]["candidates"] == 24 * 8 * 8 and bool(model.patch_memory.fitted)
     scores = predict(model, calib + stained, 8).scores
     assert scores[8:].min() > scores[:8].max()  # every stained scene above every normal one
     with torch.no_grad():
         out = model.eval()(torch.stack([to_tensor(im) for im in stained]))
         assert torch.all(model.anomaly_map(out) >= anomaly_probability(out.logits))  # the paper's map is a floor
-        distance = resize_patches(out.patch_distance, (64, 64))[:, 0].numpy()
+        distance = resize_patches(out.checks["patch_memory"], (64, 64))[:, 0].numpy()
     for m, (y, x) in zip(distance, centres):
         peak = np.unravel_index(m.argmax(), m.shape)
         # within a stride-8 patch and a half: the peak sits a few pixels down-right of the stain's centre
@@ -577,8 +577,8 @@ STEPS_FOR_RULE = 400  # the autoencoder's training steps in the test: ~10 s on 2
 def test_fitted_composition_check_flags_parts_that_do_not_go_together():
     from slsg_train.inference import predict
     from slsg_train.models.patch_memory import resize_patches
-    from slsg_train.training.calibration import fit_reference_checks
     from slsg_train.data.images import to_tensor
+    from slsg_train.training.calibration import fit_checks
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -587,12 +587,12 @@ def test_fitted_composition_check_flags_parts_that_do_not_go_together():
     model = SLSG(preset("default", patch_memory=False, composition_check=True, composition_steps=STEPS_FOR_RULE,
                         composition_restoration=0.0))
     normal, calib, mismatched = _paired_scenes(rng, 24), _paired_scenes(rng, 8), _paired_scenes(rng, 8, True)
-    fit = fit_reference_checks(model, normal, calib, top_k=8, progress=False)
+    fit = fit_checks(model, normal, calib, top_k=8, progress=False)
     assert fit["composition_check"]["steps"] == STEPS_FOR_RULE and bool(model.composition_check.fitted)
     assert model.composition_check.normal_error.min() > 0  # fitted on the normal images after training
     with torch.no_grad():
         out = model.eval()(torch.stack([to_tensor(im) for im in calib + mismatched]))
-        error = image_score(resize_patches(out.composition_error, (64, 64)), 8).numpy()
+        error = image_score(resize_patches(out.checks["composition_check"], (64, 64)), 8).numpy()
         assert torch.all(model.anomaly_map(out) >= anomaly_probability(out.logits))  # the paper's map is a floor
     normal_error, mismatch_error = error[:8], error[8:]
     auroc = (mismatch_error[:, None] > normal_error[None]).mean()

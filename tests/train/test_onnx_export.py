@@ -211,7 +211,7 @@ def test_float64_reference_graph_agrees_with_float32(model, card):
 
 
 def test_reference_checks_export_and_match_pytorch(card, tmp_path):
-    from slsg_train.training.calibration import fit_reference_checks
+    from slsg_train.training.calibration import fit_checks
 
     torch.manual_seed(0)
     # the patch memory and the composition check are on in the preset; its autoencoder trains a few steps
@@ -229,7 +229,7 @@ def test_reference_checks_export_and_match_pytorch(card, tmp_path):
     net.patch_memory.fitted.fill_(True)
     with pytest.raises(ExportError, match="composition check was never fitted"):
         export_onnx(net, card, tmp_path / "unfitted.onnx")
-    fit_reference_checks(net, normal[:5], normal[5:], card.top_k, progress=False)
+    fit_checks(net, normal[:5], normal[5:], card.top_k, progress=False)
     result = export_onnx(net.eval(), card, tmp_path / "model.onnx", verify_images=[photo])
     assert result.max_score_diff <= 1e-4 and result.max_map_diff <= 1e-4
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--composition-check", choices=("on", "off"), default=None,
                    help="add or remove the composition check before calibrating; trains its autoencoder "
                         "(a few minutes), keeps the SLSG weights")
+    p.add_argument("--component-check", choices=("on", "off"), default=None,
+                   help="add or remove the component check before calibrating; closed form, no retraining")
     p.add_argument("--composition-steps", type=int, default=None,
                    help="with --composition-check on: its autoencoder's training steps (default: the checkpoint's)")
     p.add_argument("--composition-restoration", type=float, default=None,
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         model = loaded.model
         switches = {name: value == "on" for name, value in
                     (("global_branch", args.global_branch), ("patch_memory", args.patch_memory),
-                     ("composition_check", args.composition_check)) if value is not None}
+                     ("composition_check", args.composition_check), ("component_check", args.component_check))
+                    if value is not None}
         for name in ("composition_steps", "composition_restoration"):
             if getattr(args, name) is not None:
                 if args.composition_check != "on":
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, calib_images, device: str):
+def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, scale_images, device: str):
     """The checkpoint's network with reference checks added or removed per ``switches`` and every
     remaining one (re)fitted; the reference encoder gets the backbone's ImageNet weights, not the
     pre-trained encoder's. The SLSG weights are kept, and so is a trained composition check unless
@@ -94,18 +97,18 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
     import torch
 
     from slsg_train.models import SLSG, SLSGConfig
-    from slsg_train.models.slsg import REFERENCE_CHECK_PREFIXES, REFERENCE_CHECKS, build_reference_checks
+    from slsg_train.models.slsg import CHECK_PREFIXES, CHECKS, build_checks
     from slsg_train.simulation.config import SimulationConfig
-    from slsg_train.training.calibration import fit_reference_checks
     from slsg_train.data.images import load_resized
+    from slsg_train.training.calibration import fit_checks
     from slsg_train.training.precision import channels_last, resolve_precision
 
     config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), **switches)
-    model = SLSG(dataclasses.replace(config, backbone_weights=None, **{name: False for name in REFERENCE_CHECKS}))
+    model = SLSG(dataclasses.replace(config, backbone_weights=None, **{name: False for name in CHECKS}))
     state = loaded.model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(REFERENCE_CHECK_PREFIXES)})
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(CHECK_PREFIXES)})
     model.config = config
-    model.set_reference_checks(build_reference_checks(config))
+    model.set_checks(*build_checks(config))
     trained = loaded.model.composition_check
     keep = (model.composition_check is not None and trained is not None and bool(trained.fitted)
             and not {"composition_check", "composition_steps"} & set(switches))
@@ -119,8 +122,8 @@ def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, cal
     simulation = train_config.get("simulation")
     # a new autoencoder trains in the run's precision on this device (runs from before it existed: fp32)
     precision = resolve_precision(train_config.get("precision", "fp32"), torch.device(device))
-    fit_reference_checks(model, load_resized(train_paths, loaded.image_size, loaded.resize), calib_images, loaded.top_k, device,
-                         seed=seed, train_composition=not keep, precision=precision,
-                         simulation=SimulationConfig.from_dict(simulation) if simulation else None)
+    fit_checks(model, load_resized(train_paths, loaded.image_size, loaded.resize), scale_images, loaded.top_k, device,
+               seed=seed, keep_trained=keep, precision=precision,
+               simulation=SimulationConfig.from_dict(simulation) if simulation else None)
     loaded.payload["model_config"] = config.to_dict()
     return model.eval()

@@ -15,15 +15,15 @@ def run(args: argparse.Namespace) -> int:
 
     from slsg_train.inference import load_model
     from slsg_train.models import count_flops, count_parameters
+    from slsg_train.models.slsg import CHECKS
 
     loaded = load_model(args.checkpoint)
     h, w = loaded.image_size
     info = {
         "checkpoint": loaded.payload["path"], "category": loaded.category, "stage": loaded.payload["stage"],
         "step": loaded.payload["step"], "backbone": loaded.payload["backbone"], "image_size": [h, w],
-        "top_k": loaded.top_k, "global_branch": loaded.model.global_branch is not None,
-        "patch_memory": loaded.model.patch_memory is not None,
-        "composition_check": loaded.model.composition_check is not None, "parameters": count_parameters(loaded.model),
+        "top_k": loaded.top_k, **{name: getattr(loaded.model, name) is not None for name in CHECKS},
+        "parameters": count_parameters(loaded.model),
         "gflop_per_image": round(count_flops(loaded.model, h, w), 3),
         "calibration": loaded.payload.get("calibration"), "data_hash": loaded.payload.get("data_hash"),
     }

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--composition-check", choices=("on", "off"),
                    help="the composition check (an autoencoder of the whole image's features, trained after "
                         "SLSG, for rules that join parts; not in the paper); default: the preset's")
+    p.add_argument("--component-check", choices=("on", "off"),
+                   help="the component check (parts segmented, counted and measured against the normal images'; "
+                        "closed form, fitted after SLSG); default: the preset's")
     p.add_argument("--composition-steps", type=int,
                    help=f"the composition check's autoencoder training steps (default {d['model.composition_steps']})")
     p.add_argument("--composition-restoration", type=float,
@@ -105,6 +108,8 @@ def _flag_settings(args: argparse.Namespace) -> dict:
         model["patch_memory"] = args.patch_memory == "on"
     if args.composition_check is not None:
         model["composition_check"] = args.composition_check == "on"
+    if args.component_check is not None:
+        model["component_check"] = args.component_check == "on"
     if args.composition_steps is not None:
         model["composition_steps"] = args.composition_steps
     if args.composition_restoration is not None:

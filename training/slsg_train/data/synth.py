@@ -636,7 +636,181 @@ CABLE = SynthCategory(
                 DefectSpec("damaged_connector", cable_damaged_connector, True, 1.0)),
 )
 
-SYNTH_CATEGORIES: dict[str, SynthCategory] = {c.name: c for c in (TRAY, CABLE)}
+
+# --------------------------------------------------------------------------- category: box
+
+
+# Loose parts at random places in a box: only their numbers, sizes and one colour rule are fixed, so
+# a check has to count. The washers' shade varies from image to image (brass to bronze), but the
+# two washers of one box always share it.
+BOX_COUNTS = {"washer": 2, "nut": 3, "screw": 2}
+BOX_WASHER_SHADES = ((218, 172, 62), (192, 118, 52))  # the two ends of the washers' shade range
+BOX_SIZE, BOX_FIELD = 0.86, 0.33  # the box's side; parts' centres lie within +-BOX_FIELD of its centre
+BOX_PART_RADIUS = {"washer": 0.06, "nut": 0.055, "screw": 0.085}  # keep-out radius of each kind
+
+
+def _box_shapes(kind: str, cx: float, cy: float, angle: float, colour: Colour, under: Colour,
+                scale: float) -> list[Shape]:
+    if kind == "washer":
+        shapes = [Shape(circle(cx, cy, 0.05 * scale), colour), Shape(circle(cx, cy, 0.019 * scale), under)]
+    elif kind == "nut":
+        shapes = [Shape(circle(cx, cy, 0.046 * scale, n=6), colour), Shape(circle(cx, cy, 0.018 * scale),
+                                                                            _shade(colour, -55))]
+    else:  # a screw: shaft and a wider head at one end
+        shapes = [Shape(rounded_rect(cx, cy + 0.015 * scale, 0.026 * scale, 0.13 * scale, 0.008 * scale), colour),
+                  Shape(rounded_rect(cx, cy - 0.055 * scale, 0.05 * scale, 0.026 * scale, 0.008 * scale),
+                        _shade(colour, -35))]
+    return [Shape(_rotate(s.points, angle, (cx, cy)), s.fill) for s in shapes]
+
+
+def _washer_shade(t: float, rng: np.random.Generator) -> Colour:
+    a, b = np.asarray(BOX_WASHER_SHADES[0], float), np.asarray(BOX_WASHER_SHADES[1], float)
+    return _jitter_colour(tuple(int(c) for c in np.rint(a + t * (b - a))), rng, 4)
+
+
+def _box_colour(scene: Scene, kind: str, rng: np.random.Generator) -> Colour:
+    if kind == "washer":
+        return _washer_shade(scene.attrs["washer_t"], rng)
+    return _jitter_colour({"nut": (70, 98, 175), "screw": (64, 150, 92)}[kind], rng, 8)
+
+
+def _free_spot(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[float, float] | None:
+    """A random centre for a part of ``kind`` in the box, clear of every part placed so far."""
+    ox, oy = scene.attrs["box_centre"]
+    for _ in range(200):
+        x, y = ox + rng.uniform(-BOX_FIELD, BOX_FIELD), oy + rng.uniform(-BOX_FIELD, BOX_FIELD)
+        if all(np.hypot(x - px, y - py) > BOX_PART_RADIUS[kind] + BOX_PART_RADIUS[pk] + 0.012
+               for pk, px, py in scene.attrs["parts"].values()):
+            return x, y
+    return None
+
+
+def _box_part(scene: Scene, name: str, kind: str, rng: np.random.Generator, colour: Colour | None = None,
+              scale: float = 1.0, at: tuple[float, float] | None = None) -> Element | None:
+    """Place a new part (at a free spot unless ``at``) and record it; None when the box is full."""
+    spot = at or _free_spot(scene, kind, rng)
+    if spot is None:
+        return None
+    scene.attrs["parts"][name] = (kind, *spot)
+    colour = colour if colour is not None else _box_colour(scene, kind, rng)
+    return Element(name, _box_shapes(kind, *spot, rng.uniform(0, 360), colour, scene.attrs["surface"], scale))
+
+
+def build_box_scene(rng: np.random.Generator) -> Scene:
+    """A box, moved a little, holding 2 washers of one shade, 3 nuts and 2 screws at random places."""
+    surface = _jitter_colour((206, 200, 188), rng, 6)
+    centre = (rng.uniform(-0.02, 0.02), rng.uniform(-0.02, 0.02))
+    scene = Scene(_jitter_colour((60, 62, 68), rng, 6), [], _random_pose(rng), _random_lighting(rng),
+                  attrs={"surface": surface, "box_centre": centre, "parts": {}, "washer_t": rng.uniform(0, 1)})
+    scene.elements.append(Element("box", [Shape(rounded_rect(*centre, BOX_SIZE, BOX_SIZE, 0.04), surface)]))
+    for kind, count in BOX_COUNTS.items():
+        for i in range(count):
+            part = _box_part(scene, f"part:{kind}{i}", kind, rng)
+            if part is None:  # practically never: the parts cover a fifth of the box
+                raise RuntimeError("box: no free spot for a part")
+            scene.elements.append(part)
+    return scene
+
+
+def _box_pick(scene: Scene, rng: np.random.Generator, kind: str = "") -> str | None:
+    return _pick(scene, rng, f"part:{kind}")
+
+
+def box_missing_part(scene: Scene, rng: np.random.Generator) -> SimulatedDefect | None:
+    name = _box_pick(scene, rng)
+    if name is None:
+        return None
+    scene.touched.add(name)
+    return SimulatedDefect(scene.remove(name).shapes)
+
+
+def box_extra_part(scene: Scene, rng: np.random.Generator) -> SimulatedDefect | None:
+    kind = str(rng.choice(list(BOX_COUNTS)))
+    part = _box_part(scene, f"part:{kind}extra", kind, rng)
+    if part is None:
+        return None
+    scene.elements.append(part)
+    scene.touched.add(part.name)
+    return SimulatedDefect(part.shapes)
+
+
+def box_wrong_size(scene: Scene, rng: np.random.Generator) -> SimulatedDefect | None:
+    """One part much smaller or larger than its kind's."""
+    name = _box_pick(scene, rng)
+    if name is None:
+        return None
+    kind, x, y = scene.attrs["parts"][name]
+    old = scene.get(name)
+    new = Element(name, _box_shapes(kind, x, y, rng.uniform(0, 360), old.shapes[0].fill, scene.attrs["surface"],
+                                    float(rng.choice([rng.uniform(0.55, 0.68), rng.uniform(1.35, 1.5)]))))
+    scene.put(new)
+    scene.touched.add(name)
+    return SimulatedDefect(old.shapes[:1] + new.shapes[:1])
+
+
+def box_washer_mismatch(scene: Scene, rng: np.random.Generator) -> SimulatedDefect | None:
+    """The relation broken: one washer of a clearly other shade than its partner."""
+    name = _box_pick(scene, rng, "washer")
+    if name is None:
+        return None
+    t = scene.attrs["washer_t"]
+    other = rng.uniform(t + 0.5, 1.0) if t < 0.5 else rng.uniform(0.0, t - 0.5)  # half the range away at least
+    kind, x, y = scene.attrs["parts"][name]
+    new = Element(name, _box_shapes(kind, x, y, rng.uniform(0, 360), _washer_shade(other, rng),
+                                    scene.attrs["surface"], 1.0))
+    scene.put(new)
+    scene.touched.add(name)
+    return SimulatedDefect(new.shapes[:1])
+
+
+def _box_floor_point(scene: Scene, rng: np.random.Generator) -> tuple[float, float] | None:
+    """A point of bare box floor, clear of the parts."""
+    for _ in range(100):
+        ox, oy = scene.attrs["box_centre"]
+        x, y = ox + rng.uniform(-0.37, 0.37), oy + rng.uniform(-0.37, 0.37)
+        if all(np.hypot(x - px, y - py) > BOX_PART_RADIUS[k] + 0.035 for k, px, py in scene.attrs["parts"].values()):
+            return x, y
+    return None
+
+
+def box_scratch(scene: Scene, rng: np.random.Generator) -> SimulatedDefect | None:
+    target = "box" if rng.random() < 0.5 else _box_pick(scene, rng)
+    return simulate_scratch(scene, rng, target) if target else None
+
+
+def box_dent(scene: Scene, rng: np.random.Generator) -> SimulatedDefect | None:
+    spot = _box_floor_point(scene, rng)
+    return simulate_dent(scene, rng, spot, radius=0.028) if spot else None
+
+
+def box_dirt(scene: Scene, rng: np.random.Generator) -> SimulatedDefect | None:
+    spot = _box_floor_point(scene, rng)
+    if spot is None:
+        return None
+    outline = blob(*spot, 0.028 * rng.uniform(0.8, 1.3), rng)
+    colour = tuple(int(c) for c in rng.choice([(95, 65, 30), (40, 40, 40), (150, 120, 60)]))
+    scene.elements.append(Element("dirt", [Shape(outline, colour + (int(rng.integers(170, 220)),))]))
+    return SimulatedDefect([Shape(outline, (255,))])
+
+
+def box_broken_part(scene: Scene, rng: np.random.Generator) -> SimulatedDefect | None:
+    name = _box_pick(scene, rng)
+    return simulate_chip(scene, rng, name, scene.attrs["surface"], radius=0.03) if name else None
+
+
+BOX = SynthCategory(
+    "box", build_box_scene,
+    logical=(DefectSpec("missing_part", box_missing_part, True, 1.0),
+             DefectSpec("extra_part", box_extra_part, True, 1.0),
+             DefectSpec("wrong_size", box_wrong_size, True, 1.0),
+             DefectSpec("washer_mismatch", box_washer_mismatch, True, 1.0)),
+    structural=(DefectSpec("scratch", box_scratch, True, 1.0),
+                DefectSpec("dent", box_dent, True, 1.0),
+                DefectSpec("dirt", box_dirt, False, 0.0015),
+                DefectSpec("broken_part", box_broken_part, True, 1.0)),
+)
+
+SYNTH_CATEGORIES: dict[str, SynthCategory] = {c.name: c for c in (TRAY, CABLE, BOX)}
 
 
 # --------------------------------------------------------------------------- sampling and writing

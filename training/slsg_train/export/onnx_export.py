@@ -33,7 +33,7 @@ from slsg.contract import (
     ANOMALY_MAP_CALIBRATED, IMAGENET_MEAN, IMAGENET_STD, INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP,
     OUTPUT_SCORE, Calibration, ModelCard,
 )
-from slsg_train.models.slsg import REFERENCE_CHECKS, SLSG, check_input_size
+from slsg_train.models.slsg import SLSG, check_input_size
 
 DEFAULT_TOLERANCE = 1e-4  # max abs difference ONNX Runtime vs PyTorch
 # Graph k-NN near-ties: candidate pairs ranked within this much of each other (float64) may be ranked
@@ -255,10 +255,9 @@ def export_onnx(
         raise ExportError(f"the card says anomaly_map_scale {card.anomaly_map_scale!r}, but the graph writes a "
                           f"{ANOMALY_MAP_CALIBRATED!r} map (and the card's pixel threshold on it: "
                           "Calibration.on_calibrated_map)")
-    for name in REFERENCE_CHECKS:
-        check = getattr(model, name, None)
-        if check is not None and not bool(check.fitted):
-            raise ExportError(f"the model's {name.replace('_', ' ')} was never fitted (training fits it before "
+    for check in model.checks:
+        if not bool(check.fitted):
+            raise ExportError(f"the model's {check.name.replace('_', ' ')} was never fitted (training fits it before "
                               "calibration); export a checkpoint of a finished run")
     graph = InferenceGraph(model, card.top_k, card.calibration).eval()
     path.parent.mkdir(parents=True, exist_ok=True)

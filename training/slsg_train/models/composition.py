@@ -21,13 +21,11 @@ own logical image AUROC from 0.94 to 0.96-0.97 on two runs. Not in the paper.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .patch_memory import resize_patches
-from .reference import fitted_scale, local_log_odds, scale_buffer
+from .reference import MAP, Check, FitContext, ReferenceEncoder
 
 INPUT_SIZE = 128  # the autoencoder sees every image at 128x128, whatever the model's input size
 GRID = 16         # ... and draws a 16x16 feature grid, resized to the stride-16 grid of the input
@@ -52,17 +50,22 @@ def _up(cin: int, cout: int, size: int, dropout: float) -> nn.Sequential:
                          nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.Dropout(dropout))
 
 
-class CompositionCheck(nn.Module):
+class CompositionCheck(Check):
     """Image [B, 3, H, W] (normalised) and the reference encoder's maps -> squared error [B, 1, H/16, W/16]
-    of the autoencoder's rebuilt features."""
+    of the autoencoder's rebuilt features.
+
+    ``steps`` and ``restoration``: its autoencoder's training steps and the share of simulated logical
+    anomalies in its batches (see :meth:`fit`)."""
+
+    name, kind, raw_name = "composition_check", MAP, "error"
 
     def __init__(self, channels: list[int], levels: int = 2, latent: int = 16, width: int = 64,
-                 weight: float = 1.0) -> None:
-        super().__init__()
+                 weight: float = 1.0, steps: int = 8000, restoration: float = 0.5) -> None:
+        super().__init__(weight)
         if not 1 <= levels <= len(channels) or latent < 1 or width < 1 or weight <= 0:
             raise ValueError(f"composition check needs levels in [1, {len(channels)}], latent >= 1, width >= 1 "
                              f"and weight > 0; got {levels}, {latent}, {width}, {weight}")
-        self.levels, self.weight = levels, weight
+        self.levels, self.steps, self.restoration = levels, steps, restoration
         dim = sum(channels[-levels:])
         # 128 -> 64 -> 32 -> 16 -> 8 -> 4, then one 4x4 convolution: the code sees the whole layout
         self.encoder = nn.Sequential(_down(3, width // 2), _down(width // 2, width // 2), _down(width // 2, width),
@@ -73,10 +76,14 @@ class CompositionCheck(nn.Module):
         self.register_buffer("feature_std", torch.ones(1, dim, 1, 1))
         # the training images' mean squared error per place of the GRID x GRID grid (zero: no baseline)
         self.register_buffer("normal_error", torch.zeros(1, 1, GRID, GRID))
-        self.register_buffer("scale", scale_buffer())
-        self.register_buffer("fitted", torch.tensor(False))
         # trained on its own after SLSG (train_composition_check): never by SLSG's optimiser, nor DDP's
         self.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, config, encoder: ReferenceEncoder) -> CompositionCheck:
+        return cls(encoder.channels, config.composition_levels, config.composition_latent,
+                   weight=config.composition_weight, steps=config.composition_steps,
+                   restoration=config.composition_restoration)
 
     @property
     def dim(self) -> int:
@@ -108,9 +115,32 @@ class CompositionCheck(nn.Module):
         error = self.squared_error(x, self.features(maps))
         return error - on_grid(self.normal_error, tuple(error.shape[-2:]))
 
-    def log_odds(self, error: Tensor, size: tuple[int, int]) -> Tensor:
-        """[B, 1, h, w] errors (:meth:`forward`'s) -> [B, 1, H, W] in log-odds on the local map's scale."""
-        return local_log_odds(resize_patches(error, size), self.scale, self.weight)
+    def collect(self, x: Tensor, maps: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(the batch's :func:`autoencoder_input`, its :meth:`features`), on the model's device."""
+        return autoencoder_input(x), self.features(maps)
+
+    def fit(self, collected: list[tuple[Tensor, Tensor]], context: FitContext) -> dict:
+        """Train the autoencoder on the training images (``context.keep_trained``: keep the trained
+        one), then its per-place normal error on them (a kept autoencoder's too: older ones have none)."""
+        inputs, features = (torch.cat(part) for part in zip(*collected))
+        report = {"kept": True} if context.keep_trained else self._train(inputs, features, context)
+        self.fit_normal_error(inputs, features)
+        return report
+
+    def _train(self, inputs: Tensor, features: Tensor, context: FitContext) -> dict:
+        """Its autoencoder's training, with simulated logical anomalies to undo when ``restoration`` > 0.
+        The training loop lives with the other training code; imported here, where a fit asks for it."""
+        from slsg_train.simulation.config import SimulationConfig
+        from slsg_train.training.composition import (
+            restoration_inputs,
+            train_composition_check,
+        )
+
+        pool = (restoration_inputs(context.train_images, context.simulation or SimulationConfig(), context.seed,
+                                   progress=context.progress) if self.restoration > 0 else None)
+        return train_composition_check(self, inputs, features, self.steps, seed=context.seed,
+                                       progress=context.progress, restoration=pool,
+                                       restoration_share=self.restoration, precision=context.precision)
 
     @torch.no_grad()
     def fit_standardisation(self, features: Tensor) -> None:
@@ -130,9 +160,3 @@ class CompositionCheck(nn.Module):
             error = self.squared_error(inputs[i:i + batch_size], features[i:i + batch_size])
             total += error.sum(dim=0, keepdim=True).double()
         self.normal_error.copy_(on_grid((total / len(inputs)).float(), (GRID, GRID)))
-
-    @torch.no_grad()
-    def fit_scale(self, image_errors: np.ndarray, local_scores: np.ndarray) -> None:
-        """Standardise the check's image score and the local score on the same normal images; marks it fitted."""
-        self.scale.copy_(fitted_scale(image_errors, local_scores))
-        self.fitted.fill_(True)

@@ -16,25 +16,29 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .reference import fitted_scale, local_log_odds, scale_buffer
+from .reference import IMAGE, Check, FitContext, ReferenceEncoder
 
 
-class GlobalFeatureBranch(nn.Module):
+class GlobalFeatureBranch(Check):
     """The reference encoder's stage maps -> Mahalanobis distance [B] of the image to the normal images."""
 
+    name, kind, raw_name = "global_branch", IMAGE, "distance"
+
     def __init__(self, channels: list[int], levels: int = 2, weight: float = 1.0, shrinkage: float = 0.1) -> None:
-        super().__init__()
+        super().__init__(weight)
         if not 1 <= levels <= len(channels) or weight <= 0 or not 0 < shrinkage <= 1:
             raise ValueError(f"global branch needs levels in [1, {len(channels)}], weight > 0 and shrinkage in (0, 1]; "
                              f"got {levels}, {weight}, {shrinkage}")
-        self.levels, self.weight, self.shrinkage = levels, weight, shrinkage
+        self.levels, self.shrinkage = levels, shrinkage
         dim = 2 * sum(channels[-levels:])
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("whitening", torch.eye(dim))  # W with W W^T = inverse covariance
-        self.register_buffer("scale", scale_buffer())
-        self.register_buffer("fitted", torch.tensor(False))
+
+    @classmethod
+    def from_config(cls, config, encoder: ReferenceEncoder) -> GlobalFeatureBranch:
+        return cls(encoder.channels, config.global_levels, config.global_weight, config.global_shrinkage)
 
     @property
     def dim(self) -> int:
@@ -45,8 +49,15 @@ class GlobalFeatureBranch(nn.Module):
         maps = maps[-self.levels:]
         return torch.cat([m.mean(dim=(2, 3)) for m in maps] + [m.amax(dim=(2, 3)) for m in maps], dim=1)
 
-    def forward(self, maps: list[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, maps: list[Tensor]) -> Tensor:
         return ((self.features(maps) - self.mean) @ self.whitening).norm(dim=1)
+
+    def collect(self, x: Tensor, maps: list[Tensor]) -> Tensor:
+        return self.features(maps).double().cpu()
+
+    def fit(self, collected: list[Tensor], context: FitContext) -> dict:
+        self.fit_normal(torch.cat(collected).numpy())
+        return {"feature_dim": self.dim}
 
     @torch.no_grad()
     def fit_normal(self, features: np.ndarray) -> None:
@@ -62,17 +73,3 @@ class GlobalFeatureBranch(nn.Module):
         whitening = np.linalg.cholesky((precision + precision.T) / 2)
         self.mean.copy_(torch.from_numpy(mean))
         self.whitening.copy_(torch.from_numpy(whitening))
-
-    @torch.no_grad()
-    def fit_scale(self, distances: np.ndarray, local_scores: np.ndarray) -> None:
-        """Standardise both scores on the same normal (calibration) images; marks the branch fitted."""
-        self.scale.copy_(fitted_scale(distances, local_scores))
-        self.fitted.fill_(True)
-
-    def combine(self, local_score: Tensor, distance: Tensor) -> Tensor:
-        """max(local score, distance mapped onto the local score's scale) -> [B]."""
-        return torch.maximum(local_score, torch.sigmoid(self.log_odds(distance)))
-
-    def log_odds(self, distance: Tensor) -> Tensor:
-        """[B] distances -> log-odds on the local score's scale."""
-        return local_log_odds(distance, self.scale, self.weight)

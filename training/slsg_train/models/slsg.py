@@ -19,16 +19,21 @@ from torch import Tensor, nn
 
 from .backbones import create_backbone
 from .blocks import ConvBNReLU, DecoderStage, SpatialAttention, resize_to
+from .component import ComponentCheck
 from .composition import CompositionCheck
 from .global_branch import GlobalFeatureBranch
 from .graph import SelfAttentiveGraph
 from .patch_memory import PatchMemoryBranch
-from .reference import ReferenceEncoder
+from .reference import IMAGE, MAP, Check, ReferenceEncoder, image_score, top_k_pixels
 
 INPUT_MULTIPLE = 32  # input height and width must be multiples of this
 REFERENCE_TOP_K, REFERENCE_SIZE = 100, 256  # the paper: mean of the top 100 pixels at 256x256
-REFERENCE_CHECK_PREFIXES = ("reference_encoder.", "global_branch.", "patch_memory.", "composition_check.")
-REFERENCE_CHECKS = ("global_branch", "patch_memory", "composition_check")  # the fitted ones, by attribute
+# The reference checks, in the order they are fitted. Each type's ``name`` is its SLSGConfig switch,
+# the model's attribute and its state-dict prefix; adding a check is its module, a line here and
+# its SLSGConfig fields.
+CHECK_TYPES: tuple[type[Check], ...] = (GlobalFeatureBranch, PatchMemoryBranch, CompositionCheck, ComponentCheck)
+CHECKS = tuple(t.name for t in CHECK_TYPES)
+CHECK_PREFIXES = ("reference_encoder.", *(f"{name}." for name in CHECKS))  # the state that training leaves alone
 
 
 @dataclass
@@ -95,6 +100,12 @@ class SLSGConfig:
     # share of each of its training batches that is a simulated logical anomaly of a training image (a
     # part recoloured, another image pasted in), to be rebuilt as the clean image; 0: normal images only
     composition_restoration: float = 0.5
+    # optional component check (not in the paper): the parts of each image, segmented by ``component_clusters``
+    # k-means clusters of colour and ImageNet features, counted and measured against the normal images'
+    # parts; its map marks the parts that break the rule, fused like the patch memory's, see component.py
+    component_check: bool = False
+    component_clusters: int = 10
+    component_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.aux_upsampling not in ("doubling", "direct"):
@@ -107,13 +118,13 @@ class SLSGConfig:
     @property
     def uses_reference(self) -> bool:
         """Whether a reference check needs the frozen ImageNet encoder."""
-        return self.global_branch or self.patch_memory or self.composition_check
+        return any(getattr(self, name) for name in CHECKS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SLSGConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SLSGConfig:
         """Inverse of ``to_dict`` (JSON turns tuples into lists); unknown keys are an error."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -160,34 +171,20 @@ def preset(name: str, **overrides: Any) -> SLSGConfig:
     return replace(PRESETS[name], **overrides)
 
 
-class ReferenceChecks(NamedTuple):
-    encoder: ReferenceEncoder | None = None
-    global_branch: GlobalFeatureBranch | None = None
-    patch_memory: PatchMemoryBranch | None = None
-    composition_check: CompositionCheck | None = None
-
-
-def build_reference_checks(config: SLSGConfig) -> ReferenceChecks:
-    """The optional reference encoder (``config.backbone`` with ``config.backbone_weights``) and the
-    checks ``config`` turns on, all unfitted."""
+def build_checks(config: SLSGConfig) -> tuple[ReferenceEncoder | None, dict[str, Check]]:
+    """The reference encoder (``config.backbone`` with ``config.backbone_weights``) and the checks
+    ``config`` turns on, all unfitted; (None, {}) when it turns none on."""
     if not config.uses_reference:
-        return ReferenceChecks()
+        return None, {}
     encoder = ReferenceEncoder(config.backbone, config.backbone_weights, config.allow_download)
-    glob = (GlobalFeatureBranch(encoder.channels, config.global_levels, config.global_weight, config.global_shrinkage)
-            if config.global_branch else None)
-    patch = (PatchMemoryBranch(encoder.channels, config.patch_memory_levels, config.patch_memory_size,
-                               config.patch_memory_weight) if config.patch_memory else None)
-    composition = (CompositionCheck(encoder.channels, config.composition_levels, config.composition_latent,
-                                    weight=config.composition_weight) if config.composition_check else None)
-    return ReferenceChecks(encoder, glob, patch, composition)
+    return encoder, {t.name: t.from_config(config, encoder) for t in CHECK_TYPES if getattr(config, t.name)}
 
 
 class SLSGOutput(NamedTuple):
     logits: Tensor  # [B, 2, H, W]: decoder + auxiliary logits
     aux_logits: Tensor  # [B, 2, H, W]: auxiliary head alone (trained with its own loss term)
-    global_distance: Tensor | None = None  # [B]: only in eval mode with a fitted global branch
-    patch_distance: Tensor | None = None  # [B, 1, h, w]: only in eval mode with a fitted patch memory
-    composition_error: Tensor | None = None  # [B, 1, h, w]: only in eval mode with a fitted composition check
+    # each fitted check's raw score by name ([B, 1, h, w] or [B]); only in eval mode
+    checks: dict[str, Tensor] | None = None
 
 
 def check_input_size(height: int, width: int) -> None:
@@ -239,7 +236,7 @@ class SLSG(nn.Module):
         )
         for part in self.head_modules():
             init_trained_weights(part)
-        self.set_reference_checks(build_reference_checks(config))
+        self.set_checks(*build_checks(config))
         self.register_load_state_dict_pre_hook(_upgrade_state_dict)
         if config.freeze_encoder:
             self.encoder.requires_grad_(False)
@@ -285,7 +282,7 @@ class SLSG(nn.Module):
         for part in self.head_modules():
             yield from part.parameters()
 
-    def train(self, mode: bool = True) -> "SLSG":
+    def train(self, mode: bool = True) -> SLSG:
         super().train(mode)
         if self.config.freeze_encoder:
             self.encoder.eval()  # a frozen encoder keeps its ImageNet BN statistics
@@ -304,34 +301,42 @@ class SLSG(nn.Module):
         for stage, skip in zip(self.decoder, skips):
             y = stage(y, skip, aux)
         logits = self.segmentation_head(resize_to(y, (height, width))) + aux_logits
-        return SLSGOutput(logits, aux_logits, *self._reference_checks(x))
+        return SLSGOutput(logits, aux_logits, self._run_checks(x))
 
-    def set_reference_checks(self, checks: ReferenceChecks) -> None:
-        self.reference_encoder = checks.encoder
-        self.global_branch, self.patch_memory, self.composition_check = checks[1:]
+    @property
+    def checks(self) -> list[Check]:
+        """The model's reference checks (fitted or not), in ``CHECK_TYPES`` order."""
+        return [check for check in (getattr(self, name, None) for name in CHECKS) if check is not None]
 
-    def _reference_checks(self, x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """(global distance, patch distance, composition error) of the fitted checks; SLSG's training
-        never needs them: they are fitted afterwards."""
+    def set_checks(self, encoder: ReferenceEncoder | None, checks: dict[str, Check]) -> None:
+        """Install the reference encoder and the checks (by name; every other check is removed)."""
+        unknown = sorted(set(checks) - set(CHECKS))
+        if unknown:
+            raise ValueError(f"unknown checks {unknown}; known: {list(CHECKS)}")
+        self.reference_encoder = encoder
+        for name in CHECKS:
+            setattr(self, name, checks.get(name))
+
+    def _run_checks(self, x: Tensor) -> dict[str, Tensor]:
+        """The fitted checks' raw scores by name; SLSG's training never needs them: they are fitted afterwards."""
         exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()  # export checks they are fitted
-        checks = [getattr(self, name) for name in REFERENCE_CHECKS]
-        active = [c is not None and not self.training and (exporting or bool(c.fitted)) for c in checks]
-        if not any(active):
-            return None, None, None
+        active = [c for c in self.checks if not self.training and (exporting or bool(c.fitted))]
+        if not active:
+            return {}
         maps = self.reference_encoder(x)
-        glob, patch, composition = (c if on else None for c, on in zip(checks, active))
-        return (glob(maps) if glob else None, patch(maps) if patch else None,
-                composition(x, maps) if composition else None)
+        return {check.name: check(x, maps) for check in active}
+
+    def _active(self, output: SLSGOutput, kind: str) -> list[tuple[Check, Tensor]]:
+        return [(getattr(self, name), raw) for name, raw in (output.checks or {}).items()
+                if getattr(self, name).kind == kind]
 
     def anomaly_log_odds(self, output: SLSGOutput) -> Tensor:
-        """[B, 1, H, W]: the log-odds of the anomalous class, or with a fitted patch memory or
-        composition check the pixelwise largest of that and their maps on the same scale."""
+        """[B, 1, H, W]: the log-odds of the anomalous class, or with fitted map checks the pixelwise
+        largest of that and their maps on the same scale."""
         fused = anomaly_log_odds(output.logits)
         size = tuple(fused.shape[-2:])
-        if output.patch_distance is not None:
-            fused = torch.maximum(fused, self.patch_memory.log_odds(output.patch_distance, size))
-        if output.composition_error is not None:
-            fused = torch.maximum(fused, self.composition_check.log_odds(output.composition_error, size))
+        for check, raw in self._active(output, MAP):
+            fused = torch.maximum(fused, check.log_odds(raw, size))
         return fused
 
     def anomaly_map(self, output: SLSGOutput) -> Tensor:
@@ -339,22 +344,22 @@ class SLSG(nn.Module):
         return torch.sigmoid(self.anomaly_log_odds(output))
 
     def score_images(self, output: SLSGOutput, k: int, fused: Tensor | None = None) -> Tensor:
-        """Image scores [B]: the paper's mean of the top-K pixels of :meth:`anomaly_map`, or with a
-        fitted global branch the larger of that and the global distance on the same scale. ``fused``:
-        the :meth:`anomaly_log_odds` of ``output`` when the caller has it."""
-        local = image_score(self.anomaly_map(output) if fused is None else torch.sigmoid(fused), k)
-        if output.global_distance is None:
-            return local
-        return self.global_branch.combine(local, output.global_distance)
+        """Image scores [B]: the paper's mean of the top-K pixels of :meth:`anomaly_map`, or with fitted
+        image checks the largest of that and their scores on the same scale. ``fused``: the
+        :meth:`anomaly_log_odds` of ``output`` when the caller has it."""
+        score = image_score(self.anomaly_map(output) if fused is None else torch.sigmoid(fused), k)
+        for check, raw in self._active(output, IMAGE):
+            score = torch.maximum(score, torch.sigmoid(check.log_odds(raw, tuple(output.logits.shape[-2:]))))
+        return score
 
     def score_log_odds(self, output: SLSGOutput, k: int, fused: Tensor | None = None) -> Tensor:
         """[B]: the log-odds of :meth:`score_images`, computed without rounding to 1 on the way, so clear
         anomalies keep their order where their scores are all 1.0 in float32. ``fused``: the
         :meth:`anomaly_log_odds` of ``output`` when the caller has it."""
-        local = image_score_log_odds(self.anomaly_log_odds(output) if fused is None else fused, k)
-        if output.global_distance is None:
-            return local
-        return torch.maximum(local, self.global_branch.log_odds(output.global_distance))
+        score = image_score_log_odds(self.anomaly_log_odds(output) if fused is None else fused, k)
+        for check, raw in self._active(output, IMAGE):
+            score = torch.maximum(score, check.log_odds(raw, tuple(output.logits.shape[-2:])))
+        return score
 
 
 def _upgrade_state_dict(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -387,24 +392,12 @@ def top_k_for_size(height: int, width: int) -> int:
     return max(1, round(REFERENCE_TOP_K * height * width / REFERENCE_SIZE**2))
 
 
-def image_score(prob_map: Tensor, k: int) -> Tensor:
-    """Mean of the ``k`` largest pixels of each [B, 1, H, W] probability map -> [B]."""
-    return _top_k(prob_map, k).mean(dim=1)
-
-
 def image_score_log_odds(log_odds_map: Tensor, k: int) -> Tensor:
     """The log-odds of :func:`image_score` of ``sigmoid(log_odds_map)`` -> [B]: log(mean p) - log(mean (1 - p))
     over the top-K pixels, each mean taken in log space. Exact where p rounds to 1 in float32 (a logit
     above about 17), and built from operations ONNX Runtime computes without overflow."""
-    top = _top_k(log_odds_map, k)
+    top = top_k_pixels(log_odds_map, k)
     return _log_mean_exp(-_softplus(-top)) - _log_mean_exp(-_softplus(top))  # log sigmoid(z), log sigmoid(-z)
-
-
-def _top_k(score_map: Tensor, k: int) -> Tensor:
-    pixels = score_map.flatten(1)
-    if not 1 <= k <= pixels.shape[1]:
-        raise ValueError(f"top-K must lie in [1, {pixels.shape[1]}] for a {tuple(score_map.shape[-2:])} map, got {k}")
-    return pixels.topk(k, dim=1).values
 
 
 def _softplus(x: Tensor) -> Tensor:

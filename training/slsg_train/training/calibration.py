@@ -147,34 +147,30 @@ def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr:
 
 
 @torch.no_grad()
-def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: list[np.ndarray], top_k: int,
-                         device: torch.device | str = "cpu", batch_size: int = 16, seed: int = 0,
-                         progress: bool = True, train_composition: bool = True, simulation=None,
-                         precision: str = "fp32") -> dict:
-    """Fit the model's reference checks; call before calibrating.
+def fit_checks(model, train_images: list[np.ndarray], scale_images: list[np.ndarray], top_k: int,
+               device: torch.device | str = "cpu", batch_size: int = 16, seed: int = 0, progress: bool = True,
+               keep_trained: bool = False, simulation=None, precision: str = "fp32") -> dict:
+    """Fit the model's reference checks (``model.checks``); call before calibrating.
 
-    The patch memory: its coreset of the training images' patches. The composition check: its
-    autoencoder trained on the training images (the only check with training steps), then its normal
-    error per place on them. Both map checks' scales against the paper's local score on the
-    calibration images. Then the global branch: the
-    Gaussian of the training images' pooled features, its scale against the (now map-fused) local score.
-    ``train_composition=False`` keeps the composition check's trained autoencoder and refits its scale.
-    ``simulation`` (the run's ``SimulationConfig``; default settings when None) makes the logical anomalies
-    the autoencoder learns to undo (``composition_restoration`` of the model's config). ``precision`` (a
-    resolved one) is what the autoencoder's training forward passes run in; every fit and score is float32.
+    One reference-encoder pass over the training images collects what every check needs, and each
+    check fits itself from that (the patch memory its coreset, the global branch its Gaussian, the
+    composition check trains its autoencoder: the only one with training steps). One pass over
+    ``scale_images`` (normal images never trained on, and never the threshold's: see the module
+    docstring) gives their raw image scores, and each check's scale is fitted against the
+    local score it is combined with: map checks against the paper's, image checks against the
+    map-fused one. ``keep_trained`` keeps a trained check's learnt weights (the composition check's
+    autoencoder) and refits the rest. ``simulation`` (the run's ``SimulationConfig``; default settings
+    when None) makes the logical anomalies the composition check learns to undo; ``precision`` (a
+    resolved one) is what its training forward passes run in; every fit and score is float32.
     """
-    from slsg_train.models import image_score
-    from slsg_train.models.patch_memory import resize_patches
-    from slsg_train.models.composition import autoencoder_input
     from slsg_train.data.images import to_tensor
+    from slsg_train.models.reference import IMAGE, MAP, FitContext
 
-    encoder, glob, patch = model.reference_encoder, model.global_branch, model.patch_memory
-    composition = model.composition_check
-    if encoder is None:
+    encoder, checks = model.reference_encoder, model.checks
+    if encoder is None or not checks:
         return {}
-    for check in (glob, patch, composition):
-        if check is not None:
-            check.fitted.fill_(False)
+    for check in checks:
+        check.fitted.fill_(False)
     was_training = model.training
     model.eval()
 
@@ -183,70 +179,26 @@ def fit_reference_checks(model, train_images: list[np.ndarray], calib_images: li
             x = torch.stack([to_tensor(im) for im in images[i:i + batch_size]]).to(device)
             yield x, encoder(x)
 
-    # one encoder pass over the training images feeds every check's fit
-    patches, pooled, small, stride16 = [], [], [], []
+    collected: dict[str, list] = {check.name: [] for check in checks}
     for x, maps in reference_maps(train_images):
-        if patch is not None:
-            patches.append(patch.patch_features(maps).permute(0, 2, 3, 1).flatten(0, 2).cpu())
-        if glob is not None:
-            pooled.append(glob.features(maps).double().cpu())
-        if composition is not None:
-            small.append(autoencoder_input(x))
-            stride16.append(composition.features(maps))
-    report: dict = {"train_images": len(train_images), "calibration_images": len(calib_images)}
-    if patch is not None:
-        feats = torch.cat(patches)
-        kept = patch.fit_memory(feats, seed, progress)
-        report["patch_memory"] = {"candidates": int(feats.shape[0]), "kept": kept, "feature_dim": patch.dim}
-    if glob is not None:
-        glob.fit_normal(torch.cat(pooled).numpy())
-    if composition is not None:
-        small, stride16 = torch.cat(small), torch.cat(stride16)
-        report["composition_check"] = (
-            _train_composition(model, train_images, small, stride16, simulation, seed, progress, precision)
-            if train_composition else {"kept": True})
-        composition.fit_normal_error(small, stride16)  # a kept autoencoder's too: older ones have none
+        for check in checks:
+            collected[check.name].append(check.collect(x, maps))
+    context = FitContext(train_images, seed, progress, simulation, precision, keep_trained)
+    report: dict = {"train_images": len(train_images), "scale_images": len(scale_images)}
+    for check in checks:
+        report[check.name] = check.fit(collected.pop(check.name), context)
 
-    # and one over the calibration images gives every check's raw scores there
-    size, patch_scores, composition_scores, distances = calib_images[0].shape[:2], [], [], []
-    for x, maps in reference_maps(calib_images):
-        if patch is not None:
-            patch_scores.append(image_score(resize_patches(patch(maps), size), top_k).double().cpu())
-        if composition is not None:
-            composition_scores.append(image_score(resize_patches(composition(x, maps), size), top_k).double().cpu())
-        if glob is not None:
-            distances.append(glob(maps).double().cpu())
-    # each scale against the local score it is combined with: the map checks' against the paper's,
-    # the global branch's against the map-fused one (predict uses the checks fitted so far)
-    if patch is not None or composition is not None:
-        local = predict(model, calib_images, top_k, device).scores
-    if patch is not None:
-        patch.fit_scale(torch.cat(patch_scores).numpy(), local)
-        report["patch_memory"].update(distance_mean=float(patch.scale[0]), distance_std=float(patch.scale[1]))
-    if composition is not None:
-        composition.fit_scale(torch.cat(composition_scores).numpy(), local)
-        report["composition_check"].update(error_mean=float(composition.scale[0]),
-                                           error_std=float(composition.scale[1]))
-    if glob is not None:
-        local = predict(model, calib_images, top_k, device).scores
-        d = torch.cat(distances).numpy()
-        glob.fit_scale(d, local)
-        report["global_branch"] = {"feature_dim": glob.dim, "distance_mean": float(d.mean()),
-                                   "distance_std": float(d.std())}
+    size, raw = scale_images[0].shape[:2], {check.name: [] for check in checks}
+    for x, maps in reference_maps(scale_images):
+        for check in checks:
+            raw[check.name].append(check.image_raw(check(x, maps), size, top_k).double().cpu())
+    # predict fuses the checks fitted so far: none for the map checks, the map checks for image checks
+    for kind in (MAP, IMAGE):
+        of_kind = [check for check in checks if check.kind == kind]
+        if of_kind:
+            local = predict(model, scale_images, top_k, device).scores
+        for check in of_kind:
+            check.fit_scale(torch.cat(raw[check.name]).numpy(), local)
+            report[check.name].update(check.scale_report())
     model.train(was_training)
     return report
-
-
-def _train_composition(model, train_images: list[np.ndarray], small: torch.Tensor, stride16: torch.Tensor,
-                       simulation, seed: int, progress: bool, precision: str) -> dict:
-    """Train the model's composition check on the training images (their autoencoder inputs ``small`` and
-    features ``stride16``), with simulated logical anomalies to undo when its config asks for them."""
-    from slsg_train.simulation.config import SimulationConfig
-    from slsg_train.training.composition import restoration_inputs, train_composition_check
-
-    share = model.config.composition_restoration
-    restoration = (restoration_inputs(train_images, simulation or SimulationConfig(), seed, progress=progress)
-                   if share > 0 else None)
-    return train_composition_check(model.composition_check, small, stride16, model.config.composition_steps,
-                                   seed=seed, progress=progress, restoration=restoration, restoration_share=share,
-                                   precision=precision)

@@ -29,8 +29,8 @@ from slsg.image_modes import images_colour
 from slsg_train.checkpoint import load_checkpoint_payload, normalisation, save_checkpoint
 from slsg_train.data.input_size import choose_input_size_for, parse_auto
 from slsg_train.data.loco import LocoCategory
-from slsg_train.training.calibration import (CalibrationSplit, calibrate_threshold, fit_reference_checks,
-                                             legacy_held_out_train, small_calibration_warning, split_for_calibration)
+from slsg_train.training.calibration import (CalibrationSplit, calibrate_threshold, fit_checks, legacy_held_out_train,
+                                             small_calibration_warning, split_for_calibration)
 from slsg_train.training.config import TrainConfig
 from slsg_train.training.dataset import (
     NormalImageDataset, SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized,
@@ -98,10 +98,10 @@ def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of the trained state; the reference checks are left out: only the main process fits
     them, after training."""
     h = hashlib.sha256()
-    from slsg_train.models.slsg import REFERENCE_CHECK_PREFIXES
+    from slsg_train.models.slsg import CHECK_PREFIXES
 
     for name, tensor in sorted((k, v) for k, v in model.state_dict().items()
-                               if not k.startswith(REFERENCE_CHECK_PREFIXES)):
+                               if not k.startswith(CHECK_PREFIXES)):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -290,9 +290,9 @@ class TrainingRun:
         its threshold images."""
         cfg = self.cfg
         if model.reference_encoder is not None:
-            fit = fit_reference_checks(model, train_images, load_resized(self.split.scale, cfg.image_size), self.top_k,
-                                       self.device, seed=cfg.seed, simulation=sim_cfg, precision=self.precision)
-            self.log("reference_checks", **fit)
+            fit = fit_checks(model, train_images, load_resized(self.split.scale, cfg.image_size), self.top_k,
+                             self.device, seed=cfg.seed, simulation=sim_cfg, precision=self.precision)
+            self.log("checks", **fit)
         threshold_images = load_resized(self.split.threshold, cfg.image_size)
         scale_images = len(self.split.scale) if model.reference_encoder is not None else 0
         calibration, stats = calibrate_threshold(model, threshold_images, self.top_k, cfg.calibration_fpr, self.device,

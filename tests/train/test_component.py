@@ -1,0 +1,147 @@
+"""The component check (models/component.py) on toy scenes: coloured parts at random places, counted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slsg.contract import INPUT_IMAGE, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, Calibration, ModelCard
+from slsg_train.models import SLSG, preset, top_k_for_size
+from slsg_train.models.component import ComponentCheck
+from slsg_train.data.images import to_tensor
+
+SIZE = 64
+KINDS = {"red": ((210, 40, 40), 2, 5), "blue": ((40, 70, 210), 3, 4)}  # colour, count, half side (px)
+
+
+def _scene(rng: np.random.Generator, counts: dict[str, int] | None = None,
+           sizes: dict[str, int] | None = None) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """A grey floor with square parts of each kind at random places that do not touch; the parts' list."""
+    gap = 2 * max([half for _, _, half in KINDS.values()] + list((sizes or {}).values())) + 4  # parts never touch
+    while True:  # a new layout when the parts placed so far leave no room
+        image = np.full((SIZE, SIZE, 3), 150, np.uint8) + rng.integers(0, 6, (SIZE, SIZE, 3), dtype=np.uint8)
+        placed: list[tuple[str, int, int]] = []
+        for name, (colour, count, half) in KINDS.items():
+            half = (sizes or {}).get(name, half)
+            for _ in range((counts or {}).get(name, count)):
+                spots = [(int(y), int(x)) for y, x in rng.integers(half + 1, SIZE - half - 1, (100, 2))]
+                free = [(y, x) for y, x in spots if all(abs(y - py) > gap or abs(x - px) > gap for _, py, px in placed)]
+                if not free:
+                    break
+                y, x = free[0]
+                image[y - half:y + half, x - half:x + half] = colour
+                placed.append((name, y, x))
+        if len(placed) == sum((counts or {}).get(name, count) for name, (_, count, _) in KINDS.items()):
+            return image, placed
+
+
+@pytest.fixture(scope="module")
+def fitted() -> SLSG:
+    from slsg_train.training.calibration import fit_checks
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = SLSG(preset("default", patch_memory=False, composition_check=False, component_check=True,
+                        component_clusters=4))
+    normal = [_scene(rng)[0] for _ in range(16)]
+    calib = [_scene(rng)[0] for _ in range(8)]
+    report = fit_checks(model, normal, calib, top_k=top_k_for_size(SIZE, SIZE), progress=False)
+    assert report["component_check"]["part_kinds"] == 2 and bool(model.component_check.fitted)
+    return model.eval()
+
+
+def _raw(model: SLSG, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the check's map [N, 1, h, w], its counts [N, K]) for uint8 images."""
+    check: ComponentCheck = model.component_check
+    with torch.no_grad():
+        x = torch.stack([to_tensor(im) for im in images])
+        maps = model.reference_encoder(x)
+        return check(x, maps), check.counts(x, maps)
+
+
+def test_segmentation_finds_the_parts_of_a_toy_image(fitted):
+    check = fitted.component_check
+    kinds = torch.nonzero(check.things).flatten()
+    assert sorted(round(float(check.count_mean[k]), 2) for k in kinds) == [2.0, 3.0]
+    rng = np.random.default_rng(5)
+    for counts in ({"red": 2, "blue": 3}, {"red": 1, "blue": 4}, {"red": 3, "blue": 0}):
+        image, placed = _scene(rng, counts)
+        _, found = _raw(fitted, [image])
+        # each part kind is a cluster of its own: the counts per kind are the scene's, in some order
+        assert sorted(found[0, kinds].round().int().tolist()) == sorted(counts.values())
+        with torch.no_grad():
+            x = to_tensor(image)[None]
+            segments = check.segment(check.descriptor(x, fitted.reference_encoder(x))).argmax(1)[0]
+        for name, y, x0 in placed:  # a part's centre lies in a part kind, and each kind has one cluster
+            assert bool(check.things[segments[y, x0]])
+        by_kind = {name: {int(segments[y, x0]) for n, y, x0 in placed if n == name} for name in counts if counts[name]}
+        assert all(len(ids) == 1 for ids in by_kind.values()) and len(set().union(*by_kind.values())) == len(by_kind)
+
+
+def test_counts_and_sizes_change_the_score_in_the_right_direction_and_the_map_marks_the_parts(fitted):
+    rng = np.random.default_rng(7)
+    k = top_k_for_size(SIZE, SIZE)
+    check = fitted.component_check
+    normal = [_scene(rng)[0] for _ in range(6)]
+    extra, _ = _scene(rng, {"red": 3})
+    missing, _ = _scene(rng, {"blue": 2})
+    large, placed = _scene(rng, sizes={"red": 8})
+    maps, _ = _raw(fitted, normal + [extra, missing, large])
+    scores = check.image_raw(maps, (SIZE, SIZE), k)
+    assert scores[6:].min() > scores[:6].max(), scores
+    # the odd-sized part carries the large value, the normal-sized ones of the other kind do not
+    deviation = maps[8, 0]
+    red = [(y, x) for name, y, x in placed if name == "red"]
+    blue = [(y, x) for name, y, x in placed if name == "blue"]
+    assert min(float(deviation[y, x]) for y, x in red) > 3 * max(float(deviation[y, x]) for y, x in blue)
+    assert float(deviation[2, 2]) == 0.0  # the floor is no part
+
+
+def test_component_check_exports_and_the_served_answer_equals_the_checkpoint(fitted, tmp_path):
+    import onnxruntime as ort
+
+    from slsg_train.export.onnx_export import InferenceGraph, export_onnx
+
+    card = ModelCard(name="box", category="box", backbone="efficientnet_lite0", input_height=SIZE,
+                     input_width=SIZE, top_k=top_k_for_size(SIZE, SIZE),
+                     calibration=Calibration(raw_threshold=0.8, score_min=0.5, score_max=1.0), project_version="test")
+    rng = np.random.default_rng(11)
+    frames = np.stack([_scene(rng)[0], _scene(rng, {"red": 3})[0], _scene(rng, {"blue": 1})[0]])
+    result = export_onnx(fitted, card, tmp_path / "model.onnx", verify_images=list(frames))
+    assert result.max_score_diff <= 1e-4 and result.max_map_diff <= 1e-4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    onnx_map, onnx_score = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: frames})
+    with torch.no_grad():
+        torch_map, torch_score = InferenceGraph(fitted, card.top_k, card.calibration)(torch.from_numpy(frames))
+    np.testing.assert_allclose(onnx_score, torch_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(onnx_map, torch_map.numpy(), atol=1e-4)
+    assert onnx_score[1:].min() > onnx_score[0]  # the wrong counts score above the normal scene
+
+
+def test_box_scenes_hold_fixed_counts_and_one_washer_shade_and_logical_defects_break_them():
+    from slsg_train.data.synth import BOX, BOX_COUNTS, box_extra_part, box_missing_part, box_washer_mismatch
+
+    def census(scene) -> dict[str, int]:
+        kinds = [scene.attrs["parts"][e.name][0] for e in scene.elements if e.name.startswith("part:")]
+        return {kind: kinds.count(kind) for kind in BOX_COUNTS}
+
+    def washer_colours(scene) -> set:
+        return {e.shapes[0].fill for e in scene.elements if e.name.startswith("part:washer")}
+
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        scene = BOX.build_scene(rng)
+        assert census(scene) == BOX_COUNTS
+        shades = washer_colours(scene)
+        assert max(abs(a - b) for c1 in shades for c2 in shades for a, b in zip(c1, c2)) <= 8  # one shade (+ jitter)
+        missing = BOX.build_scene(np.random.default_rng(seed))
+        box_missing_part(missing, rng)
+        assert sum(census(missing).values()) == sum(BOX_COUNTS.values()) - 1
+        extra = BOX.build_scene(np.random.default_rng(seed))
+        box_extra_part(extra, rng)
+        assert sum(census(extra).values()) == sum(BOX_COUNTS.values()) + 1
+        mismatch = BOX.build_scene(np.random.default_rng(seed))
+        box_washer_mismatch(mismatch, rng)
+        shades = washer_colours(mismatch)
+        assert max(abs(a - b) for c1 in shades for c2 in shades for a, b in zip(c1, c2)) >= 18  # half the range
