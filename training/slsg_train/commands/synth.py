@@ -22,7 +22,7 @@ def parse_image_size(text: str) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="data set root; one folder per category is written under it")
     parser.add_argument("--categories", default=None,
-                        help="comma-separated categories (default: all, i.e. tray,cable)")
+                        help="comma-separated categories (default: all, i.e. tray,cable,box)")
     parser.add_argument("--image-size", type=parse_image_size, default=(256, 256), metavar="N|WxH",
                         help="image size, N for square or WxH (default 256)")
     from dataclasses import fields

@@ -147,7 +147,8 @@ class ComponentCheck(Check):
     def parts(self, x: Tensor, descriptor: Tensor) -> dict[str, Tensor]:
         """The parts of image ``x`` with :meth:`descriptor` ``descriptor``: per slot ``area`` [B, S] (cells),
         ``colour`` [B, S, 3] (chromaticity), one-hot ``kind`` [B, S, K], ``valid`` [B, S] (a part, not a
-        fragment), ``member`` [B, S, h*w] (its cells); per kind ``count`` [B, K] and ``kind_colour`` [B, K, 3] (its parts' mean colour)."""
+        fragment), ``member`` [B, S, h*w] (its cells); per kind ``count`` [B, K] and ``kind_colour``
+        [B, K, 3] (its parts' mean colour)."""
         colour_map = descriptor[:, :3]  # chromaticity: the lighting's gradient barely moves it
         kinds = self.segment(descriptor)
         h, w = kinds.shape[-2:]
