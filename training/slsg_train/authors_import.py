@@ -53,7 +53,7 @@ def _payload(model, category: str, weights: Path, conversion: Conversion, data_r
 def import_authors(weights: str | Path, category: str, out: str | Path, data_root: str | Path | None = None,
                    target_fpr: float = 0.01, device: str = "cpu") -> ImportResult:
     """Convert ``weights`` into ``out/checkpoint.pt``; with ``data_root``, calibrate on ``category``'s
-    normal images there (validation/good, else the last tenth of train/good)."""
+    normal images there (validation/good, else held-out images of train/good)."""
     from slsg_train.data.loco import LocoCategory
     from slsg_train.training.calibration import calibrate_threshold, split_for_calibration
     from slsg_train.data.images import load_resized
@@ -67,8 +67,11 @@ def import_authors(weights: str | Path, category: str, out: str | Path, data_roo
     stats = None
     if data is not None:
         payload["data_hash"] = data.data_hash()
-        _, paths = split_for_calibration(data)
-        images = load_resized(paths, AUTHORS_IMAGE_SIZE, RESIZE_LANCZOS)
+        # their network has no checks to scale; it was trained on LOCO's train/good, so validation/good
+        # alone calibrates it where the data set has that split
+        split = split_for_calibration(data, target_fpr, has_checks=False,
+                                      held_out_train=0 if data.validation_paths else None)
+        images = load_resized(split.threshold, AUTHORS_IMAGE_SIZE, RESIZE_LANCZOS)
         calibration, stats = calibrate_threshold(model.to(device), images, AUTHORS_TOP_K, target_fpr, device)
         payload["calibration"], payload["calibration_stats"] = dataclasses.asdict(calibration), stats
         payload["model_state"] = model.cpu().state_dict()
