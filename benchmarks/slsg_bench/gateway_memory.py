@@ -1,6 +1,6 @@
 """Peak resident memory of a real `slsg serve` under several large heat-map overlays at once.
 
-    python benchmarks/gateway_memory.py --frame 8000x6000 --concurrency 4 [--budget-mb 512] [--heatmap-max-side 1024]
+    python -m slsg_bench.gateway_memory --frame 8000x6000 --concurrency 4 [--budget-mb 512] [--heatmap-max-side 1024]
 
 Serves the toy contract model (tests/onnx_fixtures.py) from a temporary repository, warms up with one
 small frame, restarts the kernel's peak counter (/proc/PID/clear_refs), posts the frames at once and
@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from onnx_fixtures import make_card, write_contract_model  # noqa: E402

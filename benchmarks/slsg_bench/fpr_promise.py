@@ -5,8 +5,8 @@ test images flagged beside the promised rate. Prints one Markdown row per run an
 Small, fast runs on purpose: the point is the calibration's statistics, not the AUROC. Each run is an
 ordinary run directory under ``--out``; a finished one (its metrics.json) is reused.
 
-    python benchmarks/fpr_promise.py --out runs/fpr_bench --categories tray,cable --seeds 0,1,2,3,4
-    python benchmarks/fpr_promise.py --out runs/fpr_bench --real /work/data/bottle   # an MVTec AD category
+    python -m slsg_bench.fpr_promise --out runs/fpr_bench --categories tray,cable --seeds 0,1,2,3,4
+    python -m slsg_bench.fpr_promise --out runs/fpr_bench --real /work/data/bottle   # an MVTec AD category
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`python benchmarks/closed_form_checks.py DATA/CATEGORY on|off`: the closed-form reference checks of a
+"""`python -m slsg_bench.closed_form_checks DATA/CATEGORY on|off`: the closed-form reference checks of a
 default-preset model on one LOCO-layout category, without training SLSG.
 
 Fits the patch memory (and with ``on`` the component check) on train/good, scales them on

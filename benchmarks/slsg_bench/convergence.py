@@ -6,7 +6,7 @@ deploys 2, 1, 2, ... ``--deploys`` times. For each deploy it reports the seconds
 returning until every gateway's ``/v1/models`` serves the version (the slowest gateway), and at the end the
 failed requests and the requests sent after convergence that another version answered.
 
-    .venv/bin/python scripts/measure_convergence.py --repository data/repo --name tray --interval 5
+    .venv/bin/python -m slsg_bench.convergence --repository data/repo --name tray --interval 5
 """
 
 from __future__ import annotations

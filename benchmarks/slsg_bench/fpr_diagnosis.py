@@ -16,7 +16,7 @@ For each it prints the mean observed rate against the promised (k + 1) / (n + 1)
 resamples whose rate exceeds the promised 90 % bound (nominally 10 %). Also the rate on ``test/good``
 for thresholds set on validation images, to see whether the two splits differ.
 
-    python benchmarks/fpr_diagnosis.py --checkpoint RUN/checkpoint.pt --pool-data POOL --sizes 20,60
+    python -m slsg_bench.fpr_diagnosis --checkpoint RUN/checkpoint.pt --pool-data POOL --sizes 20,60
 """
 
 from __future__ import annotations
