@@ -22,7 +22,7 @@ REPOSITORY ?= model_repository
 HOST       ?= 127.0.0.1
 PORT       ?= 8080
 
-.PHONY: setup run test test-fast clean prometheus postgresql chromium checkov
+.PHONY: setup run test test-fast lint clean prometheus postgresql chromium checkov
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -84,6 +84,9 @@ checkov: $(CHECKOV)
 
 test: setup prometheus postgresql chromium checkov
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m pytest -q -rs --durations=15
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # the quick loop: everything but the tests marked slow (real servers, training runs)
 test-fast: setup

@@ -373,7 +373,7 @@ def write_serving_state(root: str | Path, name: str, version: int) -> ServingSta
         old = read_serving_state(root, name)
     except ServingStateError:
         old = None  # a broken file is replaced by a good one; that is how it gets repaired
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     state = ServingState(name, version, now, old.version if old else None)
     fd, tmp = tempfile.mkstemp(prefix=f".{SERVING_FILENAME}.", dir=path.parent)
     try:

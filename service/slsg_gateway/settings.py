@@ -111,7 +111,7 @@ class Settings(BaseSettings):
             try:
                 ipaddress.ip_network(network, strict=False)
             except ValueError as exc:
-                raise ValueError(f"metrics_networks: {network!r} is not a network (CIDR like 10.0.0.0/8): {exc}")
+                raise ValueError(f"metrics_networks: {network!r} is not a network (CIDR like 10.0.0.0/8): {exc}") from None
         return value
 
     def concurrent_batches(self) -> int:

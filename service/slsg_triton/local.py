@@ -43,7 +43,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from slsg.contract import CONFIG_FILENAME, MODEL_FILENAME, list_versions
 from slsg.triton_config import ConfigError, config_to_text, load_config

@@ -8,7 +8,6 @@ starts from, the figures come from the runs, stored runs are reused or protected
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

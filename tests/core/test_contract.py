@@ -7,8 +7,8 @@ import pytest
 
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import (
-    ANOMALY_MAP_CALIBRATED, ANOMALY_MAP_PROBABILITY, MODEL_CARD_KEY, Calibration, ModelCard, beta_quantile, calibration_exceedances, images_for_fpr, list_models, list_versions,
-    model_path, next_version, validate_model_name,
+    ANOMALY_MAP_CALIBRATED, ANOMALY_MAP_PROBABILITY, MODEL_CARD_KEY, Calibration, ModelCard, beta_quantile,
+    calibration_exceedances, images_for_fpr, list_models, list_versions, model_path, next_version, validate_model_name,
 )
 
 

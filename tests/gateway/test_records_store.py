@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, UTC
 
 import numpy as np
 import pytest
@@ -77,7 +77,7 @@ def test_query_filters_and_paging(store):
     assert ids(store.query(decision="normal", model="a")) == [records[i].id for i in (5, 3, 1)]
     assert ids(store.query(review="pending")) == [records[i].id for i in (8, 6, 4, 2)]
     assert ids(store.query(review="defect")) == [records[0].id]
-    assert ids(store.query(since=datetime.fromtimestamp(t0 + 3, timezone.utc), until=t0 + 5)) == \
+    assert ids(store.query(since=datetime.fromtimestamp(t0 + 3, UTC), until=t0 + 5)) == \
         [records[4].id, records[3].id]
     first = store.query(limit=4)
     second = store.query(limit=4, cursor=first.next_cursor)

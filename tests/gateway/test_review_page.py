@@ -3,7 +3,6 @@ against a real gateway (uvicorn on loopback, embedded ONNX backend, embedded rec
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from pathlib import Path

@@ -73,7 +73,7 @@ def test_segmentation_finds_the_parts_of_a_toy_image(fitted):
         with torch.no_grad():
             x = to_tensor(image)[None]
             segments = check.segment(check.descriptor(x, fitted.reference_encoder(x))).argmax(1)[0]
-        for name, y, x0 in placed:  # a part's centre lies in a part kind, and each kind has one cluster
+        for _name, y, x0 in placed:  # a part's centre lies in a part kind, and each kind has one cluster
             assert bool(check.things[segments[y, x0]])
         by_kind = {name: {int(segments[y, x0]) for n, y, x0 in placed if n == name} for name in counts if counts[name]}
         assert all(len(ids) == 1 for ids in by_kind.values()) and len(set().union(*by_kind.values())) == len(by_kind)

@@ -117,7 +117,7 @@ def test_clear_anomalies_keep_their_order_through_onnx(model, card, tmp_path):
         [OUTPUT_SCORE], {INPUT_IMAGE: frames})[0][:, 0]
     with torch.no_grad():
         x = InferenceGraph(confident, sure.top_k, cal).double()
-        out = x.model(((torch.from_numpy(frames).permute(0, 3, 1, 2).double() - x.mean) / x.std))
+        out = x.model((torch.from_numpy(frames).permute(0, 3, 1, 2).double() - x.mean) / x.std)
         raw = confident.score_images(out, sure.top_k).float()
         log_odds = confident.score_log_odds(out, sure.top_k).numpy()
     assert torch.all(raw == 1.0)  # the paper's score cannot tell these images apart

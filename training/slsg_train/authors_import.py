@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ def _payload(model, category: str, weights: Path, conversion: Conversion, data_r
         "backbone": model.config.backbone, "image_size": list(AUTHORS_IMAGE_SIZE), "normalisation": normalisation(),
         "top_k": AUTHORS_TOP_K, "resize": RESIZE_LANCZOS, "data_hash": "", "data_root": data_root,
         "model_state": model.state_dict(), "project_version": __version__, "calibration": None,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "imported_from": {"path": str(weights.resolve()), "sha256": _sha256(weights), **conversion.summary(),
                           "unused_keys": conversion.unused, "alias_keys": conversion.aliases},
     }

@@ -17,7 +17,8 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any, Awaitable
+from typing import Any
+from collections.abc import Awaitable
 
 import numpy as np
 

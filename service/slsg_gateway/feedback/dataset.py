@@ -30,9 +30,10 @@ import io
 import json
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -193,6 +194,6 @@ def _write_manifest(target: Path, store: RecordStore, model: str, holdout: float
                     entries: list[dict[str, Any]], train_good: Path | None) -> None:
     manifest = {"model": model, "records": store.description, "holdout": holdout,
                 "train_good": str(train_good.resolve()) if train_good else "validation/good",
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "defect_type": DEFECT_TYPE, "images": entries}
     (target / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from slsg_gateway.records.store import SCHEMA, RecordStore, StoredFiles
 

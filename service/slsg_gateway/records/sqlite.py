@@ -11,7 +11,8 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from slsg_gateway.records.model import record_time
 from slsg_gateway.records.store import SCHEMA, RecordStore, StoredFiles

@@ -13,7 +13,8 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 from slsg_gateway.imaging import heatmap_png
 from slsg_gateway.records.model import (
@@ -133,7 +134,7 @@ class RecordStore(ABC):
     @abstractmethod
     def _delete_files(self, cur: Any, ids: list[str]) -> None: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a store without a connection has nothing to release
         """Release the connection; the store is unusable afterwards."""
 
     @property

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from slsg_gateway.records.model import NewRecord
 from slsg_gateway.records.store import RecordStore

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Annotated
 from urllib.parse import urlencode
 
@@ -70,7 +70,7 @@ def parse_time(value: str | None, now: float | None = None) -> float | None:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise BadImage(f"time {value!r} is not 1h/7d, epoch milliseconds or ISO 8601", code="invalid_request") from None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 @router.get("", include_in_schema=False)

@@ -10,7 +10,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repository", default="model_repository", help="Triton model repository root")
     p.add_argument("--name", required=True, help="model name in the repository (e.g. the product)")
     p.add_argument("--version", type=int, default=None, help="version number (default: next free one)")
-    p.add_argument("--metrics", default=None, help="metrics.json from `slsg evaluate` (default: RUN_DIR/eval/metrics.json if present)")
+    p.add_argument("--metrics", default=None,
+                   help="metrics.json from `slsg evaluate` (default: RUN_DIR/eval/metrics.json if present)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--tensorrt", action="store_true", help="enable Triton's TensorRT FP16 accelerator in config.pbtxt")
     p.add_argument("--cpu-config", action="store_true", help="instance group on CPU instead of GPU in config.pbtxt")

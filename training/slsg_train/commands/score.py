@@ -21,7 +21,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
-    from pathlib import Path
 
     from slsg_train.checkpoint import CheckpointError
     from slsg_train.data.loco import load_rgb

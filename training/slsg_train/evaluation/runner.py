@@ -117,7 +117,8 @@ def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str 
         batch = samples[start:start + batch_size]
         originals = [s.load_image() for s in batch]
         maps, raw, log_odds, map_log_odds = predict(
-            loaded.model, [resize_rgb(im, loaded.image_size, loaded.resize) for im in originals], loaded.top_k, device, batch_size)
+            loaded.model, [resize_rgb(im, loaded.image_size, loaded.resize) for im in originals], loaded.top_k, device,
+            batch_size)
         # what the exported model answers, and what the heat-map grid ranks and shows: raw scores and
         # probabilities tie at 1.0
         shown = np.atleast_1d(cal.calibrated_score(log_odds)) if cal else raw

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,7 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         top_k=loaded.top_k, calibration=loaded.calibration.on_calibrated_map(), metrics=_find_metrics(req),
         training_data_hash=payload.get("data_hash", ""), image_colour=payload.get("image_colour", ""),
         project_version=__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         extra={"checkpoint_step": payload["step"], "calibration_stats": payload.get("calibration_stats", {})},
         resize=loaded.resize,
     )

@@ -11,6 +11,7 @@ from slsg_train.metrics.spro import (
 
 __all__ = [
     "AU_SPRO_LIMITS", "ImageMaps", "PixelROC", "SPROByType", "SPROCurve", "au_spro", "au_spro_by_type",
-    "au_spro_error_bound", "auroc", "auroc_from_counts", "image_auroc_by_defect", "image_auroc_by_type", "pixel_auroc", "roc_curve",
+    "au_spro_error_bound", "auroc", "auroc_from_counts", "image_auroc_by_defect", "image_auroc_by_type", "pixel_auroc",
+    "roc_curve",
     "saturation_area", "spro_curve", "type_key",
 ]

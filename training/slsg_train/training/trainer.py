@@ -14,7 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,7 @@ class TrainingRun:
             "data_root": str(self.data_root.resolve()),
             "model_state": model.state_dict(), "project_version": __version__,
             "input_size_choice": self.input_size_choice,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"), **extra,
         }
 
     def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
