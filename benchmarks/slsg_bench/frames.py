@@ -16,13 +16,10 @@ LOCO_FRAME_SIZE = (1600, 1280)  # (width, height)
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """``"1600x1280"`` -> (1600, 1280) = (width, height)."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"frame size {text!r}: expected WIDTHxHEIGHT, e.g. 1600x1280") from None
-    if width < 8 or height < 8:
-        raise ValueError(f"frame size {text!r}: both sides must be at least 8 pixels")
+    """``"1600x1280"`` -> (1600, 1280) = (width, height), the order camera_jpeg takes."""
+    from slsg.sizes import parse_size
+
+    height, width = parse_size(text, minimum=8, what="frame size", form="WIDTHxHEIGHT, e.g. 1600x1280")
     return width, height
 
 

@@ -7,16 +7,13 @@ import sys
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-    """``256`` -> (256, 256); ``320x256`` (width x height) -> (256, 320) as (H, W)."""
-    parts = text.lower().split("x")
+    """(H, W) of ``N`` or ``WxH``, as an argparse type."""
+    from slsg.sizes import parse_size
+
     try:
-        sides = [int(p) for p in parts]
-    except ValueError:
-        sides = []
-    if len(sides) not in (1, 2) or min(sides, default=0) < 1:
-        raise argparse.ArgumentTypeError(f"invalid image size {text!r}: expected N or WxH, e.g. 256 or 320x256")
-    width, height = sides if len(sides) == 2 else sides * 2
-    return height, width
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -93,7 +93,7 @@ class SimulatedDefect:
     clip: list[Shape] | None = None
 
 
-AnomalySimulator = Callable[[Scene, np.random.Generator], SimulatedDefect | None]  # None: not applicable
+DefectDrawer = Callable[[Scene, np.random.Generator], SimulatedDefect | None]  # None: not applicable
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class DefectSpec:
     """A defect type of a synthetic category: its simulator and its sPRO saturation rule."""
 
     name: str
-    simulate: AnomalySimulator
+    simulate: DefectDrawer
     relative_saturation: bool
     saturation: float  # fraction of the defect's area (relative) or of the image area (absolute)
 

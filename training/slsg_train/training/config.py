@@ -165,15 +165,10 @@ def resolve_train_config(category: str, layers: list[dict[str, Any]]) -> TrainCo
 def parse_image_size(text: str | int) -> tuple[int, int] | str:
     """'256' -> (256, 256); '320x256' (WxH) -> (256, 320), both sides multiples of 32; 'auto' and
     'auto:N' stay as they are (lower case), to be resolved from the training images."""
+    from slsg.sizes import parse_size
     from slsg_train.data.input_size import parse_auto
 
     text = str(text).strip().lower()
     if parse_auto(text) is not None:
         return text
-    try:
-        w, h = (int(v) for v in text.split("x", 1)) if "x" in text else (int(text),) * 2
-    except ValueError:
-        raise ValueError(f"image size {text!r}: expected N, WxH or auto[:N]") from None
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise ValueError(f"image size {text!r}: both sides must be positive multiples of 32")
-    return h, w
+    return parse_size(text, multiple=32, minimum=32, form="N, WxH or auto[:N]")
