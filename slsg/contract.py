@@ -30,6 +30,8 @@ from typing import Any
 INPUT_IMAGE = "image"
 OUTPUT_ANOMALY_MAP = "anomaly_map"
 OUTPUT_SCORE = "score"
+# FP32 [N, K]: parts found per part kind; only in models whose card lists part kinds (ModelCard.part_kinds)
+OUTPUT_PART_COUNTS = "part_counts"
 MODEL_CARD_KEY = "slsg.model_card"
 MODEL_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.pbtxt"
@@ -191,6 +193,22 @@ def images_for_fpr(target_fpr: float) -> int:
 
 
 @dataclass
+class PartKind:
+    """A part kind the model's component check counts: column ``i`` of ``part_counts`` is ``part_kinds[i]``."""
+
+    name: str  # what the inspection answer calls it ("kind 1", or a colour name)
+    expected: int  # the rounded mean count on the normal training images
+    tolerance: int = 0  # a count off by more than this is explained in the answer
+
+    def explain(self, found: float) -> dict[str, Any] | None:
+        """``{"part", "found", "expected"}`` when ``found`` is off by more than the tolerance, else None."""
+        count = int(round(float(found)))
+        if abs(count - self.expected) <= self.tolerance:
+            return None
+        return {"part": self.name, "found": count, "expected": self.expected}
+
+
+@dataclass
 class ModelCard:
     """What a deployed model says about itself (stored as ONNX metadata and Triton parameters)."""
 
@@ -210,6 +228,8 @@ class ModelCard:
     # what the training images were: "colour", "greyscale" (three equal channels), or "" (not recorded)
     image_colour: str = ""
     resize: str = RESIZE_BILINEAR  # the filter frames are resized with (RESIZE_FILTERS); older cards: bilinear
+    # the component check's part kinds, in the order of the graph's part_counts columns; none: no such output
+    part_kinds: list[PartKind] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_FILTERS:
@@ -223,7 +243,18 @@ class ModelCard:
         data = json.loads(text)
         data["calibration"] = Calibration.from_dict(data.get("calibration", {}))
         data.setdefault("anomaly_map_scale", ANOMALY_MAP_PROBABILITY)  # a card from before the field
+        data["part_kinds"] = [PartKind(**_known_fields(PartKind, k)) for k in data.get("part_kinds", [])]
         return cls(**_known_fields(cls, data))
+
+
+def explain_counts(card: ModelCard, counts: Any) -> list[dict[str, Any]]:
+    """The part kinds of ``card`` whose count in ``counts`` (one image's ``part_counts`` row) is off."""
+    row = [float(c) for c in counts]
+    if len(row) != len(card.part_kinds):
+        raise ValueError(f"part_counts has {len(row)} columns, the card of {card.name!r} lists "
+                         f"{len(card.part_kinds)} part kinds")
+    found = (kind.explain(c) for kind, c in zip(card.part_kinds, row))
+    return [e for e in found if e is not None]
 
 
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from slsg.contract import (
-    CONFIG_FILENAME, INPUT_IMAGE, MODEL_CARD_KEY, MODEL_FILENAME, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE,
+    CONFIG_FILENAME, INPUT_IMAGE, MODEL_CARD_KEY, MODEL_FILENAME, OUTPUT_ANOMALY_MAP, OUTPUT_PART_COUNTS, OUTPUT_SCORE,
     ModelCard, validate_model_name,
 )
 
@@ -99,6 +99,7 @@ def production_config(
 
     Shapes follow the contract without the batch dimension (``max_batch_size > 0`` makes it
     implicit): ``image`` UINT8 [H, W, 3] -> ``anomaly_map`` FP32 [1, H, W], ``score`` FP32 [1].
+    A card with part kinds adds ``part_counts`` FP32 [K] (K part kinds).
     ``num_versions=2`` keeps the previous version loaded next to the newest for A/B checks.
     """
     validate_model_name(name)
@@ -117,7 +118,9 @@ def production_config(
         "]",
         "output [",
         f"  {{ name: {_quote(OUTPUT_ANOMALY_MAP)} data_type: TYPE_FP32 dims: [ 1, {h}, {w} ] }},",
-        f"  {{ name: {_quote(OUTPUT_SCORE)} data_type: TYPE_FP32 dims: [ 1 ] }}",
+        f"  {{ name: {_quote(OUTPUT_SCORE)} data_type: TYPE_FP32 dims: [ 1 ] }}" + ("," if card.part_kinds else ""),
+        f"  {{ name: {_quote(OUTPUT_PART_COUNTS)} data_type: TYPE_FP32 dims: [ {len(card.part_kinds)} ] }}"
+        if card.part_kinds else "",
         "]",
         "dynamic_batching {",
         f"  preferred_batch_size: [ {preferred} ]" if preferred_batch_sizes else "",

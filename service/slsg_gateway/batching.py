@@ -31,6 +31,7 @@ class BatchItem:
     anomaly_map: np.ndarray  # [H, W]
     score: float
     infer_ms: float  # the whole batch's backend time
+    part_counts: np.ndarray | None = None  # [K]: parts found per part kind (models whose card lists them)
 
 
 @dataclass
@@ -116,7 +117,9 @@ class MicroBatcher:
         infer_ms = (time.perf_counter() - t0) * 1e3
         for i, p in enumerate(items):
             if not p.future.done():
-                p.future.set_result(BatchItem(output.version, output.anomaly_map[i], float(output.score[i]), infer_ms))
+                counts = None if output.part_counts is None else output.part_counts[i]
+                p.future.set_result(BatchItem(output.version, output.anomaly_map[i], float(output.score[i]), infer_ms,
+                                              counts))
 
     async def close(self) -> None:
         for timer in self._timers.values():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from slsg.contract import DECISION_THRESHOLD, RESIZE_BILINEAR
+from slsg.contract import DECISION_THRESHOLD, RESIZE_BILINEAR, explain_counts
 from slsg.image_modes import COLOUR
 from slsg_gateway.backends.base import Backend, ServedModel
 from slsg_gateway.batching import BatchItem, MicroBatcher
@@ -26,7 +26,7 @@ from slsg_gateway.limits import DecodeBudget
 from slsg_gateway.metrics import GatewayMetrics
 from slsg_gateway.records.recorder import Recorder
 from slsg_gateway.regions import find_regions
-from slsg_gateway.schemas import Box, Heatmap, InspectionResult, Region, Timings
+from slsg_gateway.schemas import Box, Explanation, Heatmap, InspectionResult, Region, Timings
 from slsg_gateway.settings import Settings
 
 HeatmapMode = Literal["overlay", "map"]
@@ -36,6 +36,13 @@ HeatmapMode = Literal["overlay", "map"]
 class Inspection:
     result: InspectionResult
     heatmap_png: bytes | None = None
+
+
+def explanations(model: ServedModel, item: BatchItem) -> list[Explanation]:
+    """The part kinds whose count in ``item`` is off (none for a model that counts no parts)."""
+    if model.card is None or not model.card.part_kinds or item.part_counts is None:
+        return []
+    return [Explanation(**e) for e in explain_counts(model.card, item.part_counts)]
 
 
 def frame_warnings(model: ServedModel, frame: Frame) -> list[str]:
@@ -102,6 +109,7 @@ class Inspector:
             is_anomalous=item.score >= threshold, image_width=frame.width, image_height=frame.height,
             regions=regions, timings=Timings(**{f"{k}_ms": round(v, 3) for k, v in timings.items()}),
             camera_id=camera_id, line_id=line_id, warnings=frame_warnings(model, frame),
+            explanations=explanations(model, item),
             heatmap=Heatmap(mode=heatmap, width=png_size[0], height=png_size[1],
                             png_base64=base64.b64encode(png).decode()) if png else None,
         )

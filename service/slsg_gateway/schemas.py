@@ -50,6 +50,12 @@ class Heatmap(BaseModel):
     png_base64: str
 
 
+class Explanation(BaseModel):
+    part: str = Field(description="the part kind, as the model card's part_kinds name it")
+    found: int = Field(description="how many parts of this kind the image holds")
+    expected: int = Field(description="how many a normal image holds (the training images' mean, rounded)")
+
+
 class InspectionResult(BaseModel):
     id: str | None = Field(default=None, description="the inspection record's id (GET /v1/inspections/{id}); "
                                                      "null when the gateway records nothing (SLSG_RECORDS=off)")
@@ -68,6 +74,9 @@ class InspectionResult(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="what may make this answer less reliable, "
                                 "e.g. a greyscale frame sent to a model trained on colour images")
     heatmap: Heatmap | None = None
+    explanations: list[Explanation] = Field(
+        default_factory=list, description="the part kinds whose count is off by more than the card's tolerance "
+        "(models with a component check); empty when every count fits or the model counts no parts")
 
 
 class BatchItemError(BaseModel):

@@ -113,7 +113,7 @@ def test_component_check_exports_and_the_served_answer_equals_the_checkpoint(fit
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     onnx_map, onnx_score = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: frames})
     with torch.no_grad():
-        torch_map, torch_score = InferenceGraph(fitted, card.top_k, card.calibration)(torch.from_numpy(frames))
+        torch_map, torch_score = InferenceGraph(fitted, card.top_k, card.calibration)(torch.from_numpy(frames))[:2]
     np.testing.assert_allclose(onnx_score, torch_score.numpy(), atol=1e-4)
     np.testing.assert_allclose(onnx_map, torch_map.numpy(), atol=1e-4)
     assert onnx_score[1:].min() > onnx_score[0]  # the wrong counts score above the normal scene
@@ -145,3 +145,66 @@ def test_box_scenes_hold_fixed_counts_and_one_washer_shade_and_logical_defects_b
         box_washer_mismatch(mismatch, rng)
         shades = washer_colours(mismatch)
         assert max(abs(a - b) for c1 in shades for c2 in shades for a, b in zip(c1, c2)) >= 18  # half the range
+
+
+def _export_box(fitted: SLSG, tmp_path, frames: np.ndarray):
+    from slsg_train.export.onnx_export import export_onnx
+
+    card = ModelCard(name="box", category="box", backbone="efficientnet_lite0", input_height=SIZE,
+                     input_width=SIZE, top_k=top_k_for_size(SIZE, SIZE),
+                     calibration=Calibration(raw_threshold=0.8, score_min=0.5, score_max=1.0), project_version="test")
+    return export_onnx(fitted, card, tmp_path / "box" / "1" / "model.onnx", verify_images=list(frames))
+
+
+def test_exported_part_counts_equal_the_checkpoints_counts_and_the_card_lists_the_kinds(fitted, tmp_path):
+    import onnxruntime as ort
+
+    from slsg.contract import MODEL_CARD_KEY, OUTPUT_PART_COUNTS
+    from slsg.triton_config import parse_config, production_config
+
+    rng = np.random.default_rng(13)
+    frames = np.stack([_scene(rng)[0], _scene(rng, {"red": 3})[0], _scene(rng, {"blue": 1})[0],
+                       _scene(rng, {"red": 0, "blue": 5})[0]])
+    result = _export_box(fitted, tmp_path, frames)
+    kinds = result.card.part_kinds
+    # expected counts from the normal scenes (2 red, 3 blue), named by their colour, no slack: counts never vary
+    assert sorted((k.expected, k.name.split("(")[1]) for k in kinds) == [(2, "red)"), (3, "blue)")]
+    assert [k.tolerance for k in kinds] == [0, 0]
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert ModelCard.from_json(session.get_modelmeta().custom_metadata_map[MODEL_CARD_KEY]) == result.card
+    (onnx_counts,) = session.run([OUTPUT_PART_COUNTS], {INPUT_IMAGE: frames})
+    _, counts = _raw(fitted, list(frames))
+    columns = fitted.component_check.part_columns()
+    np.testing.assert_array_equal(onnx_counts, counts[:, columns].numpy())
+    by_colour = {k.name.split("(")[1][:-1]: i for i, k in enumerate(kinds)}
+    assert onnx_counts[:, by_colour["red"]].tolist() == [2, 3, 2, 0]
+    assert onnx_counts[:, by_colour["blue"]].tolist() == [3, 3, 1, 5]
+    config = parse_config(production_config("box", result.card))
+    assert [(o.name, list(o.dims)) for o in config.output][-1] == (OUTPUT_PART_COUNTS, [2])
+
+
+def test_the_gateway_explains_an_extra_part_and_not_a_normal_scene(fitted, tmp_path):
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from slsg_gateway.server import BackgroundGateway
+    from slsg_gateway.settings import Settings
+
+    rng = np.random.default_rng(17)
+    normal, extra = _scene(rng)[0], _scene(rng, {"red": 3})[0]
+    result = _export_box(fitted, tmp_path / "repository", np.stack([normal, extra]))
+    red = next(k.name for k in result.card.part_kinds if k.name.endswith("(red)"))
+
+    def png(pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    settings = Settings(repository=tmp_path / "repository", port=0, records="off")
+    with BackgroundGateway(settings) as gw:
+        answers = [httpx.post(f"{gw.url}/v1/models/box/inspect", files={"file": ("f.png", png(im), "image/png")},
+                              timeout=30).json() for im in (normal, extra)]
+    assert answers[0]["explanations"] == []
+    assert answers[1]["explanations"] == [{"part": red, "found": 3, "expected": 2}]

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from slsg.contract import ModelCard
+from slsg.contract import OUTPUT_ANOMALY_MAP, OUTPUT_PART_COUNTS, OUTPUT_SCORE, ModelCard
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,20 @@ class ServedModel:
 
 @dataclass
 class InferenceOutput:
-    """One batch's outputs: ``anomaly_map`` [N, H, W] float32 and ``score`` [N] float32."""
+    """One batch's outputs: ``anomaly_map`` [N, H, W] float32, ``score`` [N] float32 and, for a model whose
+    card lists part kinds, ``part_counts`` [N, K] float32."""
 
     version: int
     anomaly_map: np.ndarray
     score: np.ndarray
     extra: dict = field(default_factory=dict)
+    part_counts: np.ndarray | None = None
+
+
+def requested_outputs(card: ModelCard | None) -> list[str]:
+    """The graph outputs to ask for: the map and score, and the part counts when the card lists part kinds."""
+    counts = [OUTPUT_PART_COUNTS] if card is not None and card.part_kinds else []
+    return [OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, *counts]
 
 
 class Backend(abc.ABC):

@@ -18,10 +18,10 @@ import numpy as np
 import onnxruntime as ort
 
 from slsg.contract import (
-    INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, ModelCard, list_models, list_versions,
-    model_path, validate_model_name,
+    INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_PART_COUNTS, ModelCard, list_models, list_versions, model_path,
+    validate_model_name,
 )
-from slsg_gateway.backends.base import Backend, InferenceOutput, ServedModel
+from slsg_gateway.backends.base import Backend, InferenceOutput, ServedModel, requested_outputs
 from slsg_gateway.errors import LoadFailed, ModelNotFound, ModelNotReady
 from slsg_gateway.settings import Settings
 
@@ -47,13 +47,13 @@ def open_contract_session(path: Path, version: int, threads: int = 0) -> _Sessio
     outputs = {o.name for o in session.get_outputs()}
     if INPUT_IMAGE not in inputs or inputs[INPUT_IMAGE].type != "tensor(uint8)":
         raise ValueError(f"{path}: no uint8 input {INPUT_IMAGE!r} (found {sorted(inputs)})")
-    missing = {OUTPUT_ANOMALY_MAP, OUTPUT_SCORE} - outputs
-    if missing:
-        raise ValueError(f"{path}: missing outputs {sorted(missing)} (found {sorted(outputs)})")
     meta = session.get_modelmeta().custom_metadata_map
     if MODEL_CARD_KEY not in meta:
         raise ValueError(f"{path}: no {MODEL_CARD_KEY!r} metadata entry")
     card = ModelCard.from_json(meta[MODEL_CARD_KEY])
+    missing = set(requested_outputs(card)) - outputs
+    if missing:
+        raise ValueError(f"{path}: missing outputs {sorted(missing)} (found {sorted(outputs)})")
     shape = inputs[INPUT_IMAGE].shape  # [batch, H, W, 3]; H, W may be symbolic in a dynamic export
     height = shape[1] if isinstance(shape[1], int) else card.input_height
     width = shape[2] if isinstance(shape[2], int) else card.input_width
@@ -120,9 +120,11 @@ class EmbeddedBackend(Backend):
         if images.shape[1:3] != (current.input_height, current.input_width):
             raise ModelNotReady(f"model {name!r} changed its input size during the request; retry")
         loop = asyncio.get_running_loop()
-        maps, scores = await loop.run_in_executor(
-            self._pool, lambda: current.session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: images}))
-        return InferenceOutput(current.version, maps[:, 0].astype(np.float32), scores.reshape(-1))
+        names = requested_outputs(current.card)
+        out = await loop.run_in_executor(self._pool, lambda: current.session.run(names, {INPUT_IMAGE: images}))
+        counts = dict(zip(names, out)).get(OUTPUT_PART_COUNTS)
+        return InferenceOutput(current.version, out[0][:, 0].astype(np.float32), out[1].reshape(-1),
+                               part_counts=None if counts is None else counts.astype(np.float32))
 
     async def load(self, name: str, version: int | None = None) -> ServedModel:
         try:

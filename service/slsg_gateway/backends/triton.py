@@ -22,8 +22,8 @@ from collections.abc import Awaitable
 
 import numpy as np
 
-from slsg.contract import INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, ModelCard
-from slsg_gateway.backends.base import Backend, InferenceOutput, ServedModel
+from slsg.contract import INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_PART_COUNTS, OUTPUT_SCORE, ModelCard
+from slsg_gateway.backends.base import Backend, InferenceOutput, ServedModel, requested_outputs
 from slsg_gateway.errors import BackendUnavailable, GatewayError, LoadFailed, ModelNotFound, ModelNotReady
 from slsg_gateway.logs import BackendHealth
 from slsg_gateway.settings import Settings
@@ -207,7 +207,9 @@ class TritonBackend(Backend):
         module = self._modules()
         tensor = module.InferInput(INPUT_IMAGE, list(images.shape), "UINT8")
         tensor.set_data_from_numpy(np.ascontiguousarray(images))
-        outputs = [module.InferRequestedOutput(OUTPUT_ANOMALY_MAP), module.InferRequestedOutput(OUTPUT_SCORE)]
+        model = self._models.get(name)
+        names = requested_outputs(model.card if model else None)
+        outputs = [module.InferRequestedOutput(output) for output in names]
         route = self._route.get(name)
         try:
             result = await self._call(f"inference of {name}", self._client.infer(
@@ -220,8 +222,10 @@ class TritonBackend(Backend):
         response = result.get_response()
         version = response.model_version if self._grpc else response.get("model_version", "0")
         maps = result.as_numpy(OUTPUT_ANOMALY_MAP)
+        counts = result.as_numpy(OUTPUT_PART_COUNTS) if OUTPUT_PART_COUNTS in names else None
         return InferenceOutput(int(version or 0), maps[:, 0].astype(np.float32),
-                               result.as_numpy(OUTPUT_SCORE).reshape(-1).astype(np.float32))
+                               result.as_numpy(OUTPUT_SCORE).reshape(-1).astype(np.float32),
+                               part_counts=None if counts is None else counts.astype(np.float32))
 
     async def load(self, name: str, version: int | None = None) -> ServedModel:
         self._route.pop(name, None)

@@ -71,7 +71,7 @@ def verification_images(payload: dict, size: tuple[int, int], limit: int = 2,
 
 def export_checkpoint(req: ExportRequest) -> ExportResult:
     from slsg.triton_config import write_config
-    from slsg_train.export.onnx_export import export_onnx
+    from slsg_train.export.onnx_export import export_onnx, with_part_kinds
     from slsg_train.inference import load_model
 
     validate_model_name(req.name)
@@ -96,6 +96,7 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         extra={"checkpoint_step": payload["step"], "calibration_stats": payload.get("calibration_stats", {})},
         resize=loaded.resize,
     )
+    card = with_part_kinds(card, loaded.model)  # the config declares part_counts when the graph has it
     created_dir = not target.parent.exists()
     try:
         check = export_onnx(loaded.model, card, target, verify_images=verification_images(payload, (h, w), resize=loaded.resize))

@@ -7,7 +7,9 @@ with the card's ``Calibration``: 0.5 at the threshold, in [0, 1], from the top-K
 which the graph takes from the logits so that clear anomalies do not all round to 1) and
 ``anomaly_map`` ([N, 1, H, W], each pixel's anomaly probability through the same calibration, from
 its log-odds: 0.5 at the threshold, and strong anomalies, whose probabilities are all 1.0 in
-float32, keep their order).
+float32, keep their order). A model with a fitted component check that found part kinds has a third
+output, ``part_counts`` ([N, K]: the parts found per kind, in the card's ``part_kinds`` order), which
+must equal the check's counts exactly.
 
 After the export, ONNX Runtime runs the file on random images (batch 1 and 3) and on any real
 images given; if an output differs from PyTorch by more than the tolerance, or anything fails,
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 from slsg.contract import (
     ANOMALY_MAP_CALIBRATED, IMAGENET_MEAN, IMAGENET_STD, INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP,
-    OUTPUT_SCORE, Calibration, ModelCard,
+    OUTPUT_PART_COUNTS, OUTPUT_SCORE, Calibration, ModelCard,
 )
 from slsg_train.models.slsg import SLSG, check_input_size
 
@@ -55,6 +57,7 @@ class ExportCheck:
     checked_images: int  # random + real images compared
     opset: int
     near_tie_images: int = 0  # images accepted under the near-tie rule (see verify_onnx)
+    card: ModelCard | None = None  # the card written into the file (with the part kinds it counts)
 
 
 def calibrate(log_odds: Tensor, calibration: Calibration) -> Tensor:
@@ -67,8 +70,26 @@ def calibrate(log_odds: Tensor, calibration: Calibration) -> Tensor:
     return torch.where(log_odds < threshold, below, above)
 
 
+def part_columns(model: SLSG) -> list[int]:
+    """The component check's part-kind clusters (the ``part_counts`` columns); [] without a fitted check."""
+    check = getattr(model, "component_check", None)
+    return check.part_columns() if check is not None and bool(check.fitted) else []
+
+
+def with_part_kinds(card: ModelCard, model: SLSG) -> ModelCard:
+    """``card`` listing the part kinds ``model`` counts (kept when it lists them already, the same number)."""
+    columns = part_columns(model)
+    if card.part_kinds and len(card.part_kinds) != len(columns):
+        raise ExportError(f"the card lists {len(card.part_kinds)} part kinds, the model's component check counts "
+                          f"{len(columns)}")
+    if card.part_kinds or not columns:
+        return card
+    return dataclasses.replace(card, part_kinds=model.component_check.part_kinds())
+
+
 class InferenceGraph(nn.Module):
-    """uint8 [N, H, W, 3] RGB -> (anomaly_map [N, 1, H, W], score [N, 1]), both float32 and calibrated."""
+    """uint8 [N, H, W, 3] RGB -> (anomaly_map [N, 1, H, W], score [N, 1]), both float32 and calibrated,
+    and with counted part kinds (:func:`part_columns`) part_counts [N, K]."""
 
     def __init__(self, model: SLSG, top_k: int, calibration: Calibration) -> None:
         super().__init__()
@@ -77,15 +98,33 @@ class InferenceGraph(nn.Module):
         self.calibration = calibration
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
+        columns = part_columns(model)
+        self.counts_parts = bool(columns)
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long))
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+    def output_names(self) -> list[str]:
+        return [OUTPUT_ANOMALY_MAP, OUTPUT_SCORE] + ([OUTPUT_PART_COUNTS] if self.counts_parts else [])
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         # (x/255 - mean)/std == (x - 255*mean)/(255*std): one subtraction and one division.
         # the buffers' dtype (float32 when exported; float64 for the verification reference)
         x = ((image.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) / self.std).contiguous()
         out = self.model(x)
         fused = self.model.anomaly_log_odds(out)
         log_odds = self.model.score_log_odds(out, self.top_k, fused).unsqueeze(1)  # [N, 1]
-        return calibrate(fused, self.calibration), calibrate(log_odds, self.calibration)
+        outputs = (calibrate(fused, self.calibration), calibrate(log_odds, self.calibration))
+        if not self.counts_parts:
+            return outputs
+        # the reference encoder and the segmentation run again here; ONNX Runtime's common subexpression
+        # elimination merges them with the check's own (same inputs, same nodes)
+        counts = self.model.component_check.counts(x, self.model.reference_encoder(x))
+        return (*outputs, counts.index_select(1, self.columns))
+
+
+def _maps_and_scores(graph: InferenceGraph, frames: np.ndarray) -> tuple[Tensor, Tensor]:
+    """The graph's (anomaly_map, score) for uint8 ``frames``, without the part counts."""
+    out = graph(torch.from_numpy(frames))
+    return out[0], out[1]
 
 
 def _check_inputs(card: ModelCard, verify_images: list[np.ndarray]) -> None:
@@ -107,7 +146,7 @@ def _write_onnx(graph: InferenceGraph, card: ModelCard, path: Path, opset: int, 
 
     # torch.export specialises a batch of 1, so the dynamo path traces a batch of 2.
     dummy = torch.zeros(2 if dynamo else 1, card.input_height, card.input_width, 3, dtype=torch.uint8)
-    names = dict(input_names=[INPUT_IMAGE], output_names=[OUTPUT_ANOMALY_MAP, OUTPUT_SCORE])
+    names = dict(input_names=[INPUT_IMAGE], output_names=graph.output_names())
     batch = {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / deprecation chatter
@@ -119,7 +158,7 @@ def _write_onnx(graph: InferenceGraph, card: ModelCard, path: Path, opset: int, 
         else:
             torch.onnx.export(
                 graph, (dummy,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
-                dynamic_axes={INPUT_IMAGE: batch, OUTPUT_ANOMALY_MAP: batch, OUTPUT_SCORE: batch}, **names,
+                dynamic_axes={name: batch for name in [INPUT_IMAGE, *graph.output_names()]}, **names,
             )
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, {MODEL_CARD_KEY: card.to_json()})
@@ -165,7 +204,7 @@ def _run_capturing_graph_input(reference64: InferenceGraph, frame: np.ndarray) -
     # the hook returns None: a hook that returns a value replaces the block's output with it
     hook = reference64.model.graph.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
     try:
-        outputs = reference64(torch.from_numpy(frame[None]))
+        outputs = _maps_and_scores(reference64, frame[None])
     finally:
         hook.remove()
     return outputs, captured["x"]
@@ -183,7 +222,7 @@ def _matches_a_near_tie_flip(reference64: InferenceGraph, onnx_out: list[np.ndar
             offset = torch.zeros(1, nodes, nodes, dtype=graph_input.dtype)
             offset[0, tie.node, tie.lower] = 2 * tie.gap + 1e-12  # the lower candidate now ranks just above
             graph_block.similarity_offset = offset
-            flipped = _image_diffs(onnx_out, reference64(torch.from_numpy(frame[None])), 1, gain)
+            flipped = _image_diffs(onnx_out, _maps_and_scores(reference64, frame[None]), 1, gain)
             if flipped.max() <= tolerance:
                 return True
     finally:
@@ -213,7 +252,7 @@ def verify_onnx(path: Path, graph: InferenceGraph, batches: list[np.ndarray],
     for batch in batches:
         onnx_out = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: batch})
         with torch.no_grad():
-            diffs = _image_diffs(onnx_out, graph(torch.from_numpy(batch)), len(batch), gain)
+            diffs = _image_diffs(onnx_out, _maps_and_scores(graph, batch), len(batch), gain)
             for i in np.flatnonzero(~(diffs.max(axis=1) <= tolerance)):  # also catches NaN
                 reference64 = reference64 or copy.deepcopy(graph).double()
                 one = [out[i:i + 1] for out in onnx_out]
@@ -229,7 +268,20 @@ def verify_onnx(path: Path, graph: InferenceGraph, batches: list[np.ndarray],
                         f"ONNX Runtime differs from PyTorch by {diffs[i].max():.3g} (anomaly_map {diffs[i, 0]:.3g}, "
                         f"score {diffs[i, 1]:.3g}, over the calibration's slope) > tolerance {tolerance:g}")
         worst = np.maximum(worst, diffs.max(axis=0))
+    if graph.counts_parts:
+        _verify_counts(session, graph, batches)
     return ExportCheck(path, float(worst[0]), float(worst[1]), sum(len(b) for b in batches), 0, near_ties)
+
+
+def _verify_counts(session, graph: InferenceGraph, batches: list[np.ndarray]) -> None:
+    """ONNX Runtime's part counts must equal PyTorch's exactly: they are whole numbers the answer shows."""
+    for batch in batches:
+        (onnx_counts,) = session.run([OUTPUT_PART_COUNTS], {INPUT_IMAGE: batch})
+        with torch.no_grad():
+            torch_counts = graph(torch.from_numpy(batch))[2].numpy()
+        if onnx_counts.shape != torch_counts.shape or not np.array_equal(onnx_counts, torch_counts):
+            raise ExportError(f"ONNX Runtime's part counts {onnx_counts.tolist()} differ from PyTorch's "
+                              f"{torch_counts.tolist()} for a batch of {len(batch)}")
 
 
 def export_onnx(
@@ -247,6 +299,8 @@ def export_onnx(
     random ones. Raises :class:`ExportError` (and leaves nothing at ``path``) if ONNX Runtime
     differs from PyTorch by more than ``tolerance`` (max abs) or any step fails.
     ``dynamo`` selects torch.export instead of the (faster) TorchScript exporter.
+    A fitted component check adds ``part_counts`` and the part kinds to the card (:func:`with_part_kinds`);
+    the returned check's ``card`` is the card written.
     """
     path = Path(path)
     verify_images = list(verify_images or [])
@@ -259,6 +313,7 @@ def export_onnx(
         if not bool(check.fitted):
             raise ExportError(f"the model's {check.name.replace('_', ' ')} was never fitted (training fits it before "
                               "calibration); export a checkpoint of a finished run")
+    card = with_part_kinds(card, model)
     graph = InferenceGraph(model, card.top_k, card.calibration).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx.tmp", dir=path.parent)
@@ -280,4 +335,4 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
         model.train(was_training)
-    return dataclasses.replace(check, path=path, opset=opset)
+    return dataclasses.replace(check, path=path, opset=opset, card=card)

@@ -31,10 +31,14 @@ fused by a pixelwise max like the other map checks (``reference.py``). Not in th
 
 from __future__ import annotations
 
+import colorsys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from slsg.contract import PartKind
 
 from .reference import MAP, Check, FitContext, ReferenceEncoder
 
@@ -51,6 +55,10 @@ FRAGMENT_SHARE = 0.3  # components below this share of their kind's typical area
 KMEANS_PIXELS, KMEANS_STEPS = 60000, 30
 # floors of the normal spreads: counts are whole numbers and identical on clean normal images
 COUNT_STD_FLOOR, AREA_STD_SHARE, COLOUR_STD_FLOOR = 0.25, 0.1, 0.002
+COUNT_TOLERANCE_STDS = 2  # a count further than this many normal standard deviations is explained
+GREY_SATURATION = 0.2  # part kinds less saturated than this are named "grey"
+HUE_NAMES = ((15, "red"), (45, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"), (260, "blue"),
+             (300, "purple"), (345, "magenta"), (360, "red"))  # (upper hue in degrees, name)
 # the image scores' spread on the calibration images, at least (in normal standard deviations): on clean
 # parts every deviation is ~0, and dividing by that spread would turn rounding noise into anomalies
 DEVIATION_STD_FLOOR = 0.5
@@ -192,6 +200,28 @@ class ComponentCheck(Check):
     def counts(self, x: Tensor, maps: list[Tensor]) -> Tensor:
         """[B, K]: how many parts of each kind the image holds (0 for the kinds that are not parts)."""
         return self.describe(x, maps)["count"] * self.things
+
+    def part_columns(self) -> list[int]:
+        """The clusters that are part kinds, ascending: the columns of the served ``part_counts``."""
+        return [int(k) for k in torch.nonzero(self.things).flatten()]
+
+    def part_kinds(self) -> list[PartKind]:
+        """The model card's description of :meth:`part_columns`: name ("kind i (colour)"), expected count
+        (the normal images' mean, rounded) and tolerance (``COUNT_TOLERANCE_STDS`` normal standard
+        deviations, whole parts; 0 where the normal count never varies)."""
+        return [PartKind(name=f"kind {i} ({self.colour_name(k)})", expected=int(round(float(self.count_mean[k]))),
+                         tolerance=int(COUNT_TOLERANCE_STDS * float(self.count_std[k]) + 1e-6))
+                for i, k in enumerate(self.part_columns(), start=1)]
+
+    def colour_name(self, cluster: int) -> str:
+        """A plain colour word for ``cluster``'s centre chromaticity (the descriptor's first three channels)."""
+        centre = self.centroids[cluster] / self.channel_weight.flatten() * self.feature_std.flatten()
+        chroma = (centre + self.feature_mean.flatten())[:3].clamp_min(0).tolist()
+        top = max(chroma) or 1.0
+        hue, saturation, _ = colorsys.rgb_to_hsv(*(c / top for c in chroma))
+        if saturation < GREY_SATURATION:
+            return "grey"
+        return next(name for upper, name in HUE_NAMES if hue * 360 <= upper)
 
     # ------------------------------------------------------------------ fitting
 
