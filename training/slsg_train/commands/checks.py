@@ -1,28 +1,32 @@
-"""`slsg calibrate`: re-choose a checkpoint's image-score threshold for a target false-positive rate.
+"""`slsg checks`: add, refit or remove a checkpoint's reference checks, then recalibrate it.
 
-The reference checks are refitted too (the composition check's trained autoencoder kept unless asked
-otherwise), their scales on one part of the normal images the run held out of training and the
-threshold on the other (see ``training/calibration.py``), so an older checkpoint whose checks were
-scaled on its threshold's own images gets a promise that holds."""
+Each ``--<check> on|off`` switches one check; every check the checkpoint then has is refitted (the
+composition check's trained autoencoder kept unless asked otherwise), and the threshold is chosen
+again with `slsg calibrate`'s step, so a checkpoint whose checks changed never keeps a stale threshold
+(its target false-positive rate is kept unless ``--fpr`` says otherwise)."""
 
 from __future__ import annotations
 
 import argparse
 
+SWITCHES = ("global_branch", "patch_memory", "composition_check", "component_check")
+COMPOSITION_SETTINGS = ("composition_steps", "composition_restoration")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
     p.add_argument("--data", default=None, help="data set root (default: the one the run was trained on)")
-    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on normal images (default 0.01)")
+    p.add_argument("--fpr", type=float, default=None,
+                   help="target false-positive rate of the new threshold (default: the checkpoint's)")
     p.add_argument("--global-branch", choices=("on", "off"), default=None,
-                   help="add or remove the global check before calibrating; closed form, no retraining")
+                   help="add or remove the global check; closed form, no retraining")
     p.add_argument("--patch-memory", choices=("on", "off"), default=None,
-                   help="add or remove the patch-memory check before calibrating; closed form, no retraining")
+                   help="add or remove the patch-memory check; closed form, no retraining")
     p.add_argument("--composition-check", choices=("on", "off"), default=None,
-                   help="add or remove the composition check before calibrating; trains its autoencoder "
+                   help="add or remove the composition check; trains its autoencoder "
                         "(a few minutes), keeps the SLSG weights")
     p.add_argument("--component-check", choices=("on", "off"), default=None,
-                   help="add or remove the component check before calibrating; closed form, no retraining")
+                   help="add or remove the component check; closed form, no retraining")
     p.add_argument("--composition-steps", type=int, default=None,
                    help="with --composition-check on: its autoencoder's training steps (default: the checkpoint's)")
     p.add_argument("--composition-restoration", type=float, default=None,
@@ -32,62 +36,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
     import sys
 
-    from slsg_train.checkpoint import CheckpointError, save_checkpoint
-    from slsg_train.data.loco import DataSetError, LocoCategory
-    from slsg_train.inference import load_model
-    from slsg_train.models import BackboneWeightsError, SLSGConfig
-    from slsg_train.training.calibration import (calibrate_threshold, legacy_held_out_train, small_calibration_warning,
-                                                 split_for_calibration)
-    from slsg_train.data.images import load_resized
+    from slsg_train.commands.calibrate import recalibrate
 
     try:
-        loaded = load_model(args.checkpoint, args.device)
-        payload = loaded.payload
-        category = LocoCategory(args.data or payload["data_root"], payload["category"])
-        model = loaded.model
-        switches = {name: value == "on" for name, value in
-                    (("global_branch", args.global_branch), ("patch_memory", args.patch_memory),
-                     ("composition_check", args.composition_check), ("component_check", args.component_check))
-                    if value is not None}
-        for name in ("composition_steps", "composition_restoration"):
-            if getattr(args, name) is not None:
-                if args.composition_check != "on":
-                    raise ValueError(f"--{name.replace('_', '-')} needs --composition-check on")
-                switches[name] = getattr(args, name)
-        has_checks = SLSGConfig.from_dict({**payload["model_config"], **switches}).uses_reference
-        # the images the run held out of training, and only those, may calibrate it
-        split_record = payload.get("calibration_split")
-        held = split_record["held_out_train"] if split_record else legacy_held_out_train(category)
-        split = split_for_calibration(category, args.fpr, has_checks, held_out_train=held)
-        if has_checks or switches:  # every check's scale is refitted on the scale images, never the threshold's
-            model = _switch_reference_checks(loaded, switches, split.train,
-                                             load_resized(split.scale, loaded.image_size, loaded.resize), args.device)
-        cal, stats = calibrate_threshold(model, load_resized(split.threshold, loaded.image_size, loaded.resize), loaded.top_k,
-                                         args.fpr, args.device, scale_images=len(split.scale))
-    except (CheckpointError, DataSetError, BackboneWeightsError, ValueError) as exc:
-        print(f"slsg calibrate: {exc}", file=sys.stderr)
+        switches = check_switches(args)
+    except ValueError as exc:
+        print(f"slsg checks: {exc}", file=sys.stderr)
         return 2
-    stats["held_out_train"] = split.held_out_train
-    payload["calibration_split"] = split.summary()
-    payload["model_state"] = model.state_dict()
-    payload["calibration"], payload["calibration_stats"] = dataclasses.asdict(cal), stats
-    path = payload.pop("path")
-    save_checkpoint(path, {k: v for k, v in payload.items() if k != "format"})
-    scales = f"; the checks' scales on {len(split.scale)} others" if split.scale else ""
-    print(f"raw threshold {cal.raw_threshold:.5f} for FPR {args.fpr:.2%} on {stats['num_images']} normal images "
-          f"(scores {stats['min']:.4f}..{stats['max']:.4f}{scales}); saved to {path}")
-    print(f"normal images expected at or above it: {stats['expected_fpr']:.2%} on average, under "
-          f"{stats['fpr_upper_90']:.2%} for nine calibration sets in ten")
-    warning = small_calibration_warning(cal)
-    if warning:
-        print(f"slsg calibrate: warning: {warning}", file=sys.stderr)
-    return 0
+    return recalibrate(args.checkpoint, args.data, args.fpr, args.device, switches, "checks")
 
 
-def _switch_reference_checks(loaded, switches: dict[str, bool], train_paths, scale_images, device: str):
+def check_switches(args: argparse.Namespace) -> dict[str, object]:
+    """The ``SLSGConfig`` fields the command line changes: each check switched on or off, and the
+    composition check's settings, which only a composition check being (re)trained can take."""
+    switches: dict[str, object] = {name: getattr(args, name) == "on" for name in SWITCHES
+                                   if getattr(args, name) is not None}
+    for name in COMPOSITION_SETTINGS:
+        if getattr(args, name) is not None:
+            if args.composition_check != "on":
+                raise ValueError(f"--{name.replace('_', '-')} needs --composition-check on")
+            switches[name] = getattr(args, name)
+    return switches
+
+
+def refit_checks(loaded, switches: dict[str, object], train_paths, scale_images, device: str):
     """The checkpoint's network with reference checks added or removed per ``switches`` and every
     remaining one (re)fitted; the reference encoder gets the backbone's ImageNet weights, not the
     pre-trained encoder's. The SLSG weights are kept, and so is a trained composition check unless

@@ -1,0 +1,89 @@
+"""`slsg calibrate`: re-choose a checkpoint's image-score threshold for a target false-positive rate.
+
+The checks the checkpoint has stay as they are; only their scales are refitted, on one part of the
+normal images the run held out of training, and the threshold is chosen on the other (see
+``training/calibration.py``), so an older checkpoint whose checks were scaled on its threshold's own
+images gets a promise that holds. Adding, refitting or removing checks is `slsg checks`, which ends
+with the same calibration step (:func:`recalibrate`)."""
+
+from __future__ import annotations
+
+import argparse
+
+# `slsg checks` flags: accepted here only to point at that command instead of argparse's bare refusal
+CHECK_FLAGS = ("--patch-memory", "--composition-check", "--global-branch", "--component-check",
+               "--composition-steps", "--composition-restoration")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
+    p.add_argument("--data", default=None, help="data set root (default: the one the run was trained on)")
+    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on normal images (default 0.01)")
+    p.add_argument("--device", default="cpu")
+    for flag in CHECK_FLAGS:
+        p.add_argument(flag, nargs="?", const="", default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    given = [flag for flag in CHECK_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if given:
+        print(f"slsg calibrate: {', '.join(given)}: calibrate re-chooses the threshold only; add, refit or "
+              f"remove checks with `slsg checks --checkpoint {args.checkpoint} {given[0]} ...`", file=sys.stderr)
+        return 2
+    return recalibrate(args.checkpoint, args.data, args.fpr, args.device, {}, "calibrate")
+
+
+def recalibrate(checkpoint: str, data: str | None, fpr: float | None, device: str,
+                switches: dict[str, object], command: str) -> int:
+    """Load ``checkpoint``, apply the check ``switches`` (none: keep its checks) while refitting every
+    check's scale, choose the threshold for ``fpr`` (None: the checkpoint's target) and save it in
+    place. Returns the exit status; errors are printed prefixed with `slsg <command>`."""
+    import dataclasses
+    import sys
+
+    from slsg_train.checkpoint import CheckpointError, save_checkpoint
+    from slsg_train.commands.checks import refit_checks
+    from slsg_train.data.images import load_resized
+    from slsg_train.data.loco import DataSetError, LocoCategory
+    from slsg_train.inference import load_model
+    from slsg_train.models import BackboneWeightsError, SLSGConfig
+    from slsg_train.training.calibration import (calibrate_threshold, legacy_held_out_train, small_calibration_warning,
+                                                 split_for_calibration)
+
+    try:
+        loaded = load_model(checkpoint, device)
+        payload = loaded.payload
+        if fpr is None:
+            fpr = float((payload.get("calibration") or {}).get("target_fpr", 0.01))
+        category = LocoCategory(data or payload["data_root"], payload["category"])
+        model = loaded.model
+        has_checks = SLSGConfig.from_dict({**payload["model_config"], **switches}).uses_reference
+        # the images the run held out of training, and only those, may calibrate it
+        split_record = payload.get("calibration_split")
+        held = split_record["held_out_train"] if split_record else legacy_held_out_train(category)
+        split = split_for_calibration(category, fpr, has_checks, held_out_train=held)
+        if has_checks or switches:  # every check's scale is refitted on the scale images, never the threshold's
+            model = refit_checks(loaded, switches, split.train,
+                                 load_resized(split.scale, loaded.image_size, loaded.resize), device)
+        cal, stats = calibrate_threshold(model, load_resized(split.threshold, loaded.image_size, loaded.resize),
+                                         loaded.top_k, fpr, device, scale_images=len(split.scale))
+    except (CheckpointError, DataSetError, BackboneWeightsError, ValueError) as exc:
+        print(f"slsg {command}: {exc}", file=sys.stderr)
+        return 2
+    stats["held_out_train"] = split.held_out_train
+    payload["calibration_split"] = split.summary()
+    payload["model_state"] = model.state_dict()
+    payload["calibration"], payload["calibration_stats"] = dataclasses.asdict(cal), stats
+    path = payload.pop("path")
+    save_checkpoint(path, {k: v for k, v in payload.items() if k != "format"})
+    scales = f"; the checks' scales on {len(split.scale)} others" if split.scale else ""
+    print(f"raw threshold {cal.raw_threshold:.5f} for FPR {fpr:.2%} on {stats['num_images']} normal images "
+          f"(scores {stats['min']:.4f}..{stats['max']:.4f}{scales}); saved to {path}")
+    print(f"normal images expected at or above it: {stats['expected_fpr']:.2%} on average, under "
+          f"{stats['fpr_upper_90']:.2%} for nine calibration sets in ten")
+    warning = small_calibration_warning(cal)
+    if warning:
+        print(f"slsg {command}: warning: {warning}", file=sys.stderr)
+    return 0
