@@ -89,6 +89,15 @@ def test_calibrate_changes_the_threshold_with_the_target_rate(trained, tmp_path)
     assert "at least 99" in proc.stderr and "25.00%" in proc.stderr
 
 
+def test_calibrate_refuses_check_flags_naming_slsg_checks(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"  # never read: the flags are refused first
+    for flags in (("--patch-memory", "off"), ("--composition-check", "on", "--composition-steps", "3"), ("--global-branch",)):
+        proc = slsg("calibrate", "--checkpoint", str(ckpt), *flags, check=False)
+        assert proc.returncode == 2 and "re-chooses the threshold only" in proc.stderr
+        assert f"`slsg checks --checkpoint {ckpt} {flags[0]}" in proc.stderr
+    assert not ckpt.exists()
+
+
 def test_export_writes_a_verified_versioned_model(trained, tmp_path):
     repo = tmp_path / "repo"
     slsg("evaluate", "--checkpoint", str(trained["checkpoint"]), "--data", str(trained["data"]),
@@ -264,12 +273,12 @@ def test_train_rejects_a_bad_settings_file_by_name(trained, tmp_path, text, mess
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_calibrate_adds_and_removes_the_global_branch_without_retraining(trained, tmp_path):
+def test_checks_adds_and_removes_the_global_branch_without_retraining(trained, tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(trained["checkpoint"].read_bytes())
     before = torch.load(ckpt, weights_only=False)
     info_before = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
-    slsg("calibrate", "--checkpoint", str(ckpt), "--global-branch", "on")
+    slsg("checks", "--checkpoint", str(ckpt), "--global-branch", "on")
     on = torch.load(ckpt, weights_only=False)
     info_on = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
     assert not info_before["global_branch"] and info_on["global_branch"]
@@ -281,24 +290,24 @@ def test_calibrate_adds_and_removes_the_global_branch_without_retraining(trained
     assert all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in shared)
     proc = slsg("evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--out", str(tmp_path / "eval"))
     assert "structural" in proc.stdout
-    slsg("calibrate", "--checkpoint", str(ckpt), "--global-branch", "off")
+    slsg("checks", "--checkpoint", str(ckpt), "--global-branch", "off")
     off = torch.load(ckpt, weights_only=False)
     assert off["model_config"]["global_branch"] is False and not any(k.startswith("global_branch.") for k in off["model_state"])
     assert off["calibration"]["raw_threshold"] == pytest.approx(before["calibration"]["raw_threshold"])
 
 
-def test_calibrate_removes_and_restores_the_patch_memory(trained, tmp_path):
+def test_checks_removes_and_restores_the_patch_memory(trained, tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(trained["checkpoint"].read_bytes())
     before = torch.load(ckpt, weights_only=False)
     assert before["model_config"]["patch_memory"] is True  # the default preset's
-    slsg("calibrate", "--checkpoint", str(ckpt), "--patch-memory", "off")
+    slsg("checks", "--checkpoint", str(ckpt), "--patch-memory", "off")
     off = torch.load(ckpt, weights_only=False)
     info_off = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
     assert off["model_config"]["patch_memory"] is False and not info_off["patch_memory"]
     assert not any(k.startswith("patch_memory.") for k in off["model_state"])
     assert any(k.startswith("reference_encoder.") for k in off["model_state"])  # the composition check's
-    slsg("calibrate", "--checkpoint", str(ckpt), "--patch-memory", "on")
+    slsg("checks", "--checkpoint", str(ckpt), "--patch-memory", "on")
     on = torch.load(ckpt, weights_only=False)
     info_on = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
     assert info_on["patch_memory"] and info_on["gflop_per_image"] > info_off["gflop_per_image"]
@@ -307,7 +316,7 @@ def test_calibrate_removes_and_restores_the_patch_memory(trained, tmp_path):
     assert on["calibration"]["raw_threshold"] == pytest.approx(before["calibration"]["raw_threshold"])
 
 
-def test_calibrate_refits_the_patch_memory_with_the_runs_seed(trained, tmp_path):
+def test_checks_refits_the_patch_memory_with_the_runs_seed(trained, tmp_path):
     payload = torch.load(trained["checkpoint"], weights_only=False)
     payload["model_config"]["patch_memory_size"] = 64  # fewer than the 8 x 64 candidate patches: a real choice
     payload["model_state"]["patch_memory.memory"] = payload["model_state"]["patch_memory.memory"][:64]
@@ -316,26 +325,26 @@ def test_calibrate_refits_the_patch_memory_with_the_runs_seed(trained, tmp_path)
         ckpt = tmp_path / f"seed{seed}.pt"
         payload["train_config"]["seed"] = seed
         torch.save(payload, ckpt)
-        slsg("calibrate", "--checkpoint", str(ckpt), "--patch-memory", "on")
+        slsg("checks", "--checkpoint", str(ckpt), "--patch-memory", "on")
         memories[seed] = torch.load(ckpt, weights_only=False)["model_state"]["patch_memory.memory"]
     assert memories[0].shape == memories[3].shape == (64, memories[0].shape[1])
     assert not torch.equal(memories[0], memories[3])  # the coreset's picks follow the run's seed, as in training
 
 
-def test_calibrate_removes_and_retrains_the_composition_check(trained, tmp_path):
+def test_checks_removes_and_retrains_the_composition_check(trained, tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(trained["checkpoint"].read_bytes())
     before = torch.load(ckpt, weights_only=False)
     assert before["model_config"]["composition_check"] is True  # the default preset's
     for flag, value in (("--composition-steps", "3"), ("--composition-restoration", "0.2")):
-        proc = slsg("calibrate", "--checkpoint", str(ckpt), flag, value, check=False)
+        proc = slsg("checks", "--checkpoint", str(ckpt), flag, value, check=False)
         assert proc.returncode == 2 and f"{flag} needs --composition-check on" in proc.stderr
-    slsg("calibrate", "--checkpoint", str(ckpt), "--composition-check", "off")
+    slsg("checks", "--checkpoint", str(ckpt), "--composition-check", "off")
     off = torch.load(ckpt, weights_only=False)
     info_off = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
     assert off["model_config"]["composition_check"] is False and not info_off["composition_check"]
     assert not any(k.startswith("composition_check.") for k in off["model_state"])
-    slsg("calibrate", "--checkpoint", str(ckpt), "--composition-check", "on", "--composition-steps", "4",
+    slsg("checks", "--checkpoint", str(ckpt), "--composition-check", "on", "--composition-steps", "4",
          "--composition-restoration", "0.25")
     on = torch.load(ckpt, weights_only=False)
     info_on = json.loads(slsg("info", "--checkpoint", str(ckpt), "--json").stdout)
