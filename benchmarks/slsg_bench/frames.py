@@ -19,7 +19,8 @@ def parse_size(text: str) -> tuple[int, int]:
     """``"1600x1280"`` -> (1600, 1280) = (width, height), the order camera_jpeg takes."""
     from slsg.sizes import parse_size
 
-    height, width = parse_size(text, minimum=8, what="frame size", form="WIDTHxHEIGHT, e.g. 1600x1280")
+    height, width = parse_size(text, minimum=8, what="frame size", form="WIDTHxHEIGHT, e.g. 1600x1280",
+                                square=False)
     return width, height
 
 
