@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-data", default=None, metavar="ROOT",
                    help="int8: data set root for the activation ranges and the threshold (default: the run's)")
     p.add_argument("--category", default=None, help="int8: category under --calibration-data (default: the run's)")
+    p.add_argument("--max-decision-change", type=float, default=None, metavar="SHARE",
+                   help="int8: refuse the export when INT8 and float32 decide differently on more than this share "
+                        "of the verification images (default 0.01)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint, repository=args.repository, name=args.name, version=args.version,
             metrics=args.metrics, max_batch_size=args.max_batch_size, tensorrt=args.tensorrt, gpu=not args.cpu_config,
             precision=args.precision, calibration_data=args.calibration_data, calibration_category=args.category,
+            max_decision_change=args.max_decision_change,
         ))
     except (CheckpointError, ExportError, DataSetError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"slsg export: {exc}", file=sys.stderr)

@@ -199,6 +199,8 @@ def export_int8(model: Any, card: ModelCard, path: str | Path, images: Int8Image
     or INT8 changes the decision on more than ``options.max_decision_change`` of the images.
     """
     options = options or Int8Options()
+    if not 0.0 <= options.max_decision_change <= 1.0:
+        raise ValueError(f"the share of decisions INT8 may change must be in [0, 1], got {options.max_decision_change}")
     bad = unknown_blocks(options.float_blocks)
     if bad:
         raise ValueError(f"unknown block(s) {bad}: the blocks are {', '.join([*BLOCKS, SCORE_TAIL])}")

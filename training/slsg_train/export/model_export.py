@@ -29,6 +29,7 @@ class ExportRequest:
     precision: str = "fp32"  # slsg.contract.PRECISIONS
     calibration_data: str | Path | None = None  # INT8: data set root (default: the run's)
     calibration_category: str | None = None  # INT8: its category (default: the run's)
+    max_decision_change: float | None = None  # INT8: refusal above this share (None: int8.MAX_DECISION_CHANGE)
 
 
 @dataclass
@@ -109,9 +110,11 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         verify = verification_images(payload, (h, w), resize=loaded.resize)
         int8_check = None
         if req.precision == PRECISION_INT8:
-            from slsg_train.export.int8 import export_int8
+            from slsg_train.export.int8 import Int8Options, export_int8
 
-            card, int8_check = export_int8(loaded.model, card, target, int8_images(req, loaded), verify_images=verify)
+            options = Int8Options() if req.max_decision_change is None else Int8Options(
+                max_decision_change=req.max_decision_change)
+            card, int8_check = export_int8(loaded.model, card, target, int8_images(req, loaded), options, verify)
             max_map_diff = max_score_diff = float("nan")
             near_ties = 0
         else:
