@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_int8(result) -> None:
     check, cal = result.int8, result.card.calibration
-    print(f"INT8 (QDQ): {check.quantized_nodes} nodes quantized; kept in float32 (Conv/MatMul per block): "
+    print(f"INT8 (QDQ): {check.quantized_nodes} nodes quantized; kept in float32 (quantizable nodes per block): "
           f"{check.float_nodes}")
     print(f"threshold set on the INT8 graph's own scores: raw {check.int8_raw_threshold:.6g} (float32 graph: "
           f"{check.fp32_raw_threshold:.6g}) on {cal.num_images} normal images")
