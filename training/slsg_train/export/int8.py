@@ -13,6 +13,7 @@ all but ``max_decision_change`` of them, else :class:`~slsg_train.export.onnx_ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,10 +21,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from slsg.contract import DECISION_THRESHOLD, PRECISION_INT8, Calibration, ModelCard
+from slsg.contract import DECISION_THRESHOLD, INPUT_IMAGE, MODEL_CARD_KEY, PRECISION_INT8, Calibration, ModelCard
 from slsg_train.export.onnx_export import ExportError, InferenceGraph, _write_onnx, export_onnx, score_gain
 from slsg_train.onnx_inference import OnnxModel
 from slsg_train.training.calibration import calibration_from_scores
@@ -117,11 +121,11 @@ def float_nodes(model: Any, options: Int8Options) -> dict[str, list[str]]:
     return kept
 
 
-class _FrameReader:
-    """ONNX Runtime's CalibrationDataReader over uint8 frames, one at a time (the ranges are per tensor)."""
+class _FrameReader(CalibrationDataReader):
+    """The quantizer's feed: uint8 frames, one per run (the ranges are the extremes over all runs)."""
 
-    def __init__(self, frames: list[np.ndarray], input_name: str) -> None:
-        self._items = iter([{input_name: f[None]} for f in frames])
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        self._items = iter([{INPUT_IMAGE: f[None]} for f in frames])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._items, None)
@@ -132,33 +136,35 @@ def quantize_graph(src: Path, dst: Path, frames: list[np.ndarray], options: Int8
     """Quantize the float32 contract graph ``src`` into ``dst`` (QDQ, uint8 activations, int8 weights per
     output channel), ranges measured on ``frames`` (or read from ``ranges_cache`` when it exists); returns
     the number of quantized nodes."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from slsg.contract import INPUT_IMAGE
-
-    reader = type("FrameReader", (_FrameReader, CalibrationDataReader), {})(frames, INPUT_IMAGE)
+    reader = _FrameReader(frames)
     model = onnx.load(str(src))
     excluded = [name for names in float_nodes(model, options).values() for name in names]
     quantizable = [n for n in model.graph.node if options.op_types is None or n.op_type in options.op_types]
-    logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer's pre-processing advice
-    quantize_static(
-        str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(options.op_types) if options.op_types is not None else None,
-        per_channel=options.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
-        calibration_cache_path=str(ranges_cache) if ranges_cache is not None else None,
-        # uint8 x int8 is the fast pair on x86 (VNNI's vpdpbusd); symmetric weights keep the zero point 0
-        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-    )
+    with _quiet_root_logger():  # the quantizer logs its pre-processing advice on every call
+        quantize_static(
+            str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(options.op_types) if options.op_types is not None else None,
+            per_channel=options.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+            calibration_cache_path=str(ranges_cache) if ranges_cache is not None else None,
+            # uint8 x int8 is the fast pair on x86 (VNNI's vpdpbusd); symmetric weights keep the zero point 0
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        )
     return len(quantizable) - len(excluded)
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _set_card(path: Path, card: ModelCard) -> None:
-    import onnx
-
-    from slsg.contract import MODEL_CARD_KEY
-
     model = onnx.load(str(path))
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, {MODEL_CARD_KEY: card.to_json()})
@@ -223,8 +229,6 @@ def export_int8(model: Any, card: ModelCard, path: str | Path, images: Int8Image
         graph = InferenceGraph(model, int8_card.top_k, cal).eval()
         _write_onnx(graph, int8_card, tmp / "recalibrated.onnx", opset=17, dynamo=False)
         quantized = quantize_graph(tmp / "recalibrated.onnx", tmp / "int8.onnx", images.train, options, ranges)
-        import onnx
-
         kept = {b: len(n) for b, n in float_nodes(onnx.load(str(tmp / "recalibrated.onnx")), options).items()}
         result = compare(OnnxModel(tmp / "fp32.onnx"), OnnxModel(tmp / "int8.onnx"), images)
         check = Int8Check(**result, quantized_nodes=quantized, float_nodes=kept)
