@@ -50,6 +50,13 @@ RESIZE_BILINEAR = "bilinear"
 RESIZE_LANCZOS = "lanczos"
 RESIZE_FILTERS = (RESIZE_BILINEAR, RESIZE_LANCZOS)
 
+# the arithmetic of an exported graph: float32 throughout, or INT8 (ONNX QDQ: quantized convolutions and
+# matrix products, the blocks that quantization hurts and the score's calibration in float32); either
+# way the inputs and outputs are the contract's, so a server runs both alike
+PRECISION_FP32 = "fp32"
+PRECISION_INT8 = "int8"
+PRECISIONS = (PRECISION_FP32, PRECISION_INT8)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -230,10 +237,13 @@ class ModelCard:
     resize: str = RESIZE_BILINEAR  # the filter frames are resized with (RESIZE_FILTERS); older cards: bilinear
     # the component check's part kinds, in the order of the graph's part_counts columns; none: no such output
     part_kinds: list[PartKind] = field(default_factory=list)
+    precision: str = PRECISION_FP32  # PRECISIONS; cards from before the field are float32 graphs
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_FILTERS:
             raise ValueError(f"model card resize {self.resize!r} is not one of {', '.join(RESIZE_FILTERS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"model card precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

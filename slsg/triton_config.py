@@ -34,6 +34,7 @@ FLAT_CARD_PARAMETERS: dict[str, str] = {
     "slsg.input_width": "input_width",
     "slsg.top_k": "top_k",
     "slsg.project_version": "project_version",
+    "slsg.precision": "precision",
 }
 RAW_THRESHOLD_PARAMETER = "slsg.raw_threshold"
 TRT_WORKSPACE_BYTES = 1 << 30

@@ -100,3 +100,43 @@ def write_contract_model(path: str | Path, card: ModelCard, signal: str = "redne
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def write_int8_contract_model(path: str | Path, card: ModelCard, signal: str = "redness") -> Path:
+    """The toy contract model quantized by ONNX Runtime's static quantizer (QDQ: uint8 activations around
+    its Mul and Relu, ranges from grey frames with red patches), with ``card`` marked ``precision: int8``:
+    a real INT8 graph of the contract signature, as ``slsg export --precision int8`` writes one."""
+    import dataclasses
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from slsg.contract import PRECISION_INT8
+
+    card = dataclasses.replace(card, precision=PRECISION_INT8)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(90, 110, (6, card.input_height, card.input_width, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        frame[2:2 + 3 * i, 4:4 + 3 * i] = (255, 40, 40)
+
+    class Frames(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{INPUT_IMAGE: f[None]} for f in frames])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = write_contract_model(Path(tmp) / "fp32.onnx", card, signal)
+        quantize_static(str(fp32), str(path), Frames(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Mul", "Relu"],
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    model = onnx.load(str(path))
+    if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        raise RuntimeError("the quantizer left the toy graph unquantized")
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {MODEL_CARD_KEY: card.to_json()})
+    onnx.save(model, str(path))
+    return path

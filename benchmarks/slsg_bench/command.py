@@ -85,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--against", default=None, metavar="NAME[:VERSION]",
                        help="a second model of the repository timed in the same interleaved rounds, e.g. the same "
                             "checkpoint exported without the patch memory; reports the latency ratio")
+    model.add_argument("--thread-counts", type=_int_list, default=(), metavar="N,N",
+                       help="with --against: only the side-by-side throughput of the two (e.g. INT8 against its "
+                            "float32 version) at each of these thread counts and every batch size, and the CPU's "
+                            "instruction sets (avx2 / avx512 / VNNI / BF16 / AMX)")
 
     gateway = sub.add_parser("gateway", help="gateway end to end vs the bare model; decode; memory growth")
     _common(gateway)
@@ -183,11 +187,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model(args: argparse.Namespace):
-    from slsg_bench.model import ModelBenchConfig, model_tables, run_model_bench
+    from slsg_bench.model import ModelBenchConfig, model_tables, run_model_bench, side_by_side_tables
 
     cfg = ModelBenchConfig(args.repository, args.name, args.version, args.checkpoint, args.threads, args.iterations,
-                           args.warmup, args.batch_sizes, args.peak_size, args.against)
-    return run_model_bench(cfg), model_tables
+                           args.warmup, args.batch_sizes, args.peak_size, args.against, args.thread_counts)
+    return run_model_bench(cfg), side_by_side_tables if args.thread_counts else model_tables
 
 
 def _gateway(args: argparse.Namespace):

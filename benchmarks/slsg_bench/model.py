@@ -35,6 +35,7 @@ class ModelBenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     peak_size: int = 2048  # matmul side for the machine's peak
     against: str | None = None  # "NAME[:VERSION]": a second exported model timed in the same rounds
+    thread_counts: tuple[int, ...] = ()  # with ``against``: only the side-by-side comparison, at each count
 
 
 def resolve_model(repository: Path, name: str, version: int | None) -> tuple[int, Path]:
@@ -214,6 +215,8 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict[str, Any]:
     """Measure everything and return the JSON-ready report."""
     if cfg.threads < 1 or cfg.iterations < 1 or not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise ValueError("threads, iterations and every batch size must be >= 1")
+    if cfg.thread_counts:
+        return run_side_by_side(cfg)
     env = environment(cfg.threads)
     version, path = resolve_model(cfg.repository, cfg.name, cfg.version)
     session = open_session(path, cfg.threads)
@@ -279,6 +282,87 @@ def _against_engine(cfg: ModelBenchConfig, input_size: tuple[int, int]) -> tuple
         raise ValueError(f"--against {cfg.against} takes {size} images, {cfg.name} takes {tuple(input_size)}: "
                          "not comparable")
     return Engine(AGAINST, ort_engine(session).run), onnx_gflops(path), path
+
+
+# x86 instruction sets that decide INT8 and BF16 speed, as /proc/cpuinfo names them
+INSTRUCTION_SETS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_instruction_sets(cpuinfo: str | None = None) -> dict[str, bool]:
+    """Which of :data:`INSTRUCTION_SETS` the CPU has (the first ``flags`` line of /proc/cpuinfo; all False
+    where there is none, e.g. not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+        except OSError:
+            cpuinfo = ""
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith(("flags", "Features"))), "")
+    flags = set(line.partition(":")[2].split())
+    return {name: name in flags for name in INSTRUCTION_SETS}
+
+
+def _contract_session(repository: Path, spec: str, threads: int) -> tuple[Any, int, Path, dict[str, Any]]:
+    """(session, version, path, card as a dict) of ``NAME`` or ``NAME:VERSION``."""
+    import json
+
+    name, _, version = spec.partition(":")
+    if version and not version.isdigit():
+        raise ValueError(f"a model is NAME or NAME:VERSION, got {spec!r}")
+    chosen, path = resolve_model(repository, name, int(version) if version else None)
+    session = open_session(path, threads)
+    meta = session.get_modelmeta().custom_metadata_map
+    card = json.loads(meta[MODEL_CARD_KEY]) if MODEL_CARD_KEY in meta else {}
+    return session, chosen, path, card
+
+
+def run_side_by_side(cfg: ModelBenchConfig) -> dict[str, Any]:
+    """Two versions (e.g. INT8 against float32) in the same interleaved rounds, at each thread count and
+    batch size: throughput of each and their ratio, with the CPU's instruction sets."""
+    if not cfg.against:
+        raise ValueError("--thread-counts compares two models: give --against NAME[:VERSION]")
+    if min(cfg.thread_counts) < 1:
+        raise ValueError(f"every thread count must be >= 1, got {list(cfg.thread_counts)}")
+    main_spec = cfg.name if cfg.version is None else f"{cfg.name}:{cfg.version}"
+    rows, models = [], {}
+    for threads in cfg.thread_counts:
+        a, b = (_contract_session(cfg.repository, spec, threads) for spec in (main_spec, cfg.against))
+        size = session_input_size(a[0])
+        if session_input_size(b[0]) != size:
+            raise ValueError(f"--against {cfg.against} takes {session_input_size(b[0])} images, {main_spec} takes "
+                             f"{size}: not comparable")
+        engines = [Engine("model", ort_engine(a[0]).run), Engine("against", ort_engine(b[0]).run)]
+        time_interleaved(engines, cfg.batch_sizes, size, cfg.iterations, cfg.warmup, f"{threads} thread(s)")
+        for batch in cfg.batch_sizes:
+            ta, tb = (percentile_timing(e.seconds[batch]) for e in engines)
+            rows.append({"threads": threads, "batch": batch, "model_images_per_s": round(batch / ta.median_ms * 1e3, 3),
+                         "against_images_per_s": round(batch / tb.median_ms * 1e3, 3),
+                         "speedup": ratio(tb.median_ms, ta.median_ms), "model_batch_ms": ta.to_dict(),
+                         "against_batch_ms": tb.to_dict()})
+        models = {"model": _described(main_spec, a), "against": _described(cfg.against, b)}
+    return {"benchmark": "model_side_by_side", "environment": {**environment(max(cfg.thread_counts)),
+                                                                "instruction_sets": cpu_instruction_sets()},
+            "models": models, "input_size": list(size),
+            "settings": {"thread_counts": list(cfg.thread_counts), "iterations": cfg.iterations, "warmup": cfg.warmup,
+                         "batch_sizes": list(cfg.batch_sizes)},
+            "results": rows}
+
+
+def _described(spec: str, opened: tuple[Any, int, Path, dict[str, Any]]) -> dict[str, Any]:
+    _, version, path, card = opened
+    return {"model": spec, "version": version, "path": str(path), "precision": card.get("precision", "fp32")}
+
+
+def side_by_side_tables(report: dict[str, Any]) -> list[Table]:
+    a, b = report["models"]["model"], report["models"]["against"]
+    sets = report["environment"]["instruction_sets"]
+    title = (f"{a['model']} ({a['precision']}) against {b['model']} ({b['precision']}), "
+             f"{report['input_size'][0]}x{report['input_size'][1]}, interleaved rounds; CPU: "
+             f"{report['environment']['processor']}; instruction sets: "
+             f"{', '.join(k for k, v in sets.items() if v) or 'none of ' + ', '.join(sets)}")
+    rows = [[r["threads"], r["batch"], r["model_images_per_s"], r["against_images_per_s"], r["speedup"],
+             r["model_batch_ms"]["p95_ms"], r["against_batch_ms"]["p95_ms"]] for r in report["results"]]
+    return [Table(title, ["threads", "batch", f"{a['precision']} images/s", f"{b['precision']} images/s",
+                          "speed-up", f"{a['precision']} p95 ms", f"{b['precision']} p95 ms"], rows)]
 
 
 def _latency(result: dict[str, Any] | None) -> float | None:

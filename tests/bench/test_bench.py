@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnx_fixtures import make_card, write_contract_model
+from onnx_fixtures import make_card, write_contract_model, write_int8_contract_model
 from slsg_bench.frames import camera_jpeg, parse_size
 from slsg_bench.load import parse_duration
 from slsg_bench.model import onnx_gflops
@@ -138,6 +138,35 @@ def test_bench_model_against_a_second_model_in_the_same_rounds(toy_repository, c
         assert main(["bench", "model", "--repository", str(toy_repository), "--name", "toy", "--iterations", "1",
                      "--batch-sizes", "1", "--peak-size", "64", "--against", bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_bench_model_int8_against_float32_side_by_side(tmp_path, capsys) -> None:
+    card = make_card("toy", size=32)
+    write_contract_model(model_path(tmp_path, "toy", 1), card)
+    write_int8_contract_model(model_path(tmp_path, "toy", 2), card)
+    report = run_json(capsys, "model", "--repository", str(tmp_path), "--name", "toy", "--version", "2",
+                      "--against", "toy:1", "--thread-counts", "1,2", "--batch-sizes", "1,3", "--iterations", "2",
+                      "--warmup", "1")
+    assert report["benchmark"] == "model_side_by_side"
+    assert report["models"]["model"]["precision"] == "int8" and report["models"]["against"]["precision"] == "fp32"
+    assert [(r["threads"], r["batch"]) for r in report["results"]] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    for row in report["results"]:
+        assert positive(row["model_images_per_s"]) and positive(row["against_images_per_s"]) and positive(row["speedup"])
+        assert row["model_batch_ms"]["n"] == row["against_batch_ms"]["n"] == 2
+    assert set(report["environment"]["instruction_sets"]) >= {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}
+    assert main(["bench", "model", "--repository", str(tmp_path), "--name", "toy", "--thread-counts", "1"]) == 2
+    assert "--against" in capsys.readouterr().err
+
+
+def test_cpu_instruction_sets_from_cpuinfo() -> None:
+    from slsg_bench.model import cpu_instruction_sets
+
+    vnni = "processor: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\nflags: amx_tile\n"
+    assert cpu_instruction_sets(vnni) == {"avx2": True, "avx512f": True, "avx512_vnni": True, "avx_vnni": False,
+                                          "avx512_bf16": True, "amx_tile": False, "amx_int8": False,
+                                          "amx_bf16": False}
+    assert not any(cpu_instruction_sets("flags: fpu sse2 avx").values())
+    assert not any(cpu_instruction_sets("").values())
 
 
 def test_bench_gateway_end_to_end(toy_repository, capsys) -> None:

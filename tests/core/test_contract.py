@@ -154,3 +154,15 @@ def test_toy_contract_model_scores_red_patches(tmp_path):
     score = sess.run(None, {"image": frames})[1]
     assert score[1, 0] == pytest.approx(card.calibration.calibrated_score(logit(0.6)), abs=1e-5)
     assert 0.5 < score[1, 0] < 1.0
+
+
+def test_card_precision_defaults_to_fp32_and_is_checked():
+    card = make_card("toy")
+    assert card.precision == "fp32"
+    old = json.loads(card.to_json())
+    del old["precision"]  # a card from before the field: a float32 graph
+    assert ModelCard.from_json(json.dumps(old)).precision == "fp32"
+    int8 = dataclasses.replace(card, precision="int8")
+    assert ModelCard.from_json(int8.to_json()) == int8
+    with pytest.raises(ValueError, match="precision 'int4' is not one of fp32, int8"):
+        dataclasses.replace(card, precision="int4")

@@ -355,3 +355,42 @@ def test_checks_removes_and_retrains_the_composition_check(trained, tmp_path):
     assert retrained and not all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in retrained)
     shared = [k for k in before["model_state"] if not k.startswith("composition_check.")]
     assert all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in shared)  # SLSG kept
+
+
+def test_int8_export_and_onnx_evaluation(trained, tmp_path):
+    """`slsg export --precision int8` writes its own version; `slsg evaluate` scores exported files through
+    ONNX Runtime with the checkpoint evaluation's metrics (equal for the float32 graph)."""
+    repo, data = tmp_path / "repo", str(trained["data"])
+    slsg("export", "--checkpoint", trained["checkpoint"], "--repository", repo, "--name", "tray")
+    # a 3-step model decides near its threshold by chance: the guard has its own test (tests/train)
+    proc = slsg("export", "--checkpoint", trained["checkpoint"], "--repository", repo, "--name", "tray",
+                "--precision", "int8", "--max-decision-change", "1")
+    assert "threshold set on the INT8 graph's own scores" in proc.stdout and "decisions changed" in proc.stdout
+    assert list_versions(repo, "tray") == [1, 2]
+    cards = [ModelCard.from_json(ort.InferenceSession(str(repo / "tray" / str(v) / "model.onnx"),
+                                                      providers=["CPUExecutionProvider"])
+                                 .get_modelmeta().custom_metadata_map[MODEL_CARD_KEY]) for v in (1, 2)]
+    assert [c.precision for c in cards] == ["fp32", "int8"]
+    assert cards[1].extra["fp32_calibration"]["raw_threshold"] == cards[0].calibration.raw_threshold
+    assert cards[1].extra["int8_check"]["images"] == 2 * cards[1].calibration.num_images
+    assert load_config(repo / "tray" / "config.pbtxt").parameters["slsg.precision"].string_value == "int8"
+
+    slsg("evaluate", "--checkpoint", trained["checkpoint"], "--data", data, "--out", tmp_path / "eval-ckpt")
+    metrics = {"ckpt": json.loads((tmp_path / "eval-ckpt" / "metrics.json").read_text())}
+    for version in (1, 2):
+        out = tmp_path / f"eval-v{version}"
+        slsg("evaluate", "--model-repository", repo, "--name", "tray", "--version", str(version), "--data", data,
+             "--out", out)
+        metrics[version] = json.loads((out / "metrics.json").read_text())
+    assert metrics[1]["checkpoint"]["precision"] == "fp32" and metrics[2]["checkpoint"]["precision"] == "int8"
+    assert metrics[1]["counts"] == metrics["ckpt"]["counts"] == metrics[2]["counts"]
+    for key, value in metrics["ckpt"]["image_auroc"].items():
+        assert metrics[1]["image_auroc"][key] == pytest.approx(value, abs=1e-9)
+    assert metrics[1]["pixel_auroc"] == pytest.approx(metrics["ckpt"]["pixel_auroc"], abs=1e-4)
+    assert metrics[2]["threshold"]["raw"] == cards[1].calibration.raw_threshold
+    same = slsg("evaluate", "--onnx", repo / "tray" / "2" / "model.onnx", "--data", data, "--out", tmp_path / "by-file")
+    assert json.loads((tmp_path / "by-file" / "metrics.json").read_text())["image_auroc"] == metrics[2]["image_auroc"]
+    assert "written to" in same.stdout
+    both = slsg("evaluate", "--checkpoint", trained["checkpoint"], "--onnx", repo / "tray" / "1" / "model.onnx",
+                "--data", data, "--out", tmp_path / "x", check=False)
+    assert both.returncode == 2 and "exactly one of --checkpoint, --onnx, --model-repository" in both.stderr

@@ -24,7 +24,7 @@ from slsg_train.evaluation.report import (
     HeatmapItem, plot_heatmap_grid, plot_roc_curves, plot_score_histograms, plot_spro_curves, render_report_md,
     write_metrics_json, write_tiff_map,
 )
-from slsg_train.inference import LoadedModel, predict
+from slsg_train.inference import LoadedModel, Prediction, predict
 from slsg_train.metrics import ImageMaps, PixelROC, SPROByType, image_auroc_by_defect, image_auroc_by_type
 from slsg_train.metrics.false_alarms import false_alarm_report
 from slsg_train.data.images import resize_rgb
@@ -116,9 +116,8 @@ def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str 
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
         originals = [s.load_image() for s in batch]
-        maps, raw, log_odds, map_log_odds = predict(
-            loaded.model, [resize_rgb(im, loaded.image_size, loaded.resize) for im in originals], loaded.top_k, device,
-            batch_size)
+        maps, raw, log_odds, map_log_odds = _predict(
+            loaded, [resize_rgb(im, loaded.image_size, loaded.resize) for im in originals], device, batch_size)
         # what the exported model answers, and what the heat-map grid ranks and shows: raw scores and
         # probabilities tie at 1.0
         shown = np.atleast_1d(cal.calibrated_score(log_odds)) if cal else raw
@@ -151,6 +150,15 @@ def evaluate_category(loaded: LoadedModel, category: LocoCategory, out_dir: str 
     return EvaluationResult(metrics, out_dir, files)
 
 
+def _predict(loaded: LoadedModel, images: list[np.ndarray], device: str, batch_size: int) -> Prediction:
+    """The checkpoint's PyTorch prediction, or an exported file's through ONNX Runtime (``load_onnx_model``)."""
+    from slsg_train.onnx_inference import OnnxModel
+
+    if isinstance(loaded.model, OnnxModel):
+        return loaded.model.predict(images, batch_size)
+    return predict(loaded.model, images, loaded.top_k, device, batch_size)
+
+
 def _decision_rates(scores: np.ndarray, types: np.ndarray, threshold: float) -> dict[str, float]:
     """Share of each test type's images at or above the threshold (FPR for good, recall for the others)."""
     return {t: float((scores[types == t] >= threshold).mean()) for t in sorted(set(types.tolist()))}
@@ -170,8 +178,8 @@ def _metrics(loaded: LoadedModel, category: LocoCategory, scores: list[float], t
         good = s[t == GOOD]
         # the float32 comparison the exported graph makes (0.5 at the threshold)
         flagged = int((good.astype(np.float32) >= np.float32(cal.raw_threshold)).sum())
-        false_alarms = false_alarm_report(flagged, int(good.size), cal,
-                                          has_checks=getattr(loaded.model, "reference_encoder", None) is not None)
+        has_checks = loaded.payload.get("has_checks", getattr(loaded.model, "reference_encoder", None) is not None)
+        false_alarms = false_alarm_report(flagged, int(good.size), cal, has_checks=has_checks)
     return {
         "category": category.name,
         "image_auroc": image_auroc_by_type(s, t.tolist()),
@@ -180,7 +188,8 @@ def _metrics(loaded: LoadedModel, category: LocoCategory, scores: list[float], t
         "false_alarms": false_alarms,
         "counts": {k: int((t == k).sum()) for k in sorted(set(types))},
         "checkpoint": {"path": loaded.payload["path"], "step": loaded.payload["step"],
-                       "backbone": loaded.payload["backbone"], "image_size": list(loaded.image_size)},
+                       "backbone": loaded.payload["backbone"], "image_size": list(loaded.image_size),
+                       **({"precision": loaded.payload["precision"]} if "precision" in loaded.payload else {})},
         "evaluation_seconds": round(seconds, 2),
     }
 

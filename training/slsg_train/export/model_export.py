@@ -7,11 +7,12 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, UTC
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from slsg import __version__
-from slsg.contract import ModelCard, model_path, next_version, validate_model_name
+from slsg.contract import PRECISION_INT8, PRECISIONS, ModelCard, model_path, next_version, validate_model_name
 from slsg_train.checkpoint import CheckpointError
 
 
@@ -25,6 +26,10 @@ class ExportRequest:
     max_batch_size: int = 8
     tensorrt: bool = False
     gpu: bool = True
+    precision: str = "fp32"  # slsg.contract.PRECISIONS
+    calibration_data: str | Path | None = None  # INT8: data set root (default: the run's)
+    calibration_category: str | None = None  # INT8: its category (default: the run's)
+    max_decision_change: float | None = None  # INT8: refusal above this share (None: int8.MAX_DECISION_CHANGE)
 
 
 @dataclass
@@ -36,6 +41,7 @@ class ExportResult:
     max_map_diff: float
     max_score_diff: float
     near_tie_images: int = 0
+    int8: Any = None  # slsg_train.export.int8.Int8Check of an INT8 export
 
 
 def _find_metrics(req: ExportRequest) -> dict:
@@ -75,6 +81,8 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
     from slsg_train.inference import load_model
 
     validate_model_name(req.name)
+    if req.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {req.precision!r}")
     loaded = load_model(req.checkpoint)
     payload = loaded.payload
     if loaded.calibration is None:
@@ -99,12 +107,64 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
     card = with_part_kinds(card, loaded.model)  # the config declares part_counts when the graph has it
     created_dir = not target.parent.exists()
     try:
-        check = export_onnx(loaded.model, card, target, verify_images=verification_images(payload, (h, w), resize=loaded.resize))
+        verify = verification_images(payload, (h, w), resize=loaded.resize)
+        int8_check = None
+        if req.precision == PRECISION_INT8:
+            from slsg_train.export.int8 import Int8Options, export_int8
+
+            options = Int8Options() if req.max_decision_change is None else Int8Options(
+                max_decision_change=req.max_decision_change)
+            card, int8_check = export_int8(loaded.model, card, target, int8_images(req, loaded), options, verify)
+            max_map_diff = max_score_diff = float("nan")
+            near_ties = 0
+        else:
+            check = export_onnx(loaded.model, card, target, verify_images=verify)
+            max_map_diff, max_score_diff, near_ties = check.max_map_diff, check.max_score_diff, check.near_tie_images
         config = write_config(req.repository, req.name, card, max_batch_size=req.max_batch_size,
                               tensorrt=req.tensorrt, gpu=req.gpu)
     except Exception:
         if created_dir and target.parent.exists():  # a failed export leaves no half-made version behind
             shutil.rmtree(target.parent)
         raise
-    return ExportResult(target, Path(config), version, card, float(check.max_map_diff), float(check.max_score_diff),
-                        check.near_tie_images)
+    return ExportResult(target, Path(config), version, card, float(max_map_diff), float(max_score_diff),
+                        near_ties, int8_check)
+
+
+def int8_images(req: ExportRequest, loaded) -> Any:
+    """The frames an INT8 export needs from the data set (the run's, or ``req.calibration_data``): training
+    images for the activation ranges, the threshold images the run's calibration used, and an anomalous
+    copy of each threshold image from the run's anomaly simulator."""
+    from slsg_train.data.images import load_resized
+    from slsg_train.data.loco import LocoCategory
+    from slsg_train.export.int8 import CALIBRATION_IMAGES, Int8Images
+    from slsg_train.models import SLSGConfig
+    from slsg_train.training.calibration import legacy_held_out_train, split_for_calibration
+
+    payload = loaded.payload
+    root = req.calibration_data or payload.get("data_root")
+    if not root:
+        raise ValueError("the checkpoint does not say which data set it was trained on: give --calibration-data ROOT")
+    category = LocoCategory(root, req.calibration_category or payload["category"])
+    record = payload.get("calibration_split")
+    held = record["held_out_train"] if record else legacy_held_out_train(category)
+    has_checks = SLSGConfig.from_dict(payload["model_config"]).uses_reference
+    split = split_for_calibration(category, loaded.calibration.target_fpr, has_checks, held_out_train=held)
+    step = max(1, len(split.train) // CALIBRATION_IMAGES)  # spread over the whole training set
+    size, resize = loaded.image_size, loaded.resize
+    threshold = load_resized(split.threshold, size, resize)
+    return Int8Images(train=load_resized(split.train[::step][:CALIBRATION_IMAGES], size, resize),
+                      threshold=threshold, anomalous=simulated_anomalies(threshold, payload),
+                      scale_images=len(split.scale))
+
+
+def simulated_anomalies(images: list[np.ndarray], payload: dict, seed: int = 0) -> list[np.ndarray]:
+    """One anomalous copy of each image from the run's anomaly simulator (built-in textures), seeded."""
+    import dataclasses
+
+    from slsg_train.simulation import AnomalySimulator, SimulationConfig
+
+    saved = (payload.get("train_config") or {}).get("simulation")
+    config = SimulationConfig.from_dict(saved) if saved else SimulationConfig()
+    simulator = AnomalySimulator(dataclasses.replace(config, texture_source=None))  # the texture folder may be gone
+    rng = np.random.default_rng(seed)
+    return [simulator(image, rng, donor=images[(i + 1) % len(images)]).image for i, image in enumerate(images)]

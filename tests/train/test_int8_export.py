@@ -1,0 +1,160 @@
+"""INT8 export: the quantized graph runs in ONNX Runtime, its card and threshold are its own, the blocks
+kept in float32 stay so, and the decision guard refuses a broken quantization."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from skimage import data
+from skimage.transform import resize
+from torch import nn
+
+from slsg.contract import INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, ModelCard
+from slsg_train.export import ExportError
+from slsg_train.export import int8
+from slsg_train.export.int8 import Int8Images, Int8Options, export_int8
+from slsg_train.inference import predict
+from slsg_train.models import SLSG, preset, top_k_for_size
+from slsg_train.onnx_inference import OnnxModel, calibration_inputs
+from slsg_train.training.calibration import calibration_from_scores, threshold_for_fpr
+
+SIZE = 64
+# a high target rate puts the threshold among the normal images, so decisions can change in both directions
+TARGET_FPR = 0.5
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "coins", "camera", "moon", "page", "text", "horse")
+
+
+def photo(name: str, crop: int = 0) -> np.ndarray:
+    image = getattr(data, name)()
+    image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    h, w = image.shape[:2]
+    image = image[crop * h // 8:, crop * w // 8:]
+    return (resize(image, (SIZE, SIZE), anti_aliasing=True, preserve_range=True)).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model() -> SLSG:
+    """The default preset without checks, its head re-initialised so the map varies from image to image."""
+    torch.manual_seed(0)
+    net = SLSG(preset("default", patch_memory=False, composition_check=False))
+    for m in net.head_modules():
+        for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
+            nn.init.normal_(conv.weight, 0.0, 0.05)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> Int8Images:
+    threshold = [photo(name) for name in PHOTOS[:8]]
+    anomalous = []
+    rng = np.random.default_rng(0)
+    for image in threshold[:4]:
+        broken = image.copy()
+        broken[16:40, 20:44] = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        anomalous.append(broken)
+    return Int8Images(train=[photo(name, crop=1) for name in PHOTOS], threshold=threshold, anomalous=anomalous,
+                      scale_images=0)
+
+
+@pytest.fixture(scope="module")
+def card(model, images) -> ModelCard:
+    """The float32 card, calibrated as training does: PyTorch's scores of the threshold images."""
+    top_k = top_k_for_size(SIZE, SIZE)
+    cal, _ = calibration_from_scores(predict(model, images.threshold, top_k).scores, TARGET_FPR, scale_images=0)
+    return ModelCard(name="photos", category="photos", backbone="efficientnet_lite0", input_height=SIZE,
+                     input_width=SIZE, top_k=top_k, calibration=cal.on_calibrated_map(), project_version="test")
+
+
+@pytest.fixture(scope="module")
+def exported(model, card, images, tmp_path_factory):
+    path = tmp_path_factory.mktemp("int8") / "photos" / "2" / "model.onnx"
+    # tiny random-head model: decisions near the threshold may flip; the guard has its own test
+    int8_card, check = export_int8(model, card, path, images, Int8Options(max_decision_change=1.0))
+    return path, int8_card, check
+
+
+def test_int8_graph_round_trips_through_onnx_runtime(exported, model, card, images):
+    path, _, check = exported
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # no temp files left
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        frames = np.stack(images.threshold[:batch])
+        amap, score = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: frames})
+        assert amap.shape == (batch, 1, SIZE, SIZE) and score.shape == (batch, 1)
+        assert np.isfinite(amap).all() and ((score >= 0) & (score <= 1)).all()
+    # the float32 graph's and the INT8 graph's scores stay close on these images (in raw-score units)
+    fp32 = predict(model, images.threshold + images.anomalous, card.top_k).scores
+    quantized = OnnxModel(path).predict(images.threshold + images.anomalous).scores
+    assert np.abs(fp32 - quantized).max() < 0.05
+    assert check.images == 12 and check.anomalous_images == 4 and 0 <= check.decisions_changed <= 12
+
+
+def test_blocks_kept_float32_are_not_quantized(exported):
+    path, _, check = exported
+    graph = onnx.load(str(path)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    quantized = {n.name for n in convs if producers.get(n.input[1]) == "DequantizeLinear"}
+    encoder = [n.name for n in convs if n.name.startswith("/model/encoder/")]
+    decoder = [n.name for n in convs if n.name.startswith("/model/decoder")]
+    assert encoder and not quantized.intersection(encoder)
+    assert decoder and set(decoder) <= quantized
+    assert check.float_nodes["encoder"] == len(encoder) and check.quantized_nodes >= len(decoder)
+    # the calibration tail is float32: its Where/Less nodes read the float log-odds, not a dequantized copy
+    tail = calibration_inputs(onnx.load(str(path)))
+    assert all(producers[t] != "DequantizeLinear" for t in tail.values())
+
+
+def test_card_and_threshold_are_the_int8_graphs(exported, card, images):
+    path, int8_card, check = exported
+    stored = ModelCard.from_json({p.key: p.value for p in onnx.load(str(path)).metadata_props}[MODEL_CARD_KEY])
+    assert stored == int8_card and stored.precision == "int8" and card.precision == "fp32"
+    # scored here independently, through the file as written
+    scores = OnnxModel(path).predict(images.threshold).scores
+    assert stored.calibration.raw_threshold == threshold_for_fpr(scores, TARGET_FPR)
+    assert stored.calibration.num_images == len(images.threshold) and stored.calibration.target_fpr == TARGET_FPR
+    assert stored.calibration.score_min == pytest.approx(float(scores.min()))
+    assert stored.extra["fp32_calibration"]["raw_threshold"] == card.calibration.raw_threshold
+    assert check.int8_raw_threshold == stored.calibration.raw_threshold
+    assert check.fp32_raw_threshold == card.calibration.raw_threshold
+    assert json.loads(json.dumps(stored.extra["int8_check"]))["decisions_changed"] == check.decisions_changed
+
+
+def _reversing(real):
+    """A broken quantization: the real one, then the image score's log-odds negated before the calibration
+    tail (a scale gone negative), so the images the float32 graph ranks highest score lowest."""
+    def quantize(src, dst, frames, options, ranges_cache=None):
+        count = real(src, dst, frames, options, ranges_cache)
+        model = onnx.load(str(dst))
+        name = calibration_inputs(model)[OUTPUT_SCORE]
+        for node in model.graph.node:
+            node.input[:] = [f"{name}_negated" if i == name else i for i in node.input]
+        model.graph.node.append(onnx.helper.make_node("Neg", [name], [f"{name}_negated"]))
+        onnx.save(model, str(dst))
+        return count
+    return quantize
+
+
+def test_decision_guard_refuses_a_broken_quantization(model, card, images, tmp_path, monkeypatch):
+    monkeypatch.setattr(int8, "quantize_graph", _reversing(int8.quantize_graph))
+    path = tmp_path / "photos" / "3" / "model.onnx"
+    with pytest.raises(ExportError, match=r"INT8 changes the decision on \d+ of 12 verification images") as info:
+        export_int8(model, card, path, images, Int8Options(max_decision_change=0.25))
+    assert "was not written" in str(info.value)
+    assert not path.exists() and list(path.parent.iterdir()) == []  # no temp folder left either
+
+
+def test_bad_options_are_refused(model, card, images, tmp_path):
+    with pytest.raises(ValueError, match="unknown block.*'encodr'"):
+        export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(float_blocks=("encodr",)))
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(max_decision_change=2.0))
+    with pytest.raises(ExportError, match="needs normal training images"):
+        export_int8(model, card, tmp_path / "m.onnx", Int8Images(train=[], threshold=images.threshold, anomalous=[]))

@@ -1,0 +1,245 @@
+"""INT8 export: ONNX Runtime static quantization (QDQ, per-channel weights) of the contract graph, its
+threshold calibrated on the INT8 graph's own scores, and a guard on the decisions it changes.
+
+Steps (:func:`export_int8`): the float32 graph is exported and verified against PyTorch as usual; its
+convolutions and matrix products are quantized with activation ranges measured on normal training
+images, except in the blocks listed in :data:`FLOAT_BLOCKS` (docs/int8.md says why each stays float32);
+the INT8 graph scores the held-out threshold images through ONNX Runtime and its threshold is set on
+those scores (quantization shifts scores); the graph is written again with that calibration and
+quantized with the same ranges. Last, the INT8 graph is compared with the float32 one on the threshold
+images and anomalous copies of them: each at its own threshold, the two must take the same decision on
+all but ``max_decision_change`` of them, else :class:`~slsg_train.export.onnx_export.ExportError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+from slsg.contract import DECISION_THRESHOLD, INPUT_IMAGE, MODEL_CARD_KEY, PRECISION_INT8, Calibration, ModelCard
+from slsg_train.export.onnx_export import ExportError, InferenceGraph, _write_onnx, export_onnx, score_gain
+from slsg_train.onnx_inference import OnnxModel
+from slsg_train.training.calibration import calibration_from_scores
+
+# ONNX node-name prefixes of the TorchScript exporter (module scopes of InferenceGraph) -> block name.
+# Nodes outside every prefix (normalisation, fusing the checks' maps, top-K, calibration) form "score_tail".
+BLOCKS: dict[str, tuple[str, ...]] = {
+    "encoder": ("/model/encoder/",),
+    "skip_attention": ("/model/skip_attention",),
+    "graph": ("/model/graph/",),
+    "decoder": ("/model/decoder", "/model/segmentation_head/", "/model/aux_features/", "/model/aux_classifier/"),
+    "reference_encoder": ("/model/reference_encoder/",),
+    "patch_memory": ("/model/patch_memory/",),
+    "composition_check": ("/model/composition_check/",),
+    "component_check": ("/model/component_check/",),
+}
+SCORE_TAIL = "score_tail"
+# The heavy operators, and Relu so that a convolution's output is quantized over its activation's range;
+# quantizing the element-wise rest (Resize, Concat, Add) only adds error and quantize/dequantize pairs.
+QUANTIZED_OPS = ("Conv", "MatMul", "Relu")
+# Blocks kept in float32 (measured per block, docs/int8.md): both frozen encoders (quantized, the
+# image score moves by several times the spread of normal scores), the skip attention (multiplies
+# features by their own attention), the graph block (ranks neighbours by similarity and softmaxes over
+# all node pairs), the patch memory's nearest-neighbour distance (a difference of large squared norms)
+# and the score tail (log-odds -> decision). The decoder, 80 % of the arithmetic, and the composition
+# check's autoencoder are quantized.
+FLOAT_BLOCKS = ("encoder", "skip_attention", "graph", "reference_encoder", "patch_memory", "component_check",
+                SCORE_TAIL)
+MAX_DECISION_CHANGE = 0.01  # share of the verification images whose decision INT8 may change
+CALIBRATION_IMAGES = 32  # normal training images the activation ranges are measured on (at most)
+
+
+@dataclass
+class Int8Options:
+    float_blocks: tuple[str, ...] = FLOAT_BLOCKS
+    op_types: tuple[str, ...] | None = QUANTIZED_OPS  # None: every operator ONNX Runtime can quantize
+    max_decision_change: float = MAX_DECISION_CHANGE
+    per_channel: bool = True
+
+
+@dataclass
+class Int8Check:
+    """INT8 against float32 on the verification images, each at its own threshold."""
+
+    images: int
+    anomalous_images: int
+    decisions_changed: int
+    fp32_flagged: int
+    int8_flagged: int
+    max_score_diff: float  # max |raw score INT8 - float32| times the float32 calibration's slope (score_gain)
+    median_score_diff: float
+    fp32_raw_threshold: float
+    int8_raw_threshold: float
+    quantized_nodes: int
+    float_nodes: dict[str, int] = field(default_factory=dict)  # kept float32: Conv/MatMul per block
+
+    @property
+    def changed_share(self) -> float:
+        return self.decisions_changed / self.images if self.images else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "changed_share": self.changed_share}
+
+
+@dataclass
+class Int8Images:
+    """The normal and anomalous frames (uint8, model size) an INT8 export needs."""
+
+    train: list[np.ndarray]  # activation ranges
+    threshold: list[np.ndarray]  # the held-out images the threshold is set on
+    anomalous: list[np.ndarray]  # anomalous copies: decisions that can change in both directions
+    scale_images: int | None = None  # what the card's calibration records
+
+
+def block_of(node_name: str) -> str:
+    """The block (:data:`BLOCKS` key, or :data:`SCORE_TAIL`) an exported node belongs to."""
+    return next((block for block, prefixes in BLOCKS.items() if node_name.startswith(prefixes)), SCORE_TAIL)
+
+
+def unknown_blocks(names: tuple[str, ...]) -> list[str]:
+    return [b for b in names if b not in BLOCKS and b != SCORE_TAIL]
+
+
+def float_nodes(model: Any, options: Int8Options) -> dict[str, list[str]]:
+    """{block: names of its quantizable nodes kept in float32} of an ``onnx.ModelProto``."""
+    kept: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        block = block_of(node.name)
+        if block in options.float_blocks and (options.op_types is None or node.op_type in options.op_types):
+            kept.setdefault(block, []).append(node.name)
+    return kept
+
+
+class _FrameReader(CalibrationDataReader):
+    """The quantizer's feed: uint8 frames, one per run (the ranges are the extremes over all runs)."""
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        self._items = iter([{INPUT_IMAGE: f[None]} for f in frames])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._items, None)
+
+
+def quantize_graph(src: Path, dst: Path, frames: list[np.ndarray], options: Int8Options,
+                   ranges_cache: Path | None = None) -> int:
+    """Quantize the float32 contract graph ``src`` into ``dst`` (QDQ, uint8 activations, int8 weights per
+    output channel), ranges measured on ``frames`` (or read from ``ranges_cache`` when it exists); returns
+    the number of quantized nodes."""
+    reader = _FrameReader(frames)
+    model = onnx.load(str(src))
+    excluded = [name for names in float_nodes(model, options).values() for name in names]
+    quantizable = [n for n in model.graph.node if options.op_types is None or n.op_type in options.op_types]
+    with _quiet_root_logger():  # the quantizer logs its pre-processing advice on every call
+        quantize_static(
+            str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(options.op_types) if options.op_types is not None else None,
+            per_channel=options.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+            calibration_cache_path=str(ranges_cache) if ranges_cache is not None else None,
+            # uint8 x int8 is the fast pair on x86 (VNNI's vpdpbusd); symmetric weights keep the zero point 0
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+    return len(quantizable) - len(excluded)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _set_card(path: Path, card: ModelCard) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {MODEL_CARD_KEY: card.to_json()})
+    onnx.save(model, str(path))
+
+
+def recalibrate(int8: OnnxModel, threshold_images: list[np.ndarray], calibration: Calibration,
+                scale_images: int | None) -> tuple[Calibration, dict]:
+    """The calibration of the INT8 graph: the float32 one's target rate, set on the INT8 graph's scores
+    of the threshold images (and its pixel threshold on the calibrated map)."""
+    scores = int8.predict(threshold_images).scores
+    cal, stats = calibration_from_scores(scores, calibration.target_fpr, scale_images)
+    return cal.on_calibrated_map(), stats
+
+
+def compare(fp32: OnnxModel, int8: OnnxModel, images: Int8Images) -> dict[str, Any]:
+    """Decisions (each graph at its own threshold) and raw-score differences over threshold + anomalous images."""
+    frames = images.threshold + images.anomalous
+    a, b = fp32.predict(frames), int8.predict(frames)
+    cal_a, cal_b = fp32.card.calibration, int8.card.calibration
+    flagged_a = np.asarray(cal_a.calibrated_score(a.log_odds)) >= DECISION_THRESHOLD
+    flagged_b = np.asarray(cal_b.calibrated_score(b.log_odds)) >= DECISION_THRESHOLD
+    diff = np.abs(a.scores.astype(np.float64) - b.scores.astype(np.float64)) * score_gain(cal_a)
+    return {"images": len(frames), "anomalous_images": len(images.anomalous),
+            "decisions_changed": int((flagged_a != flagged_b).sum()), "fp32_flagged": int(flagged_a.sum()),
+            "int8_flagged": int(flagged_b.sum()), "max_score_diff": float(diff.max(initial=0.0)),
+            "median_score_diff": float(np.median(diff)) if diff.size else 0.0,
+            "fp32_raw_threshold": cal_a.raw_threshold, "int8_raw_threshold": cal_b.raw_threshold}
+
+
+def export_int8(model: Any, card: ModelCard, path: str | Path, images: Int8Images,
+                options: Int8Options | None = None, verify_images: list[np.ndarray] | None = None
+                ) -> tuple[ModelCard, Int8Check]:
+    """Write the INT8 graph of ``model`` (a calibrated SLSG whose float32 card is ``card``) to ``path``.
+
+    Returns the INT8 card (``precision: int8``, its own calibration) and the comparison with float32.
+    Raises ExportError, and leaves nothing at ``path``, when the float32 export fails its verification,
+    or INT8 changes the decision on more than ``options.max_decision_change`` of the images.
+    """
+    options = options or Int8Options()
+    if not 0.0 <= options.max_decision_change <= 1.0:
+        raise ValueError(f"the share of decisions INT8 may change must be in [0, 1], got {options.max_decision_change}")
+    bad = unknown_blocks(options.float_blocks)
+    if bad:
+        raise ValueError(f"unknown block(s) {bad}: the blocks are {', '.join([*BLOCKS, SCORE_TAIL])}")
+    if not images.train or not images.threshold:
+        raise ExportError("INT8 export needs normal training images (activation ranges) and the held-out "
+                          "threshold images (the INT8 graph's own threshold); none were found")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=path.parent) as tmp_dir:
+        tmp = Path(tmp_dir)
+        fp32 = export_onnx(model, card, tmp / "fp32.onnx", verify_images=verify_images)
+        card = fp32.card or card
+        ranges = tmp / "ranges"
+        quantize_graph(tmp / "fp32.onnx", tmp / "probe.onnx", images.train, options, ranges)
+        cal, stats = recalibrate(OnnxModel(tmp / "probe.onnx"), images.threshold, card.calibration,
+                                 images.scale_images)
+        int8_card = dataclasses.replace(card, calibration=cal, precision=PRECISION_INT8,
+                                        extra={**card.extra, "calibration_stats": stats,
+                                               "fp32_calibration": dataclasses.asdict(card.calibration)})
+        graph = InferenceGraph(model, int8_card.top_k, cal).eval()
+        _write_onnx(graph, int8_card, tmp / "recalibrated.onnx", opset=17, dynamo=False)
+        quantized = quantize_graph(tmp / "recalibrated.onnx", tmp / "int8.onnx", images.train, options, ranges)
+        kept = {b: len(n) for b, n in float_nodes(onnx.load(str(tmp / "recalibrated.onnx")), options).items()}
+        result = compare(OnnxModel(tmp / "fp32.onnx"), OnnxModel(tmp / "int8.onnx"), images)
+        check = Int8Check(**result, quantized_nodes=quantized, float_nodes=kept)
+        int8_card = dataclasses.replace(int8_card, extra={**int8_card.extra, "int8_check": check.to_dict()})
+        if check.changed_share > options.max_decision_change:
+            raise ExportError(
+                f"INT8 changes the decision on {check.decisions_changed} of {check.images} verification images "
+                f"({check.changed_share:.1%} > {options.max_decision_change:.1%}; float32 flags {check.fp32_flagged}, "
+                f"INT8 {check.int8_flagged}; max raw-score difference x slope {check.max_score_diff:.3g}); "
+                f"{path} was not written")
+        _set_card(tmp / "int8.onnx", int8_card)
+        (tmp / "int8.onnx").chmod(0o644)
+        os.replace(tmp / "int8.onnx", path)
+    return int8_card, check
