@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from slsg.contract import RESIZE_BILINEAR, Calibration
-from slsg_train.checkpoint import build_model, load_checkpoint_payload
+from slsg.contract import Calibration
+from slsg_train.checkpoint import RunCheckpoint, build_model, load_checkpoint
 from slsg_train.data.images import to_tensor
 from slsg_train.training.precision import channels_last
 
@@ -18,28 +18,36 @@ from slsg_train.training.precision import channels_last
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    payload: dict[str, Any]
-    image_size: tuple[int, int]
-    top_k: int
-    calibration: Calibration | None
+    checkpoint: RunCheckpoint
 
     @property
     def category(self) -> str:
-        return self.payload["category"]
+        return self.checkpoint.category
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.checkpoint.image_size
+
+    @property
+    def top_k(self) -> int:
+        return self.checkpoint.top_k
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.checkpoint.calibration
 
     @property
     def resize(self) -> str:
-        """The filter frames are resized with for this model (runs from before the setting: bilinear)."""
-        return self.payload.get("resize", RESIZE_BILINEAR)
+        """The filter frames are resized with for this model."""
+        return self.checkpoint.resize
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    payload = load_checkpoint_payload(checkpoint)
-    model = build_model(payload["model_config"])
-    model.load_state_dict(payload["model_state"])
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt.model_config)
+    model.load_state_dict(ckpt.model_state)
     channels_last(model.to(device)).eval()
-    cal = Calibration.from_dict(payload["calibration"]) if payload.get("calibration") else None
-    return LoadedModel(model, payload, tuple(payload["image_size"]), int(payload["top_k"]), cal)
+    return LoadedModel(model, ckpt)
 
 
 class Prediction(NamedTuple):

@@ -179,8 +179,8 @@ def _metrics(loaded: LoadedModel, category: LocoCategory, scores: list[float], t
         "threshold": threshold,
         "false_alarms": false_alarms,
         "counts": {k: int((t == k).sum()) for k in sorted(set(types))},
-        "checkpoint": {"path": loaded.payload["path"], "step": loaded.payload["step"],
-                       "backbone": loaded.payload["backbone"], "image_size": list(loaded.image_size)},
+        "checkpoint": {"path": str(loaded.checkpoint.path), "step": loaded.checkpoint.step,
+                       "backbone": loaded.checkpoint.backbone, "image_size": list(loaded.image_size)},
         "evaluation_seconds": round(seconds, 2),
     }
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from slsg import __version__
 from slsg.contract import ModelCard, model_path, next_version, validate_model_name
-from slsg_train.checkpoint import CheckpointError
+from slsg_train.checkpoint import CheckpointError, RunCheckpoint
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _find_metrics(req: ExportRequest) -> dict:
     return json.loads(path.read_text())
 
 
-def verification_images(payload: dict, size: tuple[int, int], limit: int = 2,
+def verification_images(checkpoint: RunCheckpoint, size: tuple[int, int], limit: int = 2,
                         resize: str = "bilinear") -> list[np.ndarray]:
     """Real frames to verify the export on: the run's own normal images when reachable, plus real photos,
     resized with the model's filter."""
@@ -62,7 +62,7 @@ def verification_images(payload: dict, size: tuple[int, int], limit: int = 2,
 
     images = [resize_rgb(skdata.chelsea(), size, resize), resize_rgb(skdata.coffee(), size, resize)]
     try:
-        cat = LocoCategory(payload["data_root"], payload["category"])
+        cat = LocoCategory(checkpoint.data_root, checkpoint.category)
         images += load_resized((cat.validation_paths or cat.train_paths)[:limit], size, resize)
     except Exception:  # the data set need not be on the export machine
         pass
@@ -76,9 +76,9 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
 
     validate_model_name(req.name)
     loaded = load_model(req.checkpoint)
-    payload = loaded.payload
+    ckpt = loaded.checkpoint
     if loaded.calibration is None:
-        raise CheckpointError(f"checkpoint {payload['path']} has no calibration (stage {payload['stage']!r}): "
+        raise CheckpointError(f"checkpoint {ckpt.path} has no calibration (stage {ckpt.stage!r}): "
                               "finish training or run `slsg calibrate --checkpoint ... --data ROOT` first")
     version = req.version if req.version is not None else next_version(req.repository, req.name)
     if version < 1:
@@ -88,18 +88,18 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         raise FileExistsError(f"{target} already exists; versions are immutable, export as a new version")
     h, w = loaded.image_size
     card = ModelCard(
-        name=req.name, category=loaded.category, backbone=payload["backbone"], input_height=h, input_width=w,
+        name=req.name, category=loaded.category, backbone=ckpt.backbone, input_height=h, input_width=w,
         top_k=loaded.top_k, calibration=loaded.calibration.on_calibrated_map(), metrics=_find_metrics(req),
-        training_data_hash=payload.get("data_hash", ""), image_colour=payload.get("image_colour", ""),
+        training_data_hash=ckpt.data_hash, image_colour=ckpt.image_colour,
         project_version=__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        extra={"checkpoint_step": payload["step"], "calibration_stats": payload.get("calibration_stats", {})},
+        extra={"checkpoint_step": ckpt.step, "calibration_stats": ckpt.calibration_stats},
         resize=loaded.resize,
     )
     card = with_part_kinds(card, loaded.model)  # the config declares part_counts when the graph has it
     created_dir = not target.parent.exists()
     try:
-        check = export_onnx(loaded.model, card, target, verify_images=verification_images(payload, (h, w), resize=loaded.resize))
+        check = export_onnx(loaded.model, card, target, verify_images=verification_images(ckpt, (h, w), resize=loaded.resize))
         config = write_config(req.repository, req.name, card, max_batch_size=req.max_batch_size,
                               tensorrt=req.tensorrt, gpu=req.gpu)
     except Exception:
