@@ -169,14 +169,15 @@ _V1_DEFAULTS: dict[str, Any] = {
 
 
 def _v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 wrote optional state only where set, kept a copy of the backbone name and the
+    calibration's ``score_max``, and its early releases lacked the fields in ``_V1_DEFAULTS``."""
     data = {**_V1_DEFAULTS, **payload, "format": CHECKPOINT_FORMAT}
     data.pop("backbone", None)  # the model config's
-    data.pop("path", None)  # a v1 `slsg calibrate` could store the path it was read from
     if isinstance(data.get("model_config"), dict):
         data["model_config"] = {**_V1_NETWORK, **data["model_config"]}
     if isinstance(data["train_config"], dict):
         data["train_config"] = {"precision": "fp32", **data["train_config"]}
-    if isinstance(data["calibration"], dict):  # score_max: the calibration's, never read since its log-odds scale
+    if isinstance(data["calibration"], dict):  # score_max: the top of a linear scale the score no longer has
         data["calibration"] = {k: v for k, v in data["calibration"].items() if k != "score_max"}
     data["normalisation"] = data.get("normalisation") or normalisation()
     data["calibration_stats"] = data["calibration_stats"] or {}
