@@ -69,9 +69,9 @@ class Calibration:
 
     ``score_min`` and ``score_median`` are the lowest and the median raw score of the normal calibration
     images. Below the threshold the map is linear in the raw score, ``score_min`` -> 0; above it, it
-    is in the raw score's log-odds (:meth:`calibrated_score`). ``score_max`` is no longer used (cards
-    kept it when the map above the threshold was linear up to it); ``score_median`` is None on cards
-    from before it existed.
+    is in the raw score's log-odds (:meth:`calibrated_score`). ``score_median`` is None on cards from
+    before it existed; their ``score_max`` (the top of an older, linear map above the threshold) is
+    ignored, as are all fields :meth:`from_dict` does not know.
 
     ``num_images`` normal images, never trained on, set the threshold; the promised false-positive
     rates (:meth:`expected_fpr`, :meth:`fpr_upper`) count them alone. ``scale_images`` other such
@@ -82,7 +82,6 @@ class Calibration:
 
     raw_threshold: float = 0.5
     score_min: float = 0.0
-    score_max: float = 1.0
     target_fpr: float = 0.01
     pixel_threshold: float = 0.5  # anomaly-map value above which a pixel belongs to a region
     num_images: int = 0

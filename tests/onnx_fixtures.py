@@ -19,7 +19,7 @@ from slsg.contract import (
 
 
 def make_card(name: str = "toy", size: int = 64, top_k: int = 16, **kw) -> ModelCard:
-    cal = kw.pop("calibration", Calibration(raw_threshold=0.3, score_min=0.0, score_max=1.0, pixel_threshold=0.3,
+    cal = kw.pop("calibration", Calibration(raw_threshold=0.3, score_min=0.0, pixel_threshold=0.3,
                                             num_images=60, score_median=0.05))
     kw.setdefault("anomaly_map_scale", ANOMALY_MAP_PROBABILITY)  # the map is redness, not calibrated
     return ModelCard(name=name, category="toy", backbone="redness", input_height=size, input_width=size,

@@ -87,7 +87,7 @@ def main() -> None:
     from slsg_train.data.loco import LocoCategory
     from slsg_train.inference import load_model
     from slsg_train.data.images import load_resized
-    from slsg_train.training.calibration import legacy_held_out_train, split_for_calibration
+    from slsg_train.training.calibration import split_for_calibration
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -101,15 +101,14 @@ def main() -> None:
 
     torch.set_num_threads(2)
     loaded = load_model(args.checkpoint)
-    data = args.data or loaded.payload["data_root"]
+    data = args.data or loaded.checkpoint.data_root
     pool_category = LocoCategory(args.pool_data or data, loaded.category)
     pool_paths = list(pool_category.validation_paths)
     test_good = [s.path for s in pool_category.test_samples() if s.anomaly_type == "good"]
     pool_paths, test_good = pool_paths[:args.limit], test_good[:args.limit]
-    record = loaded.payload.get("calibration_split")
     category = LocoCategory(data, loaded.category)
-    train_paths = split_for_calibration(category, held_out_train=record["held_out_train"] if record else
-                                        legacy_held_out_train(category)).train  # the images it trained on
+    train_paths = split_for_calibration(  # the images it trained on
+        category, held_out_train=loaded.checkpoint.held_out_train(category)).train
     size = loaded.image_size
     checks = loaded.model.checks
     images = load_resized(pool_paths + test_good + train_paths, size)

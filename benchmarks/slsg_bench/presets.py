@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from slsg_train.checkpoint import load_checkpoint_payload
+from slsg_train.checkpoint import load_checkpoint
 from slsg_train.data.loco import LocoCategory
 from slsg_train.evaluation.report import plot_roc_comparison
 from slsg_train.metrics.roc import GOOD, type_key
@@ -65,7 +65,7 @@ class PresetComparison:
 
 def _finished(run_dir: Path) -> bool:
     ckpt = run_dir / "checkpoint.pt"
-    return ckpt.is_file() and load_checkpoint_payload(ckpt).get("stage") == "done"
+    return ckpt.is_file() and load_checkpoint(ckpt).stage == "done"
 
 
 def check_paper_weights(spec: PresetComparison) -> None:
@@ -101,14 +101,14 @@ def ensure_trained(cfg: TrainConfig, data: Path, data_hash: str, run_dir: Path) 
     ckpt = run_dir / "checkpoint.pt"
     if not ckpt.is_file():
         return TrainingRun(cfg, data, run_dir).run(), "trained"
-    payload = load_checkpoint_payload(ckpt)
-    diffs = _mismatch(payload["train_config"], cfg.to_dict())
-    if payload.get("data_hash") != data_hash:
+    stored = load_checkpoint(ckpt)
+    diffs = _mismatch(stored.train_config.to_dict() if stored.train_config else {}, cfg.to_dict())
+    if stored.data_hash != data_hash:
         diffs.append("data")
     if diffs:
         raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(diffs)}); choose another --out "
                          f"or delete that run directory")
-    if payload["stage"] == "done":
+    if stored.stage == "done":
         return ckpt, "reused"
     return TrainingRun(cfg, data, run_dir, resume=True).run(), "resumed"
 

@@ -99,6 +99,13 @@ def test_a_card_from_a_newer_exporter_reads_without_its_new_fields():
     assert Calibration.from_dict(data["calibration"]) == make_card().calibration  # as a checkpoint stores it
 
 
+def test_a_card_from_before_score_max_was_dropped_still_reads_and_a_new_one_omits_it():
+    data = json.loads(make_card().to_json())
+    assert "score_max" not in data["calibration"]
+    data["calibration"]["score_max"] = 1.0  # what cards carried while the map above the threshold was linear
+    assert ModelCard.from_json(json.dumps(data)) == make_card()
+
+
 def test_a_card_says_what_its_anomaly_map_holds():
     # cards from before the field had a probability map; a card made now is for a calibrated one
     data = json.loads(make_card().to_json())

@@ -161,7 +161,7 @@ def test_checks_are_scaled_on_other_held_out_images_than_the_threshold(trained):
     from slsg_train.data.images import load_resized, to_tensor
 
     loaded = load_model(trained["checkpoint"])
-    record = loaded.payload["calibration_split"]
+    record = loaded.checkpoint.calibration_split
     split = split_for_calibration(LocoCategory(trained["data"], "tray"), 0.01, has_checks=True,
                                   held_out_train=record["held_out_train"])
     assert record == split.summary() and not set(split.scale) & set(split.threshold)

@@ -25,7 +25,7 @@ from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
 
 INSPECT_KEY, ADMIN_KEY, METRICS_KEY = "station-key", "admin-key", "scrape-key"
-BRIGHT_CALIBRATION = Calibration(raw_threshold=0.9, score_min=0.0, score_max=1.0, pixel_threshold=0.9,
+BRIGHT_CALIBRATION = Calibration(raw_threshold=0.9, score_min=0.0, pixel_threshold=0.9,
                                  num_images=60, score_median=0.5)
 
 

@@ -185,3 +185,26 @@ def test_two_gateways_share_one_postgresql_store(repository, postgres_url):
     store = open_store(postgres_url)  # the reading API, without a gateway
     assert store.count() == 24 and store.frame(flagged) == sent[flagged][1]
     store.close()
+
+
+def test_the_api_answers_every_field_of_a_stored_record():
+    import dataclasses
+    from datetime import datetime, UTC
+
+    from slsg_gateway.api.routes.inspections import RENAMED_FIELDS, record_out
+    from slsg_gateway.records.model import InspectionRecord, Review
+    from slsg_gateway.schemas import InspectionRecordOut
+
+    names = {RENAMED_FIELDS.get(f.name, f.name) for f in dataclasses.fields(InspectionRecord)}
+    assert names | {"frame_stored"} == set(InspectionRecordOut.model_fields)  # a new field needs its API twin
+    when = datetime(2026, 12, 7, tzinfo=UTC)
+    record = InspectionRecord(
+        id="0" * 32, time=when, model="toy", version=2, line_id="l1", camera_id=None, score=0.7, threshold=0.5,
+        decision="anomalous", regions=[{"box": {"x0": 1, "y0": 2, "x1": 3, "y1": 4}, "peak": 0.9, "area": 4}],
+        frame_sha256="ab" * 32, image_width=64, image_height=48, timings={"model_ms": 1.5},
+        frame_media_type="image/png", has_heatmap=False, review=Review("defect", "dent", "ann", when))
+    out = record_out(record).model_dump()
+    assert (out["frame_stored"], out["heatmap_stored"], out["frame_media_type"]) == (True, False, "image/png")
+    assert out["review"] == {"verdict": "defect", "note": "dent", "reviewer": "ann", "time": when}
+    assert out["regions"][0]["box"] == {"x0": 1, "y0": 2, "x1": 3, "y1": 4} and out["line_id"] == "l1"
+    assert record_out(dataclasses.replace(record, review=None, frame_media_type=None)).frame_stored is False

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from authors_fixtures import reference_dir, rule_b_state, write_rule_b_weights
-from slsg_train.models import PRESETS, SLSGConfig
+from slsg_train.checkpoint import migrate
+from slsg_train.models import PRESETS
 from slsg_train.models.authors import (
     AuthorsWeightsError, NUM_TENSORS, authors_network, convert_state, read_authors_state,
 )
@@ -145,8 +146,8 @@ def test_the_default_preset_and_older_checkpoints_keep_their_network():
             default.aux_upsampling) == ("stem", False, False, "direct")
     old_paper = {k: v for k, v in PRESETS["paper"].to_dict().items()
                  if k not in ("layer1_input", "graph_value_on_tokens", "graph_position_table", "aux_upsampling")}
-    restored = SLSGConfig.from_dict(old_paper)
-    assert (restored.layer1_input, restored.graph_value_on_tokens, restored.graph_position_table) == (
+    restored = migrate({"format": "slsg-checkpoint/1", "model_config": old_paper})["model_config"]
+    assert (restored["layer1_input"], restored["graph_value_on_tokens"], restored["graph_position_table"]) == (
         "stem", False, False)
 
 

@@ -105,7 +105,7 @@ def test_component_check_exports_and_the_served_answer_equals_the_checkpoint(fit
 
     card = ModelCard(name="box", category="box", backbone="efficientnet_lite0", input_height=SIZE,
                      input_width=SIZE, top_k=top_k_for_size(SIZE, SIZE),
-                     calibration=Calibration(raw_threshold=0.8, score_min=0.5, score_max=1.0), project_version="test")
+                     calibration=Calibration(raw_threshold=0.8, score_min=0.5), project_version="test")
     rng = np.random.default_rng(11)
     frames = np.stack([_scene(rng)[0], _scene(rng, {"red": 3})[0], _scene(rng, {"blue": 1})[0]])
     result = export_onnx(fitted, card, tmp_path / "model.onnx", verify_images=list(frames))
@@ -152,7 +152,7 @@ def _export_box(fitted: SLSG, tmp_path, frames: np.ndarray):
 
     card = ModelCard(name="box", category="box", backbone="efficientnet_lite0", input_height=SIZE,
                      input_width=SIZE, top_k=top_k_for_size(SIZE, SIZE),
-                     calibration=Calibration(raw_threshold=0.8, score_min=0.5, score_max=1.0), project_version="test")
+                     calibration=Calibration(raw_threshold=0.8, score_min=0.5), project_version="test")
     return export_onnx(fitted, card, tmp_path / "box" / "1" / "model.onnx", verify_images=list(frames))
 
 

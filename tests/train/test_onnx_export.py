@@ -42,7 +42,7 @@ def card() -> ModelCard:
     return ModelCard(
         name="pushpins", category="pushpins", backbone="efficientnet_lite0", input_height=HEIGHT,
         input_width=WIDTH, top_k=top_k_for_size(HEIGHT, WIDTH),
-        calibration=Calibration(raw_threshold=0.8, score_min=0.5, score_max=1.0), project_version="test",
+        calibration=Calibration(raw_threshold=0.8, score_min=0.5), project_version="test",
     )
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint_fixtures import rewrite_as_version_1
+from slsg_train.checkpoint import load_checkpoint
 from support import SLSG_BIN as SLSG, run_slsg as slsg
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -37,21 +39,21 @@ def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     slsg("train", *common, "--out", str(tmp_path / "full"))
     # stop inside pre-training, resume, stop inside detector training, resume again
     slsg("train", *common, "--out", str(tmp_path / "parts"), "--until-step", "1")
-    ckpt = torch.load(tmp_path / "parts" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert (ckpt["stage"], ckpt["step"]) == ("pretrain", 1)
+    ckpt = load_checkpoint(tmp_path / "parts")
+    assert (ckpt.stage, ckpt.step) == ("pretrain", 1)
     slsg("train", "--data", str(tiny_data), "--category", "tray", "--out", str(tmp_path / "parts"), "--resume",
          "--until-step", "2")
-    ckpt = torch.load(tmp_path / "parts" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert (ckpt["stage"], ckpt["step"]) == ("train", 2)
+    ckpt = load_checkpoint(tmp_path / "parts")
+    assert (ckpt.stage, ckpt.step) == ("train", 2)
     slsg("train", "--data", str(tiny_data), "--category", "tray", "--out", str(tmp_path / "parts"), "--resume")
 
     full, parts = state(tmp_path / "full"), state(tmp_path / "parts")
     assert full.keys() == parts.keys()
     for name in full:
         torch.testing.assert_close(parts[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
-    done = torch.load(tmp_path / "parts" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert done["stage"] == "done" and done["calibration"]["num_images"] == 3  # 4 validation + 1 held out - 2 scale
-    assert done["image_size"] == [64, 64] and done["backbone"] == "efficientnet_lite0"
+    done = load_checkpoint(tmp_path / "parts")
+    assert done.stage == "done" and done.calibration.num_images == 3  # 4 validation + 1 held out - 2 scale
+    assert done.image_size == (64, 64) and done.backbone == "efficientnet_lite0"
     log = (tmp_path / "parts" / "train_log.jsonl").read_text().splitlines()
     train_steps = [line for line in log if '"event": "step"' in line and '"stage": "train"' in line]
     assert len(train_steps) == 4  # steps 1..4 logged exactly once across the three invocations
@@ -138,10 +140,7 @@ def test_a_run_from_before_mixed_precision_resumes_in_fp32(tiny_data, tmp_path):
     run_dir = tmp_path / "old"
     slsg("train", "--data", str(tiny_data), *TINY, "--steps", "3", "--pretrain-steps", "2", "--out", str(run_dir),
          "--until-step", "1")
-    ckpt_path = run_dir / "checkpoint.pt"
-    payload = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    del payload["train_config"]["precision"]  # what an older release wrote
-    torch.save(payload, ckpt_path)
+    rewrite_as_version_1(run_dir / "checkpoint.pt", oldest=True)  # no precision setting, among others
     slsg("train", "--data", str(tiny_data), "--category", "tray", "--out", str(run_dir), "--resume", "--until-step", "2")
     slsg("train", "--data", str(tiny_data), "--category", "tray", "--out", str(run_dir), "--resume",
          "--precision", "bf16")

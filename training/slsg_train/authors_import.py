@@ -6,16 +6,14 @@ set is at hand. Their file carries no threshold: without data the checkpoint is 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any
 
 from slsg import __version__
 from slsg.contract import RESIZE_LANCZOS
-from slsg_train.checkpoint import normalisation, save_checkpoint
+from slsg_train.checkpoint import RunCheckpoint, save_checkpoint
 from slsg_train.models.authors import Conversion, authors_network, read_authors_state
 
 AUTHORS_IMAGE_SIZE = (256, 256)
@@ -38,16 +36,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _payload(model, category: str, weights: Path, conversion: Conversion, data_root: str) -> dict[str, Any]:
-    return {
-        "stage": IMPORTED_STAGE, "step": 0, "category": category, "model_config": model.config.to_dict(),
-        "backbone": model.config.backbone, "image_size": list(AUTHORS_IMAGE_SIZE), "normalisation": normalisation(),
-        "top_k": AUTHORS_TOP_K, "resize": RESIZE_LANCZOS, "data_hash": "", "data_root": data_root,
-        "model_state": model.state_dict(), "project_version": __version__, "calibration": None,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "imported_from": {"path": str(weights.resolve()), "sha256": _sha256(weights), **conversion.summary(),
-                          "unused_keys": conversion.unused, "alias_keys": conversion.aliases},
-    }
+def _checkpoint(model, category: str, weights: Path, conversion: Conversion, data_root: str) -> RunCheckpoint:
+    return RunCheckpoint(
+        stage=IMPORTED_STAGE, step=0, category=category, model_config=model.config, train_config=None,
+        image_size=AUTHORS_IMAGE_SIZE, top_k=AUTHORS_TOP_K, resize=RESIZE_LANCZOS, data_root=data_root,
+        model_state=model.state_dict(), project_version=__version__,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        imported_from={"path": str(weights.resolve()), "sha256": _sha256(weights), **conversion.summary(),
+                       "unused_keys": conversion.unused, "alias_keys": conversion.aliases},
+    )
 
 
 def import_authors(weights: str | Path, category: str, out: str | Path, data_root: str | Path | None = None,
@@ -63,17 +60,17 @@ def import_authors(weights: str | Path, category: str, out: str | Path, data_roo
         raise FileExistsError(f"{target} already exists; import into a new run directory")
     model, conversion = authors_network(read_authors_state(weights))
     data = LocoCategory(data_root, category) if data_root is not None else None  # checked before the slow part
-    payload = _payload(model, category, weights, conversion, str(Path(data_root).resolve()) if data else "")
+    checkpoint = _checkpoint(model, category, weights, conversion, str(Path(data_root).resolve()) if data else "")
     stats = None
     if data is not None:
-        payload["data_hash"] = data.data_hash()
+        checkpoint.data_hash = data.data_hash()
         # their network has no checks to scale; it was trained on LOCO's train/good, so validation/good
         # alone calibrates it where the data set has that split
         split = split_for_calibration(data, target_fpr, has_checks=False,
                                       held_out_train=0 if data.validation_paths else None)
         images = load_resized(split.threshold, AUTHORS_IMAGE_SIZE, RESIZE_LANCZOS)
         calibration, stats = calibrate_threshold(model.to(device), images, AUTHORS_TOP_K, target_fpr, device)
-        payload["calibration"], payload["calibration_stats"] = dataclasses.asdict(calibration), stats
-        payload["model_state"] = model.cpu().state_dict()
-    save_checkpoint(target, payload)
+        checkpoint.calibration, checkpoint.calibration_stats = calibration, stats
+        checkpoint.model_state = model.cpu().state_dict()
+    save_checkpoint(target, checkpoint)
     return ImportResult(target, conversion, stats)

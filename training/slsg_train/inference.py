@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from slsg.contract import RESIZE_BILINEAR, Calibration
-from slsg_train.checkpoint import build_model, load_checkpoint_payload
+from slsg.contract import Calibration
+from slsg_train.checkpoint import RunCheckpoint, build_model, load_checkpoint
 from slsg_train.data.images import to_tensor
 from slsg_train.training.precision import channels_last
 
@@ -18,28 +18,50 @@ from slsg_train.training.precision import channels_last
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    payload: dict[str, Any]
-    image_size: tuple[int, int]
-    top_k: int
-    calibration: Calibration | None
+    checkpoint: RunCheckpoint
 
     @property
     def category(self) -> str:
-        return self.payload["category"]
+        return self.checkpoint.category
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.checkpoint.image_size
+
+    @property
+    def top_k(self) -> int:
+        return self.checkpoint.top_k
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.checkpoint.calibration
 
     @property
     def resize(self) -> str:
-        """The filter frames are resized with for this model (runs from before the setting: bilinear)."""
-        return self.payload.get("resize", RESIZE_BILINEAR)
+        """The filter frames are resized with for this model."""
+        return self.checkpoint.resize
+
+    @property
+    def has_checks(self) -> bool:
+        """Whether reference checks join the score (their scales were fitted on held-out images)."""
+        return self.checkpoint.model_config.uses_reference
+
+    def describe(self) -> dict[str, Any]:
+        """What an evaluation report says about the model: the checkpoint file, step, backbone, size."""
+        ckpt = self.checkpoint
+        report = {"path": str(ckpt.path), "step": ckpt.step, "backbone": ckpt.backbone,
+                  "image_size": list(self.image_size)}
+        if ckpt.train_config is not None:
+            report["precision"] = ckpt.train_config.precision
+        return report
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    payload = load_checkpoint_payload(checkpoint)
-    model = build_model(payload["model_config"])
-    model.load_state_dict(payload["model_state"])
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt.model_config)
+    model.load_state_dict(ckpt.model_state)
     channels_last(model.to(device)).eval()
-    cal = Calibration.from_dict(payload["calibration"]) if payload.get("calibration") else None
-    return LoadedModel(model, payload, tuple(payload["image_size"]), int(payload["top_k"]), cal)
+    return LoadedModel(model, ckpt)
 
 
 class Prediction(NamedTuple):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from slsg.contract import INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, ModelCard
-from slsg_train.inference import LoadedModel, Prediction
+from slsg_train.inference import Prediction
 
 
 class OnnxModelError(ValueError):
@@ -116,12 +116,21 @@ def _sigmoid(log_odds: np.ndarray) -> np.ndarray:
         return (1.0 / (1.0 + np.exp(-log_odds.astype(np.float64)))).astype(np.float32)
 
 
-def load_onnx_model(path: str | Path, threads: int = 0) -> LoadedModel:
-    """An exported model file as a :class:`LoadedModel` for the evaluation: its ``model`` is the
-    :class:`OnnxModel`, its size, top-K, calibration and resize filter are the card's."""
-    onnx_model = OnnxModel(path, threads)
-    card = onnx_model.card
-    payload = {"path": str(onnx_model.path), "step": card.extra.get("checkpoint_step"), "backbone": card.backbone,
-               "category": card.category, "resize": card.resize, "precision": card.precision,
-               "has_checks": bool(card.calibration.scale_images)}
-    return LoadedModel(onnx_model, payload, onnx_model.image_size, card.top_k, card.calibration)
+class OnnxLoadedModel:
+    """An exported model file in the place of a :class:`LoadedModel` for the evaluation: its ``model`` is
+    the :class:`OnnxModel`; its size, top-K, calibration and resize filter are the card's."""
+
+    def __init__(self, onnx_model: OnnxModel):
+        self.model = onnx_model
+        card = onnx_model.card
+        self.category, self.image_size, self.top_k = card.category, onnx_model.image_size, card.top_k
+        self.calibration, self.resize = card.calibration, card.resize
+        self.has_checks = bool(card.calibration.scale_images)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.model.describe(), "image_size": list(self.image_size)}
+
+
+def load_onnx_model(path: str | Path, threads: int = 0) -> OnnxLoadedModel:
+    """An exported model file, ready for ``evaluate_category``."""
+    return OnnxLoadedModel(OnnxModel(path, threads))

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 from collections.abc import Iterator
 
-from slsg_gateway.records.store import SCHEMA, RecordStore, StoredFiles
+from slsg_gateway.records.store import SCHEMA, RecordStore, StoredFiles, committed
 
 _FILES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS inspection_files (
@@ -61,16 +61,8 @@ class PostgresStore(RecordStore):
         with self._lock:
             if self._conn.broken:  # the server restarted or the network dropped: a new connection
                 self._conn = self._connect()
-            cur = self._conn.cursor()
-            try:
+            with committed(self._conn) as cur:
                 yield cur
-            except BaseException:
-                self._conn.rollback()
-                raise
-            else:
-                self._conn.commit()
-            finally:
-                cur.close()
 
     def _sql(self, text: str) -> str:
         return text.replace("?", "%s")

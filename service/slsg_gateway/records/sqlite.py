@@ -15,7 +15,7 @@ from typing import Any
 from collections.abc import Iterator
 
 from slsg_gateway.records.model import record_time
-from slsg_gateway.records.store import SCHEMA, RecordStore, StoredFiles
+from slsg_gateway.records.store import SCHEMA, RecordStore, StoredFiles, committed
 
 _SUFFIX = {"frame": ".frame", "heatmap": ".heatmap.png"}
 
@@ -40,19 +40,9 @@ class SqliteStore(RecordStore):
 
     @contextmanager
     def _transaction(self, write: bool = True) -> Iterator[Any]:
-        with self._lock:
-            cur = self._conn.cursor()
-            # a writer takes the lock up front: upgrading a read transaction can fail without waiting
-            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield cur
-            except BaseException:
-                self._conn.rollback()
-                raise
-            else:
-                self._conn.commit()
-            finally:
-                cur.close()
+        # a writer takes the lock up front: upgrading a read transaction can fail without waiting
+        with self._lock, committed(self._conn, "BEGIN IMMEDIATE" if write else "BEGIN") as cur:
+            yield cur
 
     def _sql(self, text: str) -> str:
         return text

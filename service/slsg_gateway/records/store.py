@@ -109,6 +109,24 @@ def _check_choice(name: str, value: str | None, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
 
+@contextmanager
+def committed(conn: Any, begin: str | None = None) -> Iterator[Any]:
+    """A DB-API cursor on ``conn`` whose work is committed when the block ends, or rolled back when it
+    raises; ``begin``: the statement that opens the transaction, where the driver does not."""
+    cur = conn.cursor()
+    if begin:
+        cur.execute(begin)
+    try:
+        yield cur
+    except BaseException:
+        conn.rollback()
+        raise
+    else:
+        conn.commit()
+    finally:
+        cur.close()
+
+
 class RecordStore(ABC):
     """Inspection records. Thread-safe: the writer thread and request handlers share one store."""
 

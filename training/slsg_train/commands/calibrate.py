@@ -48,22 +48,19 @@ def recalibrate(checkpoint: str, data: str | None, fpr: float | None, device: st
     from slsg_train.data.images import load_resized
     from slsg_train.data.loco import DataSetError, LocoCategory
     from slsg_train.inference import load_model
-    from slsg_train.models import BackboneWeightsError, SLSGConfig
-    from slsg_train.training.calibration import (calibrate_threshold, legacy_held_out_train, small_calibration_warning,
-                                                 split_for_calibration)
+    from slsg_train.models import BackboneWeightsError
+    from slsg_train.training.calibration import calibrate_threshold, small_calibration_warning, split_for_calibration
 
     try:
         loaded = load_model(checkpoint, device)
-        payload = loaded.payload
+        ckpt = loaded.checkpoint
         if fpr is None:
-            fpr = float((payload.get("calibration") or {}).get("target_fpr", 0.01))
-        category = LocoCategory(data or payload["data_root"], payload["category"])
+            fpr = ckpt.calibration.target_fpr if ckpt.calibration is not None else 0.01
+        category = LocoCategory(data or ckpt.data_root, ckpt.category)
         model = loaded.model
-        has_checks = SLSGConfig.from_dict({**payload["model_config"], **switches}).uses_reference
+        has_checks = dataclasses.replace(ckpt.model_config, **switches).uses_reference
         # the images the run held out of training, and only those, may calibrate it
-        split_record = payload.get("calibration_split")
-        held = split_record["held_out_train"] if split_record else legacy_held_out_train(category)
-        split = split_for_calibration(category, fpr, has_checks, held_out_train=held)
+        split = split_for_calibration(category, fpr, has_checks, held_out_train=ckpt.held_out_train(category))
         if has_checks or switches:  # every check's scale is refitted on the scale images, never the threshold's
             model = refit_checks(loaded, switches, split.train,
                                  load_resized(split.scale, loaded.image_size, loaded.resize), device)
@@ -73,11 +70,9 @@ def recalibrate(checkpoint: str, data: str | None, fpr: float | None, device: st
         print(f"slsg {command}: {exc}", file=sys.stderr)
         return 2
     stats["held_out_train"] = split.held_out_train
-    payload["calibration_split"] = split.summary()
-    payload["model_state"] = model.state_dict()
-    payload["calibration"], payload["calibration_stats"] = dataclasses.asdict(cal), stats
-    path = payload.pop("path")
-    save_checkpoint(path, {k: v for k, v in payload.items() if k != "format"})
+    path = ckpt.path
+    save_checkpoint(path, dataclasses.replace(ckpt, calibration_split=split.summary(), model_state=model.state_dict(),
+                                              calibration=cal, calibration_stats=stats))
     scales = f"; the checks' scales on {len(split.scale)} others" if split.scale else ""
     print(f"raw threshold {cal.raw_threshold:.5f} for FPR {fpr:.2%} on {stats['num_images']} normal images "
           f"(scores {stats['min']:.4f}..{stats['max']:.4f}{scales}); saved to {path}")

@@ -70,14 +70,15 @@ def refit_checks(loaded, switches: dict[str, object], train_paths, scale_images,
 
     import torch
 
-    from slsg_train.models import SLSG, SLSGConfig
+    from slsg_train.models import SLSG
     from slsg_train.models.slsg import CHECK_PREFIXES, CHECKS, build_checks
     from slsg_train.simulation.config import SimulationConfig
     from slsg_train.data.images import load_resized
     from slsg_train.training.calibration import fit_checks
+    from slsg_train.training.config import TrainConfig
     from slsg_train.training.precision import channels_last, resolve_precision
 
-    config = dataclasses.replace(SLSGConfig.from_dict(loaded.payload["model_config"]), **switches)
+    config = dataclasses.replace(loaded.checkpoint.model_config, **switches)
     model = SLSG(dataclasses.replace(config, backbone_weights=None, **{name: False for name in CHECKS}))
     state = loaded.model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(CHECK_PREFIXES)})
@@ -89,15 +90,16 @@ def refit_checks(loaded, switches: dict[str, object], train_paths, scale_images,
     if keep:
         model.composition_check.load_state_dict(trained.state_dict())
     channels_last(model.to(device))
-    # the run's seed, as training used it: a new autoencoder's initialisation and the coreset's picks
-    train_config = loaded.payload.get("train_config", {})
-    seed = train_config.get("seed", 0)
+    # the run's seed, as training used it: a new autoencoder's initialisation and the coreset's picks;
+    # imported weights have no run: the defaults, in float32
+    train_config = loaded.checkpoint.train_config or TrainConfig(precision="fp32")
+    seed = train_config.seed
     torch.manual_seed(seed)
-    simulation = train_config.get("simulation")
-    # a new autoencoder trains in the run's precision on this device (runs from before it existed: fp32)
-    precision = resolve_precision(train_config.get("precision", "fp32"), torch.device(device))
+    simulation = train_config.simulation
+    # a new autoencoder trains in the run's precision on this device
+    precision = resolve_precision(train_config.precision, torch.device(device))
     fit_checks(model, load_resized(train_paths, loaded.image_size, loaded.resize), scale_images, loaded.top_k, device,
                seed=seed, keep_trained=keep, precision=precision,
                simulation=SimulationConfig.from_dict(simulation) if simulation else None)
-    loaded.payload["model_config"] = config.to_dict()
+    loaded.checkpoint.model_config = config
     return model.eval()

@@ -11,6 +11,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     from slsg_train.inference import load_model
@@ -18,14 +19,15 @@ def run(args: argparse.Namespace) -> int:
     from slsg_train.models.slsg import CHECKS
 
     loaded = load_model(args.checkpoint)
+    ckpt = loaded.checkpoint
     h, w = loaded.image_size
     info = {
-        "checkpoint": loaded.payload["path"], "category": loaded.category, "stage": loaded.payload["stage"],
-        "step": loaded.payload["step"], "backbone": loaded.payload["backbone"], "image_size": [h, w],
+        "checkpoint": str(ckpt.path), "category": loaded.category, "stage": ckpt.stage,
+        "step": ckpt.step, "backbone": ckpt.backbone, "image_size": [h, w],
         "top_k": loaded.top_k, **{name: getattr(loaded.model, name) is not None for name in CHECKS},
         "parameters": count_parameters(loaded.model),
         "gflop_per_image": round(count_flops(loaded.model, h, w), 3),
-        "calibration": loaded.payload.get("calibration"), "data_hash": loaded.payload.get("data_hash"),
+        "calibration": dataclasses.asdict(ckpt.calibration) if ckpt.calibration else None, "data_hash": ckpt.data_hash,
     }
     if args.json:
         print(json.dumps(info, indent=2))

@@ -178,8 +178,7 @@ def _metrics(loaded: LoadedModel, category: LocoCategory, scores: list[float], t
         good = s[t == GOOD]
         # the float32 comparison the exported graph makes (0.5 at the threshold)
         flagged = int((good.astype(np.float32) >= np.float32(cal.raw_threshold)).sum())
-        has_checks = loaded.payload.get("has_checks", getattr(loaded.model, "reference_encoder", None) is not None)
-        false_alarms = false_alarm_report(flagged, int(good.size), cal, has_checks=has_checks)
+        false_alarms = false_alarm_report(flagged, int(good.size), cal, has_checks=loaded.has_checks)
     return {
         "category": category.name,
         "image_auroc": image_auroc_by_type(s, t.tolist()),
@@ -187,9 +186,7 @@ def _metrics(loaded: LoadedModel, category: LocoCategory, scores: list[float], t
         "threshold": threshold,
         "false_alarms": false_alarms,
         "counts": {k: int((t == k).sum()) for k in sorted(set(types))},
-        "checkpoint": {"path": loaded.payload["path"], "step": loaded.payload["step"],
-                       "backbone": loaded.payload["backbone"], "image_size": list(loaded.image_size),
-                       **({"precision": loaded.payload["precision"]} if "precision" in loaded.payload else {})},
+        "checkpoint": loaded.describe(),
         "evaluation_seconds": round(seconds, 2),
     }
 

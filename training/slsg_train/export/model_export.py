@@ -13,7 +13,7 @@ import numpy as np
 
 from slsg import __version__
 from slsg.contract import PRECISION_INT8, PRECISIONS, ModelCard, model_path, next_version, validate_model_name
-from slsg_train.checkpoint import CheckpointError
+from slsg_train.checkpoint import CheckpointError, RunCheckpoint
 
 
 @dataclass
@@ -57,7 +57,7 @@ def _find_metrics(req: ExportRequest) -> dict:
     return json.loads(path.read_text())
 
 
-def verification_images(payload: dict, size: tuple[int, int], limit: int = 2,
+def verification_images(checkpoint: RunCheckpoint, size: tuple[int, int], limit: int = 2,
                         resize: str = "bilinear") -> list[np.ndarray]:
     """Real frames to verify the export on: the run's own normal images when reachable, plus real photos,
     resized with the model's filter."""
@@ -68,7 +68,7 @@ def verification_images(payload: dict, size: tuple[int, int], limit: int = 2,
 
     images = [resize_rgb(skdata.chelsea(), size, resize), resize_rgb(skdata.coffee(), size, resize)]
     try:
-        cat = LocoCategory(payload["data_root"], payload["category"])
+        cat = LocoCategory(checkpoint.data_root, checkpoint.category)
         images += load_resized((cat.validation_paths or cat.train_paths)[:limit], size, resize)
     except Exception:  # the data set need not be on the export machine
         pass
@@ -84,9 +84,9 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
     if req.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {req.precision!r}")
     loaded = load_model(req.checkpoint)
-    payload = loaded.payload
+    ckpt = loaded.checkpoint
     if loaded.calibration is None:
-        raise CheckpointError(f"checkpoint {payload['path']} has no calibration (stage {payload['stage']!r}): "
+        raise CheckpointError(f"checkpoint {ckpt.path} has no calibration (stage {ckpt.stage!r}): "
                               "finish training or run `slsg calibrate --checkpoint ... --data ROOT` first")
     version = req.version if req.version is not None else next_version(req.repository, req.name)
     if version < 1:
@@ -96,18 +96,18 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         raise FileExistsError(f"{target} already exists; versions are immutable, export as a new version")
     h, w = loaded.image_size
     card = ModelCard(
-        name=req.name, category=loaded.category, backbone=payload["backbone"], input_height=h, input_width=w,
+        name=req.name, category=loaded.category, backbone=ckpt.backbone, input_height=h, input_width=w,
         top_k=loaded.top_k, calibration=loaded.calibration.on_calibrated_map(), metrics=_find_metrics(req),
-        training_data_hash=payload.get("data_hash", ""), image_colour=payload.get("image_colour", ""),
+        training_data_hash=ckpt.data_hash, image_colour=ckpt.image_colour,
         project_version=__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        extra={"checkpoint_step": payload["step"], "calibration_stats": payload.get("calibration_stats", {})},
+        extra={"checkpoint_step": ckpt.step, "calibration_stats": ckpt.calibration_stats},
         resize=loaded.resize,
     )
     card = with_part_kinds(card, loaded.model)  # the config declares part_counts when the graph has it
     created_dir = not target.parent.exists()
     try:
-        verify = verification_images(payload, (h, w), resize=loaded.resize)
+        verify = verification_images(ckpt, (h, w), resize=loaded.resize)
         int8_check = None
         if req.precision == PRECISION_INT8:
             from slsg_train.export.int8 import Int8Options, export_int8
@@ -137,33 +137,30 @@ def int8_images(req: ExportRequest, loaded) -> Any:
     from slsg_train.data.images import load_resized
     from slsg_train.data.loco import LocoCategory
     from slsg_train.export.int8 import CALIBRATION_IMAGES, Int8Images
-    from slsg_train.models import SLSGConfig
-    from slsg_train.training.calibration import legacy_held_out_train, split_for_calibration
+    from slsg_train.training.calibration import split_for_calibration
 
-    payload = loaded.payload
-    root = req.calibration_data or payload.get("data_root")
+    ckpt: RunCheckpoint = loaded.checkpoint
+    root = req.calibration_data or ckpt.data_root
     if not root:
         raise ValueError("the checkpoint does not say which data set it was trained on: give --calibration-data ROOT")
-    category = LocoCategory(root, req.calibration_category or payload["category"])
-    record = payload.get("calibration_split")
-    held = record["held_out_train"] if record else legacy_held_out_train(category)
-    has_checks = SLSGConfig.from_dict(payload["model_config"]).uses_reference
-    split = split_for_calibration(category, loaded.calibration.target_fpr, has_checks, held_out_train=held)
+    category = LocoCategory(root, req.calibration_category or ckpt.category)
+    split = split_for_calibration(category, loaded.calibration.target_fpr, ckpt.model_config.uses_reference,
+                                  held_out_train=ckpt.held_out_train(category))
     step = max(1, len(split.train) // CALIBRATION_IMAGES)  # spread over the whole training set
     size, resize = loaded.image_size, loaded.resize
     threshold = load_resized(split.threshold, size, resize)
     return Int8Images(train=load_resized(split.train[::step][:CALIBRATION_IMAGES], size, resize),
-                      threshold=threshold, anomalous=simulated_anomalies(threshold, payload),
+                      threshold=threshold, anomalous=simulated_anomalies(threshold, ckpt),
                       scale_images=len(split.scale))
 
 
-def simulated_anomalies(images: list[np.ndarray], payload: dict, seed: int = 0) -> list[np.ndarray]:
+def simulated_anomalies(images: list[np.ndarray], ckpt: RunCheckpoint, seed: int = 0) -> list[np.ndarray]:
     """One anomalous copy of each image from the run's anomaly simulator (built-in textures), seeded."""
     import dataclasses
 
     from slsg_train.simulation import AnomalySimulator, SimulationConfig
 
-    saved = (payload.get("train_config") or {}).get("simulation")
+    saved = ckpt.train_config.simulation if ckpt.train_config is not None else None
     config = SimulationConfig.from_dict(saved) if saved else SimulationConfig()
     simulator = AnomalySimulator(dataclasses.replace(config, texture_source=None))  # the texture folder may be gone
     rng = np.random.default_rng(seed)

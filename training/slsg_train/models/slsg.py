@@ -130,13 +130,10 @@ class SLSGConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown SLSGConfig fields: {unknown}")
-        # a checkpoint from before the setting trained its composition check on normal images only;
-        # one from before the authors' details existed ran the plain reading of them
-        data = {"composition_restoration": 0.0, **LEGACY_NETWORK, **data}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-# what a checkpoint from before these settings ran (either preset)
+# our first reading of the authors' details, which the default preset keeps (checkpoint.py migrates older runs to it)
 LEGACY_NETWORK: dict[str, Any] = dict(
     layer1_input="stem", graph_value_on_tokens=False, graph_position_table=False, aux_upsampling="direct")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slsg_train.checkpoint import load_checkpoint_payload
+from slsg_train.checkpoint import load_checkpoint
 from slsg_train.data.loco import list_categories
 from slsg_train.training.config import TrainConfig
 
@@ -29,7 +29,7 @@ def run_status(run_dir: Path) -> str:
     path = run_dir / "checkpoint.pt"
     if not path.is_file():
         return NEW
-    return FINISHED if load_checkpoint_payload(path).get("stage") == "done" else UNFINISHED
+    return FINISHED if load_checkpoint(path).stage == "done" else UNFINISHED
 
 
 def train_all_categories(data_root: str | Path, runs_root: str | Path, config_for: Callable[[str], TrainConfig],

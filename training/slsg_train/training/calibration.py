@@ -89,12 +89,6 @@ def split_for_calibration(category, target_fpr: float = 0.01, has_checks: bool =
                             threshold=[p for p, s in zip(pool, is_scale) if not s], held_out_train=held)
 
 
-def legacy_held_out_train(category) -> int:
-    """What a run from before :class:`CalibrationSplit` held out of train/good: nothing when the data set
-    has validation/good, else its last tenth (at least 2)."""
-    return 0 if category.validation_paths else max(2, len(category.train_paths) // 10)
-
-
 def threshold_for_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
     """The threshold for a target false-positive rate: just above the (k + 1)-th highest normal score,
     k = :func:`calibration_exceedances` (the target met on average over new normal images; with too
@@ -127,7 +121,7 @@ def calibration_from_scores(normal_scores: np.ndarray, target_fpr: float,
     checks; None: unknown, as on cards from before the split)."""
     scores = np.asarray(normal_scores, dtype=np.float64)
     thr = threshold_for_fpr(scores, target_fpr)
-    cal = Calibration(raw_threshold=thr, score_min=float(scores.min()), score_max=1.0, target_fpr=target_fpr,
+    cal = Calibration(raw_threshold=thr, score_min=float(scores.min()), target_fpr=target_fpr,
                       pixel_threshold=thr, num_images=int(scores.size), score_median=float(np.median(scores)),
                       scale_images=scale_images)
     stats = {"num_images": int(scores.size), "scale_images": scale_images, "min": float(scores.min()),

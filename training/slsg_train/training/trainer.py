@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from slsg import __version__
 from slsg.image_modes import images_colour
-from slsg_train.checkpoint import load_checkpoint_payload, normalisation, save_checkpoint
+from slsg_train.checkpoint import CheckpointError, RunCheckpoint, load_checkpoint, save_checkpoint
 from slsg_train.data.input_size import choose_input_size_for, parse_auto
 from slsg_train.data.loco import LocoCategory
-from slsg_train.training.calibration import (CalibrationSplit, calibrate_threshold, fit_checks, legacy_held_out_train,
+from slsg_train.training.calibration import (CalibrationSplit, calibrate_threshold, fit_checks,
                                              small_calibration_warning, split_for_calibration)
 from slsg_train.training.config import TrainConfig
 from slsg_train.training.dataset import (
@@ -68,7 +68,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
 
-def build_model_config(cfg: TrainConfig) -> dict[str, Any]:
+def build_model_config(cfg: TrainConfig):
+    """The SLSGConfig a new run of ``cfg`` trains."""
     from slsg_train.models import preset
 
     changes: dict[str, Any] = {"backbone_weights": cfg.backbone_weights, "allow_download": cfg.allow_download}
@@ -76,7 +77,7 @@ def build_model_config(cfg: TrainConfig) -> dict[str, Any]:
         changes["backbone"] = cfg.backbone
     if cfg.pretrain.steps > 0:
         changes["freeze_encoder"] = cfg.pretrain.freeze_encoder_after
-    return preset(cfg.preset, **{**changes, **cfg.model}).to_dict()
+    return preset(cfg.preset, **{**changes, **cfg.model})
 
 
 def set_encoder_trainable(model, trainable: bool) -> None:
@@ -132,13 +133,13 @@ class TrainingRun:
                  until_step: int | None = None, overrides: dict[str, Any] | None = None):
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoint.pt"
-        self.resume_payload = None
+        self.resumed: RunCheckpoint | None = None
         if resume:
-            self.resume_payload = load_checkpoint_payload(self.ckpt_path)
-            saved = self.resume_payload["train_config"]
-            # runs from before mixed precision were trained in float32 and continue so
-            stored = TrainConfig.from_dict({"precision": "fp32", **saved})
-            cfg = dataclasses.replace(stored, **(overrides or {}))
+            self.resumed = load_checkpoint(self.ckpt_path)
+            if self.resumed.train_config is None:
+                raise CheckpointError(f"{self.ckpt_path} holds {self.resumed.stage} weights, not a training run "
+                                      "to resume")
+            cfg = dataclasses.replace(self.resumed.train_config, **(overrides or {}))
         self.cfg = cfg
         self.until_step = until_step
         self.env = init_distributed(cfg.device)
@@ -153,8 +154,8 @@ class TrainingRun:
     def _resolve_input_size(self) -> dict[str, Any] | None:
         """Turn ``image_size`` "auto[:N]" into (H, W) from the training images' headers, before anything is
         built; what was chosen (None if the size was given) goes into the checkpoint, and a resumed run keeps it."""
-        if self.resume_payload is not None:
-            return self.resume_payload.get("input_size_choice")
+        if self.resumed is not None:
+            return self.resumed.input_size_choice
         budget_side = parse_auto(self.cfg.image_size) if isinstance(self.cfg.image_size, str) else None
         if budget_side is None:
             return None
@@ -178,18 +179,15 @@ class TrainingRun:
                           worker_init_fn=_worker_init if workers else None,
                           prefetch_factor=4 if workers else None, pin_memory=self.device.type == "cuda")
 
-    def _payload(self, model, stage: str, step: int, **extra: Any) -> dict[str, Any]:
-        return {
-            "stage": stage, "step": step, "category": self.cfg.category,
-            "train_config": self.cfg.to_dict(), "model_config": self.model_config,
-            "backbone": self.model_config["backbone"], "image_size": list(self.cfg.image_size),
-            "normalisation": normalisation(), "top_k": self.top_k, "data_hash": self.data_hash,
-            "image_colour": self.image_colour, "calibration_split": self.split.summary(),
-            "data_root": str(self.data_root.resolve()),
-            "model_state": model.state_dict(), "project_version": __version__,
-            "input_size_choice": self.input_size_choice,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"), **extra,
-        }
+    def _checkpoint(self, model, stage: str, step: int, **extra: Any) -> RunCheckpoint:
+        return RunCheckpoint(
+            stage=stage, step=step, category=self.cfg.category, train_config=self.cfg,
+            model_config=self.model_config, image_size=tuple(self.cfg.image_size), top_k=self.top_k,
+            data_hash=self.data_hash, image_colour=self.image_colour, calibration_split=self.split.summary(),
+            data_root=str(self.data_root.resolve()), model_state=model.state_dict(), project_version=__version__,
+            input_size_choice=self.input_size_choice, created=datetime.now(UTC).isoformat(timespec="seconds"),
+            **extra,
+        )
 
     def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         if self.env.world_size > 1:
@@ -199,15 +197,15 @@ class TrainingRun:
 
     # ---------------------------------------------------------------- stages
     def run(self) -> Path:
-        from slsg_train.models import SLSG, SLSGConfig, count_flops, count_parameters, top_k_for_size
+        from slsg_train.models import SLSG, count_flops, count_parameters, top_k_for_size
         from slsg_train.simulation import AnomalySimulator, SimulationConfig, TextureBank
 
         cfg = self.cfg
         h, w = cfg.image_size
         self.top_k = top_k_for_size(h, w)
-        payload = self.resume_payload
-        self.model_config = payload["model_config"] if payload else build_model_config(cfg)
-        self.split = self._calibration_split(SLSGConfig.from_dict(self.model_config).uses_reference)
+        resumed = self.resumed
+        self.model_config = resumed.model_config if resumed else build_model_config(cfg)
+        self.split = self._calibration_split(self.model_config.uses_reference)
         train_paths = self.split.train
         self.data_hash = self.category.data_hash()
         images = load_resized(train_paths, cfg.image_size)
@@ -218,21 +216,20 @@ class TrainingRun:
         sim_cfg = sim_cfg.for_category(cfg.category)
         cfg.simulation = sim_cfg.to_dict()
 
-        model_cfg = SLSGConfig.from_dict(self.model_config)
-        if payload:
-            model_cfg = dataclasses.replace(model_cfg, backbone_weights=None)
+        # a copy: the model changes its config (freezing the encoder); the checkpoint keeps the run's
+        model_cfg = dataclasses.replace(self.model_config, **({"backbone_weights": None} if resumed else {}))
         model = channels_last(SLSG(model_cfg).to(self.device))
-        if payload:
-            model.load_state_dict(payload["model_state"])
-        stage = payload["stage"] if payload else "pretrain"
-        step = payload["step"] if payload else 0
-        if payload:
+        if resumed:
+            model.load_state_dict(resumed.model_state)
+        stage = resumed.stage if resumed else "pretrain"
+        step = resumed.step if resumed else 0
+        if resumed:
             self.log("resume", stage=stage, step=step, precision=self.precision)
 
-        if self.env.is_main and not payload and self.input_size_choice is not None:
+        if self.env.is_main and not resumed and self.input_size_choice is not None:
             self.log("input_size", **self.input_size_choice)
             tqdm.write(self.input_size_choice["message"])
-        if self.env.is_main and not payload:
+        if self.env.is_main and not resumed:
             params = count_parameters(model)
             gflop = count_flops(model, h, w)
             self.log("start", config=cfg.to_dict(), parameters=params, gflop_per_image=gflop, precision=self.precision,
@@ -243,24 +240,24 @@ class TrainingRun:
 
         if stage == "pretrain":
             if cfg.pretrain.steps > 0 and step < cfg.pretrain.steps:
-                finished = self._pretrain(model, images, step, payload)
+                finished = self._pretrain(model, images, step, resumed)
                 if not finished:
                     return self.ckpt_path
-            stage, step, payload = "train", 0, None
+            stage, step, resumed = "train", 0, None
             # the encoder the detector starts from is the pre-trained one, frozen (or not) per config
             set_encoder_trainable(model, not model_cfg.freeze_encoder)
 
         if stage == "train" and step < cfg.steps:
             textures = TextureBank.from_source(sim_cfg.texture_source, seed=cfg.seed)
             dataset = SimulatedAnomalyDataset(images, AnomalySimulator(sim_cfg, textures), cfg.seed, cfg.colour_jitter)
-            finished = self._train(model, dataset, step, payload)
+            finished = self._train(model, dataset, step, resumed)
             if not finished:
                 return self.ckpt_path
 
         if self.env.is_main:
             calibration, stats = self._calibrate(model, images, sim_cfg)
-            save_checkpoint(self.ckpt_path, self._payload(model, "done", cfg.steps, calibration=dataclasses.asdict(calibration),
-                                                          calibration_stats=stats))
+            save_checkpoint(self.ckpt_path, self._checkpoint(model, "done", cfg.steps, calibration=calibration,
+                                                             calibration_stats=stats))
             self.log("calibrated", calibration=dataclasses.asdict(calibration), stats=stats)
             tqdm.write(f"calibrated on {stats['num_images']} normal images never trained on"
                        + (f" (the checks' scales on {stats['scale_images']} others)" if stats["scale_images"] else "")
@@ -277,11 +274,8 @@ class TrainingRun:
         return self.ckpt_path
 
     def _calibration_split(self, has_checks: bool) -> CalibrationSplit:
-        """A resumed run keeps the split it started with (runs from before it: the split they had then)."""
-        held = None
-        if self.resume_payload is not None:
-            split = self.resume_payload.get("calibration_split")
-            held = split["held_out_train"] if split else legacy_held_out_train(self.category)
+        """A resumed run keeps the split it started with."""
+        held = self.resumed.held_out_train(self.category) if self.resumed is not None else None
         return split_for_calibration(self.category, self.cfg.calibration_fpr, has_checks,
                                      self.cfg.calibration_holdout, held_out_train=held)
 
@@ -299,20 +293,20 @@ class TrainingRun:
                                                  scale_images=scale_images)
         return calibration, {**stats, "held_out_train": self.split.held_out_train}
 
-    def _pretrain(self, model, images: list[np.ndarray], start: int, payload: dict | None) -> bool:
+    def _pretrain(self, model, images: list[np.ndarray], start: int, resumed: RunCheckpoint | None) -> bool:
         cfg, pcfg = self.cfg, self.cfg.pretrain
         encoder = model.encoder
         decoder = channels_last(RestorationDecoder(encoder.channels, encoder.strides).to(self.device))
-        if payload and "decoder_state" in payload:
-            decoder.load_state_dict(payload["decoder_state"])
+        if resumed and resumed.decoder_state is not None:
+            decoder.load_state_dict(resumed.decoder_state)
         encoder.requires_grad_(True)
         net = self._wrap(RestorationModel(encoder, decoder))
         opt = torch.optim.Adam([
             {"params": encoder.parameters(), "lr": pcfg.lr_encoder},
             {"params": decoder.parameters(), "lr": pcfg.lr_decoder},
         ])
-        if payload and "optimizer" in payload:
-            opt.load_state_dict(payload["optimizer"])
+        if resumed and resumed.optimizer is not None:
+            opt.load_state_dict(resumed.optimizer)
         dataset = NormalImageDataset(images, cfg.seed, cfg.colour_jitter)
         loader = self._loader(dataset, start, self._stop(pcfg.steps), torch.stack)
         gen = torch.Generator()
@@ -336,8 +330,8 @@ class TrainingRun:
             if step % cfg.log_every == 0 or step == pcfg.steps:
                 self.log("step", stage="pretrain", step=step, loss=loss.item())
             if self.env.is_main and (step % cfg.checkpoint_every == 0 or step == pcfg.steps or step == self.until_step):
-                save_checkpoint(self.ckpt_path, self._payload(model, "pretrain", step, decoder_state=decoder.state_dict(),
-                                                              optimizer=opt.state_dict()))
+                save_checkpoint(self.ckpt_path, self._checkpoint(model, "pretrain", step, decoder_state=decoder.state_dict(),
+                                                                 optimizer=opt.state_dict()))
         bar.close()
         average_buffers(encoder)
         return step >= pcfg.steps
@@ -349,15 +343,15 @@ class TrainingRun:
     def _stop(self, total: int) -> int:
         return min(total, self.until_step) if self.until_step else total
 
-    def _train(self, model, dataset, start: int, payload: dict | None) -> bool:
+    def _train(self, model, dataset, start: int, resumed: RunCheckpoint | None) -> bool:
         cfg = self.cfg
         net = self._wrap(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg.steps, cfg.optim.warmup_steps))
-        if payload and "optimizer" in payload:
-            opt.load_state_dict(payload["optimizer"])
-            sched.load_state_dict(payload["scheduler"])
+        if resumed and resumed.optimizer is not None:
+            opt.load_state_dict(resumed.optimizer)
+            sched.load_state_dict(resumed.scheduler)
         loader = self._loader(dataset, start, self._stop(cfg.steps), collate_pairs)
         model.train()  # a frozen encoder stays in eval mode (SLSG.train), keeping its BatchNorm statistics
         bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not self.env.is_main, dynamic_ncols=True)
@@ -379,8 +373,8 @@ class TrainingRun:
                 self.log("step", stage="train", step=step, loss=loss.item(), **parts, lr=sched.get_last_lr()[0],
                          data_wait_s=round(t_data - t_prev, 4), compute_s=round(t_end - t_data, 4))
             if self.env.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps or step == self.until_step):
-                save_checkpoint(self.ckpt_path, self._payload(model, "train", step, optimizer=opt.state_dict(),
-                                                              scheduler=sched.state_dict()))
+                save_checkpoint(self.ckpt_path, self._checkpoint(model, "train", step, optimizer=opt.state_dict(),
+                                                                 scheduler=sched.state_dict()))
             t_prev = time.perf_counter()
         bar.close()
         average_buffers(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from datetime import datetime
 from typing import Annotated, Literal
@@ -14,7 +15,7 @@ from slsg_gateway.api.deps import GatewayState, _api_key_header, _bearer, _prese
     require_inspect_key
 from slsg_gateway.errors import BadImage, GatewayError
 from slsg_gateway.records import InspectionRecord, RecordNotFound, RecordStore
-from slsg_gateway.schemas import ErrorResponse, InspectionPage, InspectionRecordOut, ReviewInfo, ReviewRequest
+from slsg_gateway.schemas import ErrorResponse, InspectionPage, InspectionRecordOut, ReviewRequest
 
 router = APIRouter(prefix="/v1/inspections", tags=["records"], dependencies=[Depends(require_inspect_key)])
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422)}
@@ -39,16 +40,14 @@ def key_fingerprint(key: str | None) -> str:
     return f"key-{hashlib.sha256(key.encode()).hexdigest()[:8]}" if key else "anonymous"
 
 
+# the stored record's fields the answer names differently
+RENAMED_FIELDS = {"has_heatmap": "heatmap_stored"}
+
+
 def record_out(record: InspectionRecord) -> InspectionRecordOut:
-    review = record.review
-    return InspectionRecordOut(
-        id=record.id, time=record.time, model=record.model, version=record.version, line_id=record.line_id,
-        camera_id=record.camera_id, score=record.score, threshold=record.threshold, decision=record.decision,
-        regions=record.regions, frame_sha256=record.frame_sha256, image_width=record.image_width,
-        image_height=record.image_height, timings=record.timings, frame_stored=record.has_frame,
-        frame_media_type=record.frame_media_type, heatmap_stored=record.has_heatmap,
-        review=ReviewInfo(verdict=review.verdict, note=review.note, reviewer=review.reviewer, time=review.time)
-        if review else None)
+    """The API's view of a stored record: its fields (the review as a dict) under the answer's names."""
+    fields = {RENAMED_FIELDS.get(k, k): v for k, v in dataclasses.asdict(record).items()}
+    return InspectionRecordOut(**fields, frame_stored=record.has_frame)
 
 
 async def _get(store: RecordStore, record_id: str) -> InspectionRecord:
