@@ -170,6 +170,14 @@ def gpu_devices() -> list[dict[str, str]]:
     return [{"name": r[0], "driver": r[1], "memory": r[2]} for r in rows if len(r) == 3]
 
 
+def backend_devices(log_path: Path | None) -> list[str]:
+    """What each Triton model instance said it runs on (onnx_model.py logs its ONNX Runtime providers)."""
+    if log_path is None or not log_path.is_file():
+        return []
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line.split("slsg onnx_model: ", 1)[1] for line in lines if "slsg onnx_model: " in line]
+
+
 def run_triton_stages(model: Path, args: argparse.Namespace, plan: Plan, size: tuple[int, int], work: Path,
                       deadline: Deadline) -> dict[str, Any]:
     """Stages 2 and 3 share one Triton server; a server that will not start fails both, with its log."""
@@ -193,7 +201,7 @@ def run_triton_stages(model: Path, args: argparse.Namespace, plan: Plan, size: t
         startup_s = round(time.monotonic() - started, 2)
         if 2 in args.stages:
             out["triton"] = run_triton_stage(server, args.name, size, plan.triton, deadline)
-            out["triton"]["startup_s"] = startup_s
+            out["triton"].update(startup_s=startup_s, backend_devices=backend_devices(server.log_path))
         if 3 in args.stages:
             if deadline.remaining() < 30:
                 out["service"] = {"skipped": "over the time budget before stage 3"}
@@ -269,10 +277,12 @@ def triton_table(stage: dict[str, Any]) -> Table:
         t, lat = level["triton"], level["latency_ms"] or {}
         rows.append([level["clients"], level["images_per_s"], lat.get("p50"), lat.get("p99"), t["mean_batch"],
                      t["queue_ms"], t["compute_infer_ms"], t["request_ms"], level["failures"]])
+    devices = "; ".join(sorted(set(stage.get("backend_devices", [])))) or "not logged"
     return Table(f"2. Triton, dynamic batching (max batch {stage['max_batch_size']}, queue delay "
                  f"{stage['max_queue_delay_us']} us, {stage['instance_count']} instance(s)), gRPC clients sending "
-                 "single frames", ["clients", "images/s", "p50 ms", "p99 ms", "batch formed", "queue ms",
-                                   "compute ms", "request ms", "failures"], rows)
+                 f"single frames; the Python backend's ONNX Runtime: {devices}",
+                 ["clients", "images/s", "p50 ms", "p99 ms", "batch formed", "queue ms", "compute ms", "request ms",
+                  "failures"], rows)
 
 
 def service_table(stage: dict[str, Any]) -> Table:

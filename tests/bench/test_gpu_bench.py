@@ -67,6 +67,7 @@ def check_triton_stage(stage: dict) -> None:
     assert triton["requests"] == triton["images"] == level["ok"]  # single frames: one image per request
     assert 1 <= triton["mean_batch"] <= stage["max_batch_size"]
     assert triton["queue_ms"] >= 0 and triton["compute_infer_ms"] > 0 and triton["request_ms"] > 0
+    assert stage["backend_devices"] and all("CPUExecutionProvider" in d for d in stage["backend_devices"])
 
 
 def check_service_stage(stage: dict) -> None:
