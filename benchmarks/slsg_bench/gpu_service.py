@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,30 +61,26 @@ def gateway_env(triton_grpc_url: str, port: int, data_dir: Path, max_batch: int)
     return env
 
 
-@contextmanager
-def gateway_process(triton_grpc_url: str, work_dir: Path, max_batch: int, model: str,
-                    timeout_s: float = 90.0) -> Iterator[str]:
-    """One ``slsg serve`` process; yields its base URL once it serves ``model``; stopped with SIGTERM."""
+def start_gateway(triton_grpc_url: str, work_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+    """One ``slsg serve`` process on a free port (its log in ``work_dir``); returns it and its base URL."""
     from slsg_gateway.server import free_port
 
     port = free_port()
     work_dir.mkdir(parents=True, exist_ok=True)
-    log = open(work_dir / "gateway.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "slsg.cli", "serve", "--log-level", "warning"],
-                            env=gateway_env(triton_grpc_url, port, work_dir, max_batch),
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    with open(work_dir / "gateway.log", "ab") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "slsg.cli", "serve", "--log-level", "warning"],
+                                env=gateway_env(triton_grpc_url, port, work_dir, max_batch),
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_gateway(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        _wait_serving(proc, url, model, timeout_s, work_dir / "gateway.log")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _wait_serving(proc: subprocess.Popen, url: str, model: str, timeout_s: float, log: Path) -> None:
@@ -105,10 +101,19 @@ def _wait_serving(proc: subprocess.Popen, url: str, model: str, timeout_s: float
 
 
 @contextmanager
-def gateways(count: int, triton_grpc_url: str, work_dir: Path, max_batch: int, model: str) -> Iterator[list[str]]:
-    with ExitStack() as stack:
-        yield [stack.enter_context(gateway_process(triton_grpc_url, work_dir / f"gateway-{i}", max_batch, model))
-               for i in range(count)]
+def gateways(count: int, triton_grpc_url: str, work_dir: Path, max_batch: int, model: str,
+             timeout_s: float = 90.0) -> Iterator[list[str]]:
+    """``count`` gateway processes, started together; yields their URLs once each serves ``model``."""
+    started: list[tuple[subprocess.Popen, str]] = []
+    try:
+        for i in range(count):
+            started.append(start_gateway(triton_grpc_url, work_dir / f"gateway-{i}", max_batch))
+        for i, (proc, url) in enumerate(started):
+            _wait_serving(proc, url, model, timeout_s, work_dir / f"gateway-{i}" / "gateway.log")
+        yield [url for _, url in started]
+    finally:
+        for proc, _ in started:
+            stop_gateway(proc)
 
 
 def gateway_batches(urls: list[str], model: str) -> tuple[float, float]:
