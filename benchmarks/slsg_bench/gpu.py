@@ -157,6 +157,13 @@ def log(deadline: Deadline, message: str) -> None:
     print(f"gpu bench [{deadline.elapsed():6.1f} s]: {message}", flush=True)
 
 
+def onnxruntime_version() -> str:
+    """The imported onnxruntime's own version: a carried onnxruntime-gpu can shadow another's metadata."""
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
 def gpu_devices() -> list[dict[str, str]]:
     """The GPUs nvidia-smi lists (name, driver, memory); empty without nvidia-smi or a GPU."""
     if shutil.which("nvidia-smi") is None:
@@ -232,7 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = input_size(model)
     report: dict[str, Any] = {
         "benchmark": "gpu", "fallback": fallback, "fallback_message": FALLBACK_MESSAGE if fallback else None,
-        "devices": devices, "onnxruntime_providers": providers, "environment": environment(args.threads),
+        "devices": devices, "onnxruntime": onnxruntime_version(), "onnxruntime_providers": providers,
+        "environment": environment(args.threads),
         "model": {"name": args.name, "version": version, "path": str(model), "input_size": list(size)},
         "budget_s": args.budget_s, "plan": json.loads(json.dumps(asdict(plan), default=str)), "stages": {},
     }
@@ -322,7 +330,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# GPU serving benchmark: {report['model']['name']} v{report['model']['version']}", ""]
     if report["fallback"]:
         lines += [f"**{FALLBACK_MESSAGE}**", ""]
-    lines += [f"- GPU: {devices}", f"- ONNX Runtime {env['onnxruntime']}, providers: "
+    lines += [f"- GPU: {devices}", f"- ONNX Runtime {report['onnxruntime']}, providers: "
               f"{', '.join(report['onnxruntime_providers'])}",
               f"- CPU: {env['processor']}, {env['cpu_count']} cores; started {env['started']}; "
               f"{report['elapsed_s']} s of a {report['budget_s']:g} s budget", ""]
