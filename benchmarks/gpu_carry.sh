@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_carry.sh MODEL_REPOSITORY NAME
 #
 # The bundle: the wheels of benchmarks/gpu_carry.txt (the gateway's web stack, tritonclient, the fp16
-# converter), nvidia-pytriton's tritonserver cut to the Python 3.12 backend stub, onnxruntime-gpu for CUDA 13
+# converter), nvidia-pytriton's tritonserver cut to the Python 3.12 backend stub, numpy 1.26 for that stub's
+# own environment, onnxruntime-gpu for CUDA 13
 # without its C-API library and its TensorRT provider (which needs TensorRT 10 libraries the machine lacks),
 # and the newest version of the model with its config.pbtxt. It is split into .gpu-carry/part-NN of PART_MIB
 # (61) MiB; .gpu-carry/manifest holds the part count and the bundle's sha256. docs/gpu.md has the calls.
@@ -35,8 +36,15 @@ echo "gpu_carry: tritonserver (nvidia-pytriton), Python 3.12 stub only"
 download -d "$tmp" nvidia-pytriton==0.7.0
 unzip -q "$tmp"/nvidia_pytriton-*.whl -d "$tmp/pytriton"
 find "$tmp/pytriton/pytriton/tritonserver/python_backend_stubs" -mindepth 1 -maxdepth 1 ! -name 3.12 -exec rm -rf {} +
+rm -f "$tmp"/pytriton/nvidia_pytriton.libs/libpython3-*.so*  # a libpython 3.13 nothing here links to (13 MiB)
 tar cf - -C "$tmp/pytriton" . | xz -9 -T0 >"$bundle/pytriton.tar.xz"
 rm -rf "$tmp/pytriton" "$tmp"/nvidia_pytriton-*.whl
+
+echo "gpu_carry: numpy 1.26 for the Python backend stub (it returns empty outputs with the machine's numpy 2)"
+download -d "$tmp" numpy==1.26.4
+unzip -q "$tmp"/numpy-*.whl -d "$tmp/numpy"
+rm -rf "$tmp"/numpy/numpy/tests "$tmp"/numpy/numpy/*/tests
+tar cf - -C "$tmp/numpy" . | xz -9 -T0 >"$bundle/stub-numpy.tar.xz"
 
 echo "gpu_carry: model $name v$version"
 tar cf - -C "$repo" "$name/config.pbtxt" "$name/$version" | xz -6 -T0 >"$bundle/model.tar.xz"
@@ -46,7 +54,7 @@ echo "gpu_carry: onnxruntime-gpu (CUDA 13)"
 download -d "$tmp" onnxruntime-gpu==1.31.1
 unzip -q "$tmp"/onnxruntime_gpu-*.whl -d "$tmp/ort"
 rm -f "$tmp"/ort/onnxruntime/capi/libonnxruntime.so.* "$tmp"/ort/onnxruntime/capi/libonnxruntime_providers_tensorrt.so
-tar cf - -C "$tmp/ort" . | xz -9 -T0 >"$bundle/onnxruntime-gpu.tar.xz"
+tar cf - -C "$tmp/ort" . | xz -6 -T0 >"$bundle/onnxruntime-gpu.tar.xz"  # -9 saves 1 MB for twice the time
 
 rm -rf "$carry"
 mkdir -p "$carry"

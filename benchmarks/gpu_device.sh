@@ -12,6 +12,7 @@ set -uo pipefail
 out=${1:?usage: gpu_device.sh OUT_DIR [BUDGET_S]}
 budget=${2:-360}
 carry=.gpu-carry bundle=/tmp/slsg-bundle site=/tmp/slsg-site repo=/tmp/slsg-repo work=/tmp/slsg-gpu
+stub_env=/tmp/slsg-stub-env
 mkdir -p "$out" "$bundle" "$site" "$repo"
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -33,11 +34,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 tar xJf "$bundle/pytriton.tar.xz" -C "$site"
 tar xJf "$bundle/onnxruntime-gpu.tar.xz" -C "$site"
 tar xJf "$bundle/model.tar.xz" -C "$repo"
+# Triton's Python backend stub ignores PYTHONPATH and returns empty outputs with numpy 2: it gets a venv of
+# its own, numpy 1.26 first, then (a .pth) the carried packages and the image's site-packages
+python3 -m venv --without-pip "$stub_env"
+stub_site=$("$stub_env/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+tar xJf "$bundle/stub-numpy.tar.xz" -C "$stub_site"
+printf '%s\n' "$site" "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >"$stub_site/slsg-serving.pth"
 export PYTHONPATH="$PWD:$PWD/training:$PWD/service:$PWD/benchmarks:$site" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 python3 -c "import onnxruntime as o; print('carried onnxruntime', o.__version__, o.get_available_providers())" \
     >>"$out/environment.txt" 2>&1
 python3 -m slsg_bench.gpu --repository "$repo" --name "$(cat "$bundle/model.name")" --out "$work" \
-    --budget-s "$budget" >"$out/run.log" 2>&1
+    --budget-s "$budget" --stub-environment "$stub_env" >"$out/run.log" 2>&1
 status=$?
 tail -n 80 "$out/run.log"
 cp "$work"/gpu_report.json "$work"/gpu_report.md "$out"/ 2>/dev/null

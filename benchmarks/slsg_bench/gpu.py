@@ -126,6 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--triton-max-batch", type=int, default=64, help="dynamic batcher max_batch_size")
     g.add_argument("--queue-delay-us", type=int, default=1000, help="dynamic batcher max_queue_delay_microseconds")
     g.add_argument("--instances", type=int, default=2, help="model instances in Triton")
+    g.add_argument("--stub-environment", type=Path, default=None,
+                   help="virtual environment for Triton's Python backend stub (numpy<2 where this Python has numpy 2)")
     g = p.add_argument_group("stage 3: the whole service")
     g.add_argument("--gateways", type=_ints, default=(1, 2, 4, 8), help="gateway process counts, tried in order")
     g.add_argument("--frame-size", type=_frame_size, default=(1600, 1280), help="JPEG WIDTHxHEIGHT")
@@ -196,7 +198,8 @@ def run_triton_stages(model: Path, args: argparse.Namespace, plan: Plan, size: t
     repository = write_bench_repository(model, args.name, work / "triton-repository", plan.triton)
     server = LocalTriton(repository, free_port(), free_port(), free_port(), model_control_mode="explicit",
                          load_models=[args.name], work_dir=work / "triton", log_path=args.out / "tritonserver.log",
-                         intra_op_threads=1 if CUDA in available_providers() else args.threads)
+                         intra_op_threads=1 if CUDA in available_providers() else args.threads,
+                         stub_environment=args.stub_environment)
     log(deadline, "starting Triton ...")
     started = time.monotonic()
     try:

@@ -40,9 +40,10 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001 - the session below then reports what is missing
                 print(f"slsg onnx_model: onnxruntime.preload_dlls() failed: {exc}", file=sys.stderr)
         self.session = ort.InferenceSession(path, options, providers=providers)
-        # in the server log: which device this instance really runs on (ORT falls back quietly)
-        print(f"slsg onnx_model: {args['model_name']} v{args['model_version']} runs on {self.session.get_providers()}",
-              file=sys.stderr, flush=True)
+        # in the server log: which device this instance really runs on (ORT falls back quietly), and with
+        # which numpy (the stub returns empty outputs with numpy 2)
+        print(f"slsg onnx_model: {args['model_name']} v{args['model_version']} runs on {self.session.get_providers()} "
+              f"(onnxruntime {ort.__version__}, numpy {np.__version__})", file=sys.stderr, flush=True)
         self.input_names = [spec["name"] for spec in config["input"]]
         self.output_names = [spec["name"] for spec in config["output"]]
         self.output_types = {spec["name"]: pb_utils.triton_string_to_numpy(spec["data_type"])

@@ -128,3 +128,40 @@ def test_gpu_script_names_what_is_missing(toy_repository: Path, tmp_path: Path) 
     done = run_script("--repository", str(toy_repository), "--name", "toy", "--out", str(tmp_path),
                       "--batch-sizes", "0,8", timeout=60)
     assert done.returncode == 2 and "expected integers >= 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_triton_stub_runs_in_the_environment_it_is_given(toy_repository: Path, tmp_path: Path) -> None:
+    """``--stub-environment``: the backend stub's embedded Python takes its packages from that venv (on a GPU
+    machine, one with numpy<2 next to the image's numpy 2) and still serves the model right."""
+    import sysconfig
+    import venv
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from slsg_gateway.server import free_port
+    from slsg_triton.local import LocalTriton, TritonNotFoundError, find_tritonserver
+
+    try:
+        find_tritonserver()
+    except TritonNotFoundError as exc:
+        pytest.skip(str(exc))
+    env_dir = tmp_path / "stub-env"
+    venv.create(env_dir, with_pip=False)
+    stub_site = subprocess.run([str(env_dir / "bin" / "python3"), "-c",
+                                "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    marker = tmp_path / "stub-started"
+    # a .pth line that starts with "import" runs when that environment's Python starts: here, only the stub's
+    (Path(stub_site) / "slsg-serving.pth").write_text(
+        f"{sysconfig.get_paths()['purelib']}\nimport pathlib; pathlib.Path({str(marker)!r}).write_text('stub')\n")
+    frames = np.full((2, TOY_SIZE, TOY_SIZE, 3), 128, np.uint8)
+    frames[0, :8, :8] = (255, 0, 0)  # the toy model scores redness
+    with LocalTriton(toy_repository, free_port(), free_port(), free_port(), model_control_mode="explicit",
+                     load_models=["toy"], stub_environment=env_dir) as server:
+        tensor = grpcclient.InferInput("image", list(frames.shape), "UINT8")
+        tensor.set_data_from_numpy(frames)
+        scores = grpcclient.InferenceServerClient(server.grpc_url).infer("toy", [tensor]).as_numpy("score").ravel()
+    assert marker.read_text() == "stub"
+    assert scores[0] > 0.5 > scores[1]
