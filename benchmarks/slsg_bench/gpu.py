@@ -1,6 +1,6 @@
 """The GPU microservice, measured: one script for a lent GPU machine, with a time budget.
 
-    python -m slsg_bench.gpu --repository R --name N --out REPORT_DIR --budget-s 480
+    python -m slsg_bench.gpu --repository R --name N --out REPORT_DIR --budget-s 360
 
 Three stages on the newest version of model N (docs/gpu.md says how to run it on a lent machine):
 
@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repository", type=Path, required=True, help="model repository (NAME/VERSION/model.onnx)")
     p.add_argument("--name", required=True, help="model name; its newest version is measured")
     p.add_argument("--out", type=Path, required=True, help="report folder (gpu_report.json, gpu_report.md, logs)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="total time budget; later steps are skipped past it")
+    p.add_argument("--budget-s", type=float, default=360.0, help="total time budget; later steps are skipped past it")
     p.add_argument("--stages", type=_ints, default=(1, 2, 3), help="which stages (default 1,2,3)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime CPU threads")
     g = p.add_argument_group("stage 1: the model alone")
