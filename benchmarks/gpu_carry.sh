@@ -6,9 +6,8 @@
 #
 # The bundle: the wheels of benchmarks/gpu_carry.txt (the gateway's web stack, tritonclient, the fp16
 # converter), nvidia-pytriton's tritonserver cut to the Python 3.12 backend stub, numpy 1.26 for that stub's
-# own environment, onnxruntime-gpu for CUDA 13
-# without its C-API library and its TensorRT provider (which needs TensorRT 10 libraries the machine lacks),
-# and the newest version of the model with its config.pbtxt. It is split into .gpu-carry/part-NN of PART_MIB
+# own environment, onnxruntime-gpu for CUDA 13 without its C-API library (its TensorRT provider stays: it runs
+# where the machine has TensorRT 10), and the newest version of the model with its config.pbtxt. It is split into .gpu-carry/part-NN of PART_MIB
 # (61) MiB; .gpu-carry/manifest holds the part count and the bundle's sha256. docs/gpu.md has the calls.
 set -euo pipefail
 repo=${1:?usage: gpu_carry.sh MODEL_REPOSITORY NAME}
@@ -53,7 +52,7 @@ echo "$name" >"$bundle/model.name"
 echo "gpu_carry: onnxruntime-gpu (CUDA 13)"
 download -d "$tmp" onnxruntime-gpu==1.31.1
 unzip -q "$tmp"/onnxruntime_gpu-*.whl -d "$tmp/ort"
-rm -f "$tmp"/ort/onnxruntime/capi/libonnxruntime.so.* "$tmp"/ort/onnxruntime/capi/libonnxruntime_providers_tensorrt.so
+rm -f "$tmp"/ort/onnxruntime/capi/libonnxruntime.so.*  # the C API: Python does not load it (28 MiB)
 tar cf - -C "$tmp/ort" . | xz -6 -T0 >"$bundle/onnxruntime-gpu.tar.xz"  # -9 saves 1 MB for twice the time
 
 rm -rf "$carry"

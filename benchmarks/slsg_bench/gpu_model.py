@@ -158,6 +158,28 @@ def provider_options(provider: str, size: tuple[int, int], batch_sizes: tuple[in
             "trt_profile_max_shapes": shape(max(batch_sizes)), "trt_profile_opt_shapes": shape(max(batch_sizes))}
 
 
+def tensorrt_missing(providers: list[str]) -> str | None:
+    """Why the TensorRT provider cannot run here, or None when it can.
+
+    onnxruntime-gpu lists the provider even where its library or TensorRT itself is absent; a session
+    then quietly runs on CUDA, so both are looked for first.
+    """
+    import ctypes
+
+    import onnxruntime as ort
+
+    if TENSORRT not in providers:
+        return "this onnxruntime has no TensorRT provider"
+    capi = Path(ort.__file__).parent / "capi"
+    if not (capi / "libonnxruntime_providers_tensorrt.so").is_file():
+        return f"the TensorRT provider library is not in {capi}"
+    try:
+        ctypes.CDLL("libnvinfer.so.10")
+    except OSError:
+        return "TensorRT 10 (libnvinfer.so.10) is not installed"
+    return None
+
+
 def plan_variants(model: Path, providers: list[str], cfg: ModelStageConfig, size: tuple[int, int],
                   messages: list[str]) -> list[Variant]:
     """What stage 1 times on this machine; what it cannot time goes to ``messages``."""
@@ -174,9 +196,9 @@ def plan_variants(model: Path, providers: list[str], cfg: ModelStageConfig, size
         messages.append(f"no fp16 export: {type(exc).__name__}: {exc}")
     if device == "cpu":
         return variants
-    if TENSORRT not in providers:
-        messages.append("no TensorRT provider in this onnxruntime (TensorRT 10 libraries not found): "
-                        "TensorRT FP16/INT8 not measured")
+    missing = tensorrt_missing(providers)
+    if missing:
+        messages.append(f"no TensorRT: {missing}; TensorRT FP16/INT8 not measured")
         return variants
     variants.append(Variant("tensorrt fp16", model, TENSORRT,
                             provider_options(TENSORRT, size, cfg.batch_sizes, cache / "fp16")))
