@@ -165,3 +165,15 @@ def test_triton_stub_runs_in_the_environment_it_is_given(toy_repository: Path, t
         scores = grpcclient.InferenceServerClient(server.grpc_url).infer("toy", [tensor]).as_numpy("score").ravel()
     assert marker.read_text() == "stub"
     assert scores[0] > 0.5 > scores[1]
+
+
+def test_load_plan_spreads_cameras_and_picks_the_fewest_gateways() -> None:
+    from slsg_bench.gpu_service import ServiceStageConfig, concurrency_levels, gateways_needed, split_cameras
+
+    assert split_cameras(5, 2) == [3, 2] and split_cameras(1, 4) == [1] and sum(split_cameras(64, 3)) == 64
+    cfg = ServiceStageConfig(gateway_counts=(1, 2), start_concurrency_per_gateway=4, max_concurrency=40,
+                             seconds_per_level=1.0, load_processes=2, frame_size=(64, 64), gateway_max_batch=8)
+    assert concurrency_levels(1, cfg) == [4, 8, 16, 32] and concurrency_levels(2, cfg) == [8, 16, 32]
+    # 2 gateways reach 190 of the best 195 images/s (within 5 %): a third and fourth do not pay
+    assert gateways_needed({1: 100.0, 2: 190.0, 4: 195.0}, 0.05) == 2
+    assert gateways_needed({}, 0.05) is None
