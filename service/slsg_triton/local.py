@@ -313,6 +313,8 @@ class LocalTriton:
 
     ``exit_timeout_s``: how long Triton waits on shutdown for in-flight requests and open client
     connections (keep-alive HTTP clients hold it for the whole timeout).
+    ``stub_environment``: a virtual environment for the Python backend stubs (one with numpy<2 where this
+    interpreter has numpy 2, with which the stub returns empty outputs); default: this interpreter's.
     ``log_path``: where the server log goes; ``None`` = ``<work_dir>/tritonserver.log``,
     ``"-"`` = this process's stderr. ``work_dir=None`` uses a temporary directory that
     ``stop()`` removes. ``kill()`` is a hard kill for fault tests; ``start()`` works again after it.
@@ -323,7 +325,7 @@ class LocalTriton:
                  work_dir: str | os.PathLike[str] | None = None, startup_timeout: float = 120.0,
                  log_path: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1",
                  intra_op_threads: int = 1, sync_interval: float = 0.5, log_verbose: int = 0,
-                 exit_timeout_s: int = 5):
+                 exit_timeout_s: int = 5, stub_environment: str | os.PathLike[str] | None = None):
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {model_control_mode!r}")
         if load_models and model_control_mode != "explicit":
@@ -338,6 +340,7 @@ class LocalTriton:
         self.sync_interval = sync_interval
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
+        self.stub_environment = Path(stub_environment) if stub_environment is not None else None
         self._requested_work_dir = Path(work_dir) if work_dir is not None else None
         self._requested_log = log_path
         self.work_dir: Path | None = None
@@ -401,12 +404,21 @@ class LocalTriton:
         self._shm_prefix = f"slsg{os.getpid()}_{secrets.token_hex(3)}_"
         self._open_log()
         self.process = subprocess.Popen(
-            self._command(install.binary, backends), env=install.env, stdin=subprocess.DEVNULL,
+            self._command(install.binary, backends), env=self._server_env(install), stdin=subprocess.DEVNULL,
             stdout=self._log_file, stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us, and we shut the server down in order
         )
         atexit.register(self.stop)
         self.shadow.start(self.sync_interval)
+
+    def _server_env(self, install: TritonInstall) -> dict[str, str]:
+        """The server's environment, which its backend stubs inherit; with ``stub_environment`` its ``bin``
+        comes first on PATH: the stub's embedded Python takes its site-packages from the first ``python3``
+        there (it ignores PYTHONPATH)."""
+        env = dict(install.env)
+        if self.stub_environment is not None:
+            env["PATH"] = os.pathsep.join([str(self.stub_environment / "bin"), env.get("PATH", "")])
+        return env
 
     def _check_repository(self) -> None:
         if not self.repository.exists():

@@ -8,6 +8,7 @@ come from the model configuration's ``parameters``, as in Triton's own Python-ba
 
 import json
 import os
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -31,7 +32,18 @@ class TritonPythonModel:
         options.inter_op_num_threads = 1
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        if "CUDAExecutionProvider" in available and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds the CUDA libraries of pip's nvidia-* packages only once preloaded;
+            # without them the session quietly runs on the CPU
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # noqa: BLE001 - the session below then reports what is missing
+                print(f"slsg onnx_model: onnxruntime.preload_dlls() failed: {exc}", file=sys.stderr)
         self.session = ort.InferenceSession(path, options, providers=providers)
+        # in the server log: which device this instance really runs on (ORT falls back quietly), and with
+        # which numpy (the stub returns empty outputs with numpy 2)
+        print(f"slsg onnx_model: {args['model_name']} v{args['model_version']} runs on {self.session.get_providers()} "
+              f"(onnxruntime {ort.__version__}, numpy {np.__version__})", file=sys.stderr, flush=True)
         self.input_names = [spec["name"] for spec in config["input"]]
         self.output_names = [spec["name"] for spec in config["output"]]
         self.output_types = {spec["name"]: pb_utils.triton_string_to_numpy(spec["data_type"])

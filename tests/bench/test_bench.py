@@ -1,4 +1,4 @@
-"""`slsg bench model|gateway|triton|load` and benchmarks/slsg_bench/gpu.py on tiny real models.
+"""`slsg bench model|gateway|triton|load` on tiny real models (the GPU script: test_gpu_bench.py).
 
 Each benchmark runs for real (ONNX Runtime, PyTorch, a uvicorn gateway on loopback, tritonserver,
 a locust subprocess) with few iterations; the tests check the report's structure and sanity
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -224,28 +222,6 @@ def test_bench_load_runs_locust_camera_mix(toy_repository, capsys) -> None:
     assert all(positive(results["latency_ms"][k]) for k in ("p50", "p95", "p99"))
     assert positive(results["requests_per_s"])
     assert report["locust"]["version"] and positive(report["memory"]["rss_mb_after"])
-
-
-def test_gpu_bench_falls_back_to_cpu_without_gpu_providers(toy_repository) -> None:
-    import onnxruntime as ort
-
-    script = REPO_ROOT / "benchmarks" / "slsg_bench" / "gpu.py"
-    done = subprocess.run([sys.executable, str(script), str(model_path(toy_repository, "toy", 1)),
-                           "--batch-sizes", "1,2", "--iterations", "2", "--warmup", "1", "--json"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
-    has_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
-    assert report["fallback"] is (not has_gpu)
-    if not has_gpu:
-        assert "CUDAExecutionProvider is not available" in done.stderr
-        assert [r["provider"] for r in report["results"]] == ["CPUExecutionProvider"]
-    for result in report["results"]:
-        assert set(result["by_batch"]) == {"1", "2"} and result["input_size"] == [64, 64]
-        assert all(r["images_per_s"] > 0 for r in result["by_batch"].values())
-    missing = subprocess.run([sys.executable, str(script), str(toy_repository / "nope.onnx")],
-                             capture_output=True, text=True, timeout=60)
-    assert missing.returncode != 0 and "nope.onnx not found" in missing.stderr
 
 
 def test_frames_and_argument_parsing() -> None:
