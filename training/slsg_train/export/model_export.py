@@ -93,7 +93,8 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         training_data_hash=payload.get("data_hash", ""), image_colour=payload.get("image_colour", ""),
         project_version=__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        extra={"checkpoint_step": payload["step"], "calibration_stats": payload.get("calibration_stats", {})},
+        extra={"checkpoint_step": payload["step"], "calibration_stats": payload.get("calibration_stats", {}),
+               **({"checks_left_out": payload["checks_left_out"]} if payload.get("checks_left_out") else {})},
         resize=loaded.resize,
     )
     card = with_part_kinds(card, loaded.model)  # the config declares part_counts when the graph has it
