@@ -105,6 +105,11 @@ class ComponentCheck(Check):
         self.register_buffer("terms", torch.ones(len(TERMS), clusters))  # 1: the term is a rule for the kind
         self._train_raw: np.ndarray | None = None  # the training images' raw image scores, between fit and fit_scale
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checks saved before the per-kind rules modelled every term of every part kind
+        state_dict.setdefault(prefix + "terms", torch.ones_like(self.terms))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
     def from_config(cls, config, encoder: ReferenceEncoder) -> "ComponentCheck":
         return cls(encoder.channels, encoder.strides, config.component_clusters, config.component_weight)
