@@ -19,10 +19,12 @@ ones. This check does that in closed form, learnt from normal images only:
    (those not smaller than a fragment) and their mean colour.
 4. *Model and score.* Per kind, the normal count, component area and the spread of the components'
    colours around their kind's mean within one image, as mean and standard deviation over the
-   training images. Each component scores the largest of its kind's count deviation, its area's and
-   its colour's (in standard deviations), and its cells carry that score: the raw map marks an
-   extra part's kind, the odd-sized part, the washer of the other colour, and for a missing part the
-   kind's remaining parts.
+   training images, and which of them are *rules*: those the normal images hold steady (a kind with
+   none is dropped; with no kind left the check is not applicable and is left out of the model).
+   Each component scores the largest deviation among its kind's rules, in standard deviations beyond
+   a tolerance, and its cells carry that score: the raw map marks an extra part's kind, the
+   odd-sized part, the washer of the other colour, and for a missing part the kind's remaining
+   parts. Cells with no deviation give no evidence to the fusion.
 
 Everything at inference is tensor arithmetic ONNX exports (argmax, max-pooling, cumulative sum,
 gather), so the check runs inside the exported graph. Its map is put on the local score's scale and
