@@ -374,7 +374,8 @@ class ComponentCheck(Check):
         """Which terms are rules for each part kind, learnt from the training images' ``counts`` [N, K] and
         their parts' ``area`` and ``kind``: the count where one value holds on ``COUNT_STABLE_SHARE`` of the
         images, the area where its robust coefficient of variation is at most ``AREA_CV_MAX``, the colour
-        (its spread around the kind's mean within an image) where the kind has two or more parts an image.
+        (its spread around the kind's mean within an image) where the count is a rule of two or more parts
+        (a kind found in varying numbers is no set of parts that share a colour: often shading, not parts).
         A kind with no rule stops being a part kind. Returns each part kind's steadiness, in words."""
         self.terms.zero_()
         steadiness = {}
@@ -382,8 +383,10 @@ class ComponentCheck(Check):
             modal = float(torch.unique(counts[:, k], return_counts=True)[1].max()) / max(len(counts), 1)
             a = area[kind == k]
             cv = float((a - a.median()).abs().median() * 1.4826 / a.median()) if a.numel() >= 2 else float("inf")
-            self.terms[:, k] = torch.tensor([modal >= COUNT_STABLE_SHARE, cv <= AREA_CV_MAX,
-                                             float(counts[:, k].float().median()) >= 2], dtype=self.terms.dtype)
+            steady_count = modal >= COUNT_STABLE_SHARE
+            self.terms[:, k] = torch.tensor([steady_count, cv <= AREA_CV_MAX,
+                                             steady_count and float(counts[:, k].float().median()) >= 2],
+                                            dtype=self.terms.dtype)
             steadiness[k] = f"most common count on {modal:.0%} of the images, area varying {cv:.0%}"
         self.things.mul_((self.terms.sum(0) > 0).to(self.things.dtype))
         return steadiness
