@@ -113,7 +113,7 @@ def test_export_writes_a_verified_versioned_model(trained, tmp_path):
     card = ModelCard.from_json(sess.get_modelmeta().custom_metadata_map[MODEL_CARD_KEY])
     assert card.category == "tray" and card.metrics["category"] == "tray" and card.training_data_hash
     frames = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    amap, score = sess.run(None, {"image": frames})
+    amap, score = sess.run(["anomaly_map", "score"], {"image": frames})  # part_counts too, where it counts parts
     assert amap.shape == (3, 1, 64, 64) and score.shape == (3, 1)
     assert np.all((score >= 0) & (score <= 1)) and np.all((amap >= 0) & (amap <= 1))
     # on the test images it answers the calibrated scores the evaluation reported
@@ -122,7 +122,7 @@ def test_export_writes_a_verified_versioned_model(trained, tmp_path):
     rows = json.loads((trained["run"] / "eval" / "scores.json").read_text())
     frames = np.stack([resize_rgb(np.asarray(Image.open(trained["data"] / "tray" / "test" / f"{r['image']}.png")
                                              .convert("RGB")), (64, 64)) for r in rows])
-    amap, score = sess.run(None, {"image": frames})
+    amap, score = sess.run(["anomaly_map", "score"], {"image": frames})  # part_counts too, where it counts parts
     np.testing.assert_allclose(score[:, 0], [r["calibrated"] for r in rows], atol=1e-4)
     # its map is the checkpoint's map on the score's scale, and the card's pixel threshold moved with it:
     # the regions are those of the probability map above the checkpoint's own pixel threshold

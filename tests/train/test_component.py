@@ -208,3 +208,52 @@ def test_the_gateway_explains_an_extra_part_and_not_a_normal_scene(fitted, tmp_p
                               timeout=30).json() for im in (normal, extra)]
     assert answers[0]["explanations"] == []
     assert answers[1]["explanations"] == [{"part": red, "found": 3, "expected": 2}]
+
+
+def _varying(rng: np.random.Generator, red: int) -> np.ndarray:
+    """A scene with ``red`` steady red parts and a blue kind that normal images do not hold steady: none,
+    one or two blue parts (one most often), of sizes from 4 to 12 px."""
+    blue = int(rng.choice([0, 1, 1, 1, 2]))
+    return _scene(rng, {"red": red, "blue": blue}, {"blue": int(rng.integers(2, 7))})[0]
+
+
+def _fit_on(images: list[np.ndarray], **config) -> tuple[SLSG, dict]:
+    from slsg_train.training.calibration import fit_checks
+
+    torch.manual_seed(0)
+    model = SLSG(preset("default", composition_check=False, component_check=True, **config))
+    report = fit_checks(model, images[:-8], images[-8:], top_k=top_k_for_size(SIZE, SIZE), progress=False)
+    return model.eval(), report
+
+
+def test_a_kind_whose_count_and_size_vary_on_normal_images_is_dropped_and_the_steady_kind_kept():
+    rng = np.random.default_rng(3)
+    model, report = _fit_on([_varying(rng, red=2) for _ in range(32)], patch_memory=False, component_clusters=4)
+    check: ComponentCheck = model.component_check
+    assert report["component_check"]["part_kinds"] == 1 and len(report["component_check"]["dropped"]) == 1
+    assert "most common count on" in next(iter(report["component_check"]["dropped"].values()))
+    (kind,) = check.part_columns()
+    assert check.colour_name(kind) == "red" and report["component_check"]["rules"] == [["count", "area", "colour"]]
+    # the blue parts, however many and large, carry no evidence; a third red part does
+    scenes = [_scene(rng, {"red": 2, "blue": n}, {"blue": half}) for n, half in ((2, 5), (3, 2))]
+    scenes.append(_scene(rng, {"red": 3, "blue": 1}))
+    maps, _ = _raw(model, [image for image, _ in scenes])
+    blue = [float(maps[i, 0, y, x]) for i, (_, placed) in enumerate(scenes) for name, y, x in placed if name == "blue"]
+    red = [float(maps[2, 0, y, x]) for name, y, x in scenes[2][1] if name == "red"]
+    assert len(blue) == 6 and max(blue) == 0.0 and min(red) > 0.0, (blue, red)
+    log_odds = check.log_odds(maps, (SIZE, SIZE))
+    assert float(log_odds[2].max()) > -10 and float(log_odds[2, 0, 2, 2]) < -10  # off the parts: no evidence
+
+
+def test_a_category_without_steady_parts_leaves_the_check_out_and_says_why():
+    from slsg_train.training.calibration import left_out_messages
+
+    rng = np.random.default_rng(4)
+    model, report = _fit_on([_varying(rng, red=0) for _ in range(32)], component_clusters=3)
+    reason = report["left_out"]["component_check"]
+    assert "nothing to count" in reason or "none of the" in reason, reason
+    assert model.component_check is None and not model.config.component_check
+    assert bool(model.patch_memory.fitted) and model.reference_encoder is not None  # the other check stays
+    assert left_out_messages(report) == [f"component check left out: {reason}"]
+    with torch.no_grad():  # and the model still scores, without it
+        assert set(model(to_tensor(_varying(rng, red=0))[None]).checks) == {"patch_memory"}

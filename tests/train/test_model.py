@@ -581,7 +581,8 @@ def test_fitted_composition_check_flags_parts_that_do_not_go_together():
     rng = np.random.default_rng(0)
     # EfficientAD's training on normal images only: with two parts that could each be the changed one,
     # learning to undo a change does not help (0.81-0.89 vs 0.86-0.95 over three seeds, 400-1200 steps)
-    model = SLSG(preset("default", patch_memory=False, composition_check=True, composition_steps=STEPS_FOR_RULE,
+    model = SLSG(preset("default", patch_memory=False, component_check=False, composition_check=True,
+                        composition_steps=STEPS_FOR_RULE,
                         composition_restoration=0.0))
     normal, calib, mismatched = _paired_scenes(rng, 24), _paired_scenes(rng, 8), _paired_scenes(rng, 8, True)
     fit = fit_checks(model, normal, calib, top_k=8, progress=False)

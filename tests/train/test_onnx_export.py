@@ -30,7 +30,7 @@ def model() -> SLSG:
     (the authors' N(0, 0.02) init gives an almost constant 0.5 map that would hide mismatches)."""
     torch.manual_seed(0)
     # SLSG alone; the reference checks have their own test
-    net = SLSG(preset("default", patch_memory=False, composition_check=False))
+    net = SLSG(preset("default", patch_memory=False, composition_check=False, component_check=False))
     for m in net.head_modules():
         for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
             nn.init.normal_(conv.weight, 0.0, 0.05)
@@ -214,7 +214,8 @@ def test_reference_checks_export_and_match_pytorch(card, tmp_path):
     from slsg_train.training.calibration import fit_checks
 
     torch.manual_seed(0)
-    # the patch memory and the composition check are on in the preset; its autoencoder trains a few steps
+    # the patch memory and the composition and component checks are on in the preset; the autoencoder trains a
+    # few steps
     net = SLSG(preset("default", global_branch=True, composition_steps=20))
     rng = np.random.default_rng(3)
     photo = real_image()

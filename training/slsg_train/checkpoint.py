@@ -62,6 +62,7 @@ class RunCheckpoint:
     input_size_choice: dict[str, Any] | None = None  # how image_size "auto" was resolved, None if given
     calibration: Calibration | None = None
     calibration_stats: dict[str, Any] = field(default_factory=dict)
+    checks_left_out: dict[str, str] = field(default_factory=dict)  # check name -> why fitting left it out
     decoder_state: dict[str, Any] | None = None
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
@@ -162,7 +163,7 @@ _V1_NETWORK = {"composition_restoration": 0.0, "layer1_input": "stem", "graph_va
                "graph_position_table": False, "aux_upsampling": "direct"}
 _V1_DEFAULTS: dict[str, Any] = {
     "resize": RESIZE_BILINEAR, "data_hash": "", "image_colour": "", "calibration_split": None,
-    "input_size_choice": None, "calibration": None, "calibration_stats": {}, "decoder_state": None,
+    "input_size_choice": None, "calibration": None, "calibration_stats": {}, "checks_left_out": {}, "decoder_state": None,
     "optimizer": None, "scheduler": None, "imported_from": None, "train_config": None, "data_root": "",
     "project_version": "", "created": "",
 }

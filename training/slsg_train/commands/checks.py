@@ -65,7 +65,8 @@ def refit_checks(loaded, switches: dict[str, object], train_paths, scale_images,
     """The checkpoint's network with reference checks added or removed per ``switches`` and every
     remaining one (re)fitted; the reference encoder gets the backbone's ImageNet weights, not the
     pre-trained encoder's. The SLSG weights are kept, and so is a trained composition check unless
-    ``switches`` asks for it (only its scale is refitted: retraining would take minutes and change it)."""
+    ``switches`` asks for it (only its scale is refitted: retraining would take minutes and change it).
+    A check that finds nothing to model in the normal images is left out, and the command says why."""
     import dataclasses
 
     import torch
@@ -74,7 +75,7 @@ def refit_checks(loaded, switches: dict[str, object], train_paths, scale_images,
     from slsg_train.models.slsg import CHECK_PREFIXES, CHECKS, build_checks
     from slsg_train.simulation.config import SimulationConfig
     from slsg_train.data.images import load_resized
-    from slsg_train.training.calibration import fit_checks
+    from slsg_train.training.calibration import fit_checks, left_out_messages
     from slsg_train.training.config import TrainConfig
     from slsg_train.training.precision import channels_last, resolve_precision
 
@@ -98,8 +99,11 @@ def refit_checks(loaded, switches: dict[str, object], train_paths, scale_images,
     simulation = train_config.simulation
     # a new autoencoder trains in the run's precision on this device
     precision = resolve_precision(train_config.precision, torch.device(device))
-    fit_checks(model, load_resized(train_paths, loaded.image_size, loaded.resize), scale_images, loaded.top_k, device,
-               seed=seed, keep_trained=keep, precision=precision,
-               simulation=SimulationConfig.from_dict(simulation) if simulation else None)
-    loaded.checkpoint.model_config = config
+    report = fit_checks(model, load_resized(train_paths, loaded.image_size, loaded.resize), scale_images, loaded.top_k,
+                        device, seed=seed, keep_trained=keep, precision=precision,
+                        simulation=SimulationConfig.from_dict(simulation) if simulation else None)
+    for message in left_out_messages(report):
+        print(message)
+    loaded.checkpoint.model_config = model.config  # a check left out is recorded off
+    loaded.checkpoint.checks_left_out = report.get("left_out", {})
     return model.eval()

@@ -101,7 +101,8 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         training_data_hash=ckpt.data_hash, image_colour=ckpt.image_colour,
         project_version=__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        extra={"checkpoint_step": ckpt.step, "calibration_stats": ckpt.calibration_stats},
+        extra={"checkpoint_step": ckpt.step, "calibration_stats": ckpt.calibration_stats,
+               **({"checks_left_out": ckpt.checks_left_out} if ckpt.checks_left_out else {})},
         resize=loaded.resize,
     )
     card = with_part_kinds(card, loaded.model)  # the config declares part_counts when the graph has it

@@ -19,10 +19,12 @@ ones. This check does that in closed form, learnt from normal images only:
    (those not smaller than a fragment) and their mean colour.
 4. *Model and score.* Per kind, the normal count, component area and the spread of the components'
    colours around their kind's mean within one image, as mean and standard deviation over the
-   training images. Each component scores the largest of its kind's count deviation, its area's and
-   its colour's (in standard deviations), and its cells carry that score: the raw map marks an
-   extra part's kind, the odd-sized part, the washer of the other colour, and for a missing part the
-   kind's remaining parts.
+   training images, and which of them are *rules*: those the normal images hold steady (a kind with
+   none is dropped; with no kind left the check is not applicable and is left out of the model).
+   Each component scores the largest deviation among its kind's rules, in standard deviations beyond
+   a tolerance, and its cells carry that score: the raw map marks an extra part's kind, the
+   odd-sized part, the washer of the other colour, and for a missing part the kind's remaining
+   parts. Cells with no deviation give no evidence to the fusion.
 
 Everything at inference is tensor arithmetic ONNX exports (argmax, max-pooling, cumulative sum,
 gather), so the check runs inside the exported graph. Its map is put on the local score's scale and
@@ -40,7 +42,7 @@ from torch import Tensor
 
 from slsg.contract import PartKind
 
-from .reference import MAP, Check, FitContext, ReferenceEncoder
+from .reference import MAP, Check, CheckNotApplicable, FitContext, ReferenceEncoder, local_log_odds, resize_patches
 
 GRID_CELLS = 64  # the segmentation's grid has this many cells on the image's shorter side
 FEATURE_STRIDES = (4,)  # the reference stages described with the colour (deeper ones blur the parts' edges)
@@ -53,8 +55,18 @@ ITERATION_SHARE = 3  # label propagation runs grid side / this many steps
 THING_AREA_SHARE = 0.03  # a part kind's typical component covers at most this share of the grid
 FRAGMENT_SHARE = 0.3  # components below this share of their kind's typical area are fragments
 KMEANS_PIXELS, KMEANS_STEPS = 60000, 30
-# floors of the normal spreads: counts are whole numbers and identical on clean normal images
-COUNT_STD_FLOOR, AREA_STD_SHARE, COLOUR_STD_FLOOR = 0.25, 0.1, 0.002
+# floors of the normal spreads: counts are whole numbers and identical on clean normal images; a shade
+# difference under 0.005 in chromaticity (about two 8-bit levels of a mid-grey part) is no other colour
+COUNT_STD_FLOOR, AREA_STD_SHARE, COLOUR_STD_FLOOR = 0.25, 0.1, 0.005
+# which terms of the description are rules, learnt per kind from the normal images: its count where one
+# value holds on this share of the training images, its area where the areas' robust coefficient of
+# variation is at most this (a connector whose outline varies 25 % says nothing by its size)
+COUNT_STABLE_SHARE, AREA_CV_MAX = 0.9, 0.2
+TERMS = ("count", "area", "colour")
+# a part's deviation counts beyond this many normal standard deviations: within it a normal part's noise
+# would otherwise be fused as evidence, and a check with no rule broken must leave the other scores alone
+DEVIATION_TOLERANCE = 1.0
+NO_EVIDENCE = -30.0  # log-odds of cells without a deviation beyond the tolerance: below any other check's
 COUNT_TOLERANCE_STDS = 2  # a count further than this many normal standard deviations is explained
 GREY_SATURATION = 0.2  # part kinds less saturated than this are named "grey"
 HUE_NAMES = ((15, "red"), (45, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"), (260, "blue"),
@@ -92,6 +104,13 @@ class ComponentCheck(Check):
         self.register_buffer("area_mean", torch.zeros(clusters))
         self.register_buffer("area_std", torch.ones(clusters))
         self.register_buffer("colour_std", torch.ones(clusters))
+        self.register_buffer("terms", torch.ones(len(TERMS), clusters))  # 1: the term is a rule for the kind
+        self._train_raw: np.ndarray | None = None  # the training images' raw image scores, between fit and fit_scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checks saved before the per-kind rules modelled every term of every part kind
+        state_dict.setdefault(prefix + "terms", torch.ones_like(self.terms))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_config(cls, config, encoder: ReferenceEncoder) -> "ComponentCheck":
@@ -182,17 +201,31 @@ class ComponentCheck(Check):
                 "kind_colour": kind_colour}
 
     def deviations(self, parts: dict[str, Tensor]) -> Tensor:
-        """[B, S]: each part's largest deviation (count of its kind, its area, its colour against its
-        kind's in the image), in normal standard deviations; 0 for fragments and empty slots."""
+        """[B, S]: each part's largest deviation among the terms that are rules for its kind (count of
+        its kind, its area, its colour against its kind's in the image), in normal standard deviations
+        beyond ``DEVIATION_TOLERANCE``; 0 for fragments and empty slots."""
         kind = parts["kind"]
         count_z = (kind * ((parts["count"] - self.count_mean).abs() / self.count_std).unsqueeze(1)).sum(-1)
         area_z = (parts["area"] - kind @ self.area_mean).abs() / (kind @ self.area_std).clamp_min(1e-6)
         mean_colour = kind @ parts["kind_colour"]  # [B, S, 3]: the slot's kind's mean colour
         colour_z = (parts["colour"] - mean_colour).norm(dim=-1) / (kind @ self.colour_std).clamp_min(1e-6)
-        return torch.maximum(torch.maximum(count_z, area_z), colour_z) * parts["valid"]
+        use = kind @ self.terms.t()  # [B, S, 3]: which terms are rules for the slot's kind
+        z = torch.stack([count_z, area_z, colour_z], dim=-1) * use
+        return (z.amax(dim=-1) - DEVIATION_TOLERANCE).clamp_min(0) * parts["valid"]
+
+    def log_odds(self, raw: Tensor, size: tuple[int, int]) -> Tensor:
+        """As :meth:`Check.log_odds`, but cells whose part breaks no rule (and cells off the parts) give
+        ``NO_EVIDENCE``: the map says nothing there, so the pixelwise max leaves the other maps alone."""
+        up = resize_patches(raw, size)
+        mapped = local_log_odds(up, self.scale, self.weight)
+        return torch.where(up > 0, mapped, torch.full_like(mapped, NO_EVIDENCE))
 
     def forward(self, x: Tensor, maps: list[Tensor]) -> Tensor:
-        parts = self.describe(x, maps)
+        return self.deviation_map(x, self.descriptor(x, maps))
+
+    def deviation_map(self, x: Tensor, descriptor: Tensor) -> Tensor:
+        """[B, 1, h, w]: each cell's part's :meth:`deviations` (0 off the parts), from the :meth:`descriptor`."""
+        parts = self.parts(x, descriptor)
         cells = (parts["member"] * self.deviations(parts).unsqueeze(-1)).sum(1)  # [B, N]
         stride = grid_stride(x)
         return cells.view(x.shape[0], 1, x.shape[-2] // stride, x.shape[-1] // stride)
@@ -202,8 +235,8 @@ class ComponentCheck(Check):
         return self.describe(x, maps)["count"] * self.things
 
     def part_columns(self) -> list[int]:
-        """The clusters that are part kinds, ascending: the columns of the served ``part_counts``."""
-        return [int(k) for k in torch.nonzero(self.things).flatten()]
+        """The part kinds whose count is a rule, ascending: the columns of the served ``part_counts``."""
+        return [int(k) for k in torch.nonzero(self.things * self.terms[0]).flatten()]
 
     def part_kinds(self) -> list[PartKind]:
         """The model card's description of :meth:`part_columns`: name ("kind i (colour)"), expected count
@@ -227,8 +260,15 @@ class ComponentCheck(Check):
 
     @torch.no_grad()
     def fit_scale(self, raw_scores: np.ndarray, local_scores: np.ndarray) -> None:
+        """As :meth:`Check.fit_scale`, the raw scores' mean and spread taken over the scale images and the
+        training images together: a normal image's raw score is 0 unless a part breaks a rule, so the
+        few scale images (10-20) give a mean and spread that hang on whether one of them happens to;
+        the training images are many, and the normal model's medians barely fit to them."""
         super().fit_scale(raw_scores, local_scores)
-        self.scale[1] = self.scale[1].clamp_min(DEVIATION_STD_FLOOR)
+        train_raw = getattr(self, "_train_raw", None)
+        pooled = np.concatenate([np.asarray(raw_scores, dtype=np.float64), train_raw]) if train_raw is not None \
+            else np.asarray(raw_scores, dtype=np.float64)
+        self.scale[0], self.scale[1] = float(pooled.mean()), max(float(pooled.std()), DEVIATION_STD_FLOOR)
 
     def collect(self, x: Tensor, maps: list[Tensor]) -> tuple[Tensor, Tensor]:
         """(the batch's :meth:`descriptor` in float16, the batch) on the CPU: the fit segments every image."""
@@ -246,11 +286,34 @@ class ComponentCheck(Check):
         sample = cells[torch.randperm(cells.shape[0], generator=generator)[:KMEANS_PIXELS]]
         self.centroids.copy_(kmeans(sample.to(device), self.clusters, generator))
         self._fit_part_kinds(descriptors)
-        self._fit_normal_parts(images, descriptors)
+        if not bool(self.things.any()):
+            raise CheckNotApplicable("no segment of the normal images forms small parts found about once an image "
+                                     "(only background and container): nothing to count")
+        candidates = [int(k) for k in torch.nonzero(self.things).flatten()]
+        steadiness = self._fit_normal_parts(images, descriptors)
         kinds = [int(k) for k in torch.nonzero(self.things).flatten()]
+        if not kinds:
+            varying = "; ".join(f"cluster {k}: {steadiness[k]}" for k in candidates)
+            raise CheckNotApplicable(f"none of the {len(candidates)} part kind(s) found is described steadily on the "
+                                     f"normal images, so no count, size or colour rule can be learnt ({varying})")
+        self._train_raw = self._train_raw_scores(images, descriptors, context.top_k)
         return {"clusters": self.clusters, "part_kinds": len(kinds),
                 "count_mean": [round(float(self.count_mean[k]), 2) for k in kinds],
-                "area_mean": [round(float(self.area_mean[k]), 1) for k in kinds]}
+                "area_mean": [round(float(self.area_mean[k]), 1) for k in kinds],
+                "rules": [[t for t, used in zip(TERMS, self.terms[:, k].tolist()) if used] for k in kinds],
+                "dropped": {f"cluster {k}": steadiness[k] for k in candidates if k not in kinds}}
+
+    def _train_raw_scores(self, images: Tensor, descriptors: Tensor, top_k: int | None,
+                          batch: int = 32) -> np.ndarray | None:
+        """The training images' raw image scores, for :meth:`fit_scale` (None without a top-K)."""
+        if top_k is None:
+            return None
+        device, scores = self.centroids.device, []
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch].to(device).float()
+            raw = self.deviation_map(x, descriptors[i:i + batch].to(device).float())
+            scores.append(self.image_raw(raw, tuple(x.shape[-2:]), top_k).double().cpu())
+        return torch.cat(scores).numpy()
 
     def _fit_standardisation(self, descriptors: Tensor) -> None:
         d = descriptors.float()
@@ -283,8 +346,9 @@ class ComponentCheck(Check):
         images = len(descriptors)
         self.things.copy_(((small >= 0.5 * total.clamp_min(1)) & (counted / images >= 0.5)).float())
 
-    def _fit_normal_parts(self, images: Tensor, descriptors: Tensor, batch: int = 32) -> None:
-        """Fragment sizes from the part kinds' area per cell, then counts, areas and colour spreads."""
+    def _fit_normal_parts(self, images: Tensor, descriptors: Tensor, batch: int = 32) -> dict[int, str]:
+        """Fragment sizes from the part kinds' area per cell, then counts, areas and colour spreads, then
+        which of them are rules (:meth:`_fit_terms`); returns how steady each part kind was."""
         self.min_area.zero_()
         areas = self._parts(images, descriptors, batch)
         k = self.clusters
@@ -304,6 +368,28 @@ class ComponentCheck(Check):
                 mad = (a - median).abs().median() * 1.4826
                 self.area_mean[j], self.area_std[j] = median, max(float(mad), AREA_STD_SHARE * float(median))
                 self.colour_std[j] = max(float(spread.pow(2).mean().sqrt()), COLOUR_STD_FLOOR)
+        return self._fit_terms(counts, parts["area"], parts["kind"])
+
+    def _fit_terms(self, counts: Tensor, area: Tensor, kind: Tensor) -> dict[int, str]:
+        """Which terms are rules for each part kind, learnt from the training images' ``counts`` [N, K] and
+        their parts' ``area`` and ``kind``: the count where one value holds on ``COUNT_STABLE_SHARE`` of the
+        images, the area where its robust coefficient of variation is at most ``AREA_CV_MAX``, the colour
+        (its spread around the kind's mean within an image) where the count is a rule of two or more parts
+        (a kind found in varying numbers is no set of parts that share a colour: often shading, not parts).
+        A kind with no rule stops being a part kind. Returns each part kind's steadiness, in words."""
+        self.terms.zero_()
+        steadiness = {}
+        for k in [int(j) for j in torch.nonzero(self.things).flatten()]:
+            modal = float(torch.unique(counts[:, k], return_counts=True)[1].max()) / max(len(counts), 1)
+            a = area[kind == k]
+            cv = float((a - a.median()).abs().median() * 1.4826 / a.median()) if a.numel() >= 2 else float("inf")
+            steady_count = modal >= COUNT_STABLE_SHARE
+            self.terms[:, k] = torch.tensor([steady_count, cv <= AREA_CV_MAX,
+                                             steady_count and float(counts[:, k].float().median()) >= 2],
+                                            dtype=self.terms.dtype)
+            steadiness[k] = f"most common count on {modal:.0%} of the images, area varying {cv:.0%}"
+        self.things.mul_((self.terms.sum(0) > 0).to(self.things.dtype))
+        return steadiness
 
     def _parts(self, images: Tensor, descriptors: Tensor, batch: int) -> dict[str, Tensor]:
         """Every valid part of the training images: ``area``, ``kind``, colour ``spread`` (distance to its

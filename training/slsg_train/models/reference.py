@@ -74,6 +74,12 @@ def local_log_odds(distance: Tensor, scale: Tensor, weight: float) -> Tensor:
     return l_mean + l_std * weight * (distance - d_mean) / d_std
 
 
+class CheckNotApplicable(Exception):
+    """Raised by :meth:`Check.fit` when the normal images give the check nothing to model (the component
+    check on a category without countable parts); the message says why. ``fit_checks`` then leaves the
+    check out of the model, and training and the model card say so."""
+
+
 @dataclass
 class FitContext:
     """What a check's :meth:`Check.fit` may need beyond its collected features."""
@@ -84,6 +90,7 @@ class FitContext:
     simulation: Any = None  # the run's SimulationConfig (None: default settings)
     precision: str = "fp32"  # a resolved precision for checks with training steps
     keep_trained: bool = False  # a check with training steps keeps its trained weights, refits the rest
+    top_k: int | None = None  # the model's top-K (a check that scores its training images needs it)
 
 
 class Check(nn.Module):
@@ -116,7 +123,8 @@ class Check(nn.Module):
         return None
 
     def fit(self, collected: list, context: FitContext) -> dict:
-        """Fit from the :meth:`collect` results of every training batch; returns a report."""
+        """Fit from the :meth:`collect` results of every training batch; returns a report. Raises
+        :class:`CheckNotApplicable` when the normal images give it nothing to model."""
         return {}
 
     def image_raw(self, raw: Tensor, size: tuple[int, int], top_k: int) -> Tensor:

@@ -140,6 +140,22 @@ def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr:
     return calibration_from_scores(scores, target_fpr, scale_images)
 
 
+def leave_out_checks(model, names) -> list:
+    """Remove the checks ``names`` from the model and its configuration (the checkpoint then records
+    them off); returns the checks that remain. Without any, the reference encoder goes too."""
+    import dataclasses
+
+    remaining = {check.name: check for check in model.checks if check.name not in names}
+    model.set_checks(model.reference_encoder if remaining else None, remaining)
+    model.config = dataclasses.replace(model.config, **{name: False for name in names})
+    return list(remaining.values())
+
+
+def left_out_messages(report: dict) -> list[str]:
+    """One line per check :func:`fit_checks` left out, saying why (for training output and `slsg checks`)."""
+    return [f"{name.replace('_', ' ')} left out: {reason}" for name, reason in report.get("left_out", {}).items()]
+
+
 @torch.no_grad()
 def fit_checks(model, train_images: list[np.ndarray], scale_images: list[np.ndarray], top_k: int,
                device: torch.device | str = "cpu", batch_size: int = 16, seed: int = 0, progress: bool = True,
@@ -152,13 +168,15 @@ def fit_checks(model, train_images: list[np.ndarray], scale_images: list[np.ndar
     ``scale_images`` (normal images never trained on, and never the threshold's: see the module
     docstring) gives their raw image scores, and each check's scale is fitted against the
     local score it is combined with: map checks against the paper's, image checks against the
-    map-fused one. ``keep_trained`` keeps a trained check's learnt weights (the composition check's
-    autoencoder) and refits the rest. ``simulation`` (the run's ``SimulationConfig``; default settings
-    when None) makes the logical anomalies the composition check learns to undo; ``precision`` (a
-    resolved one) is what its training forward passes run in; every fit and score is float32.
+    map-fused one. A check that finds nothing to model in the normal images (``CheckNotApplicable``) is
+    left out of the model and its configuration, and the report's ``left_out`` says why. ``keep_trained``
+    keeps a trained check's learnt weights (the composition check's autoencoder) and refits the rest.
+    ``simulation`` (the run's ``SimulationConfig``; default settings when None) makes the logical
+    anomalies the composition check learns to undo; ``precision`` (a resolved one) is what its training
+    forward passes run in; every fit and score is float32.
     """
     from slsg_train.data.images import to_tensor
-    from slsg_train.models.reference import IMAGE, MAP, FitContext
+    from slsg_train.models.reference import IMAGE, MAP, CheckNotApplicable, FitContext
 
     encoder, checks = model.reference_encoder, model.checks
     if encoder is None or not checks:
@@ -177,10 +195,20 @@ def fit_checks(model, train_images: list[np.ndarray], scale_images: list[np.ndar
     for x, maps in reference_maps(train_images):
         for check in checks:
             collected[check.name].append(check.collect(x, maps))
-    context = FitContext(train_images, seed, progress, simulation, precision, keep_trained)
+    context = FitContext(train_images, seed, progress, simulation, precision, keep_trained, top_k)
     report: dict = {"train_images": len(train_images), "scale_images": len(scale_images)}
+    left_out: dict[str, str] = {}
     for check in checks:
-        report[check.name] = check.fit(collected.pop(check.name), context)
+        try:
+            report[check.name] = check.fit(collected.pop(check.name), context)
+        except CheckNotApplicable as exc:
+            left_out[check.name] = str(exc)
+    if left_out:
+        report["left_out"] = left_out
+        checks = leave_out_checks(model, left_out)
+        if not checks:
+            model.train(was_training)
+            return report
 
     size, raw = scale_images[0].shape[:2], {check.name: [] for check in checks}
     for x, maps in reference_maps(scale_images):

@@ -29,7 +29,7 @@ from slsg.image_modes import images_colour
 from slsg_train.checkpoint import CheckpointError, RunCheckpoint, load_checkpoint, save_checkpoint
 from slsg_train.data.input_size import choose_input_size_for, parse_auto
 from slsg_train.data.loco import LocoCategory
-from slsg_train.training.calibration import (CalibrationSplit, calibrate_threshold, fit_checks,
+from slsg_train.training.calibration import (CalibrationSplit, calibrate_threshold, fit_checks, left_out_messages,
                                              small_calibration_warning, split_for_calibration)
 from slsg_train.training.config import TrainConfig
 from slsg_train.training.dataset import (
@@ -147,6 +147,7 @@ class TrainingRun:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.category = LocoCategory(data_root, cfg.category)
         self.input_size_choice = self._resolve_input_size()
+        self.checks_left_out: dict[str, str] = {}  # check name -> why fit_checks left it out
         self.data_root = Path(data_root)
         self.log_path = self.run_dir / "train_log.jsonl"
         torch.manual_seed(cfg.seed)
@@ -185,7 +186,8 @@ class TrainingRun:
             model_config=self.model_config, image_size=tuple(self.cfg.image_size), top_k=self.top_k,
             data_hash=self.data_hash, image_colour=self.image_colour, calibration_split=self.split.summary(),
             data_root=str(self.data_root.resolve()), model_state=model.state_dict(), project_version=__version__,
-            input_size_choice=self.input_size_choice, created=datetime.now(UTC).isoformat(timespec="seconds"),
+            input_size_choice=self.input_size_choice, checks_left_out=self.checks_left_out,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
             **extra,
         )
 
@@ -287,6 +289,10 @@ class TrainingRun:
             fit = fit_checks(model, train_images, load_resized(self.split.scale, cfg.image_size), self.top_k,
                              self.device, seed=cfg.seed, simulation=sim_cfg, precision=self.precision)
             self.log("checks", **fit)
+            self.model_config = model.config  # a check left out is off in the checkpoint
+            self.checks_left_out = fit.get("left_out", {})
+            for message in left_out_messages(fit):
+                tqdm.write(message)
         threshold_images = load_resized(self.split.threshold, cfg.image_size)
         scale_images = len(self.split.scale) if model.reference_encoder is not None else 0
         calibration, stats = calibrate_threshold(model, threshold_images, self.top_k, cfg.calibration_fpr, self.device,
