@@ -10,7 +10,9 @@ images never trained on, and the test set's image AUROC is recomputed for each:
 - ``with_test_good``: the held-out images and the test set's good images (an upper bound of what more
   normal images could do: it peeks at the test set, so it is no calibration anyone could ship).
 
-A map check can also be left out (``--without``), as ``slsg checks`` would switch it off.
+Also each component scored alone (``alone``: SLSG's own map, each check's raw image score), which needs
+no scale. A map check can also be left out of the fusion (``--without``), as ``slsg checks`` would switch
+it off.
 
     python -m slsg_bench.scale_sensitivity --checkpoint runs/bottle128/checkpoint.pt --data /work/data
 """
@@ -82,6 +84,12 @@ def main() -> None:
                     "scale_part": auroc_with_scales(comps, checks, scale_part, test_idx, types, loaded.top_k),
                     "with_test_good": auroc_with_scales(comps, checks, np.concatenate([held_idx, good_idx]),
                                                         test_idx, types, loaded.top_k), "subsets": {}}
+    from slsg_train.metrics.roc import image_auroc_by_type
+
+    alone = {"slsg": comps["local_score"], **comps["image_raw"]}
+    report["alone"] = {name: {key: round(value, 4) for key, value in
+                              image_auroc_by_type(score.double().numpy()[test_idx], types).items()}
+                       for name, score in alone.items()}
     rng = np.random.default_rng(args.seed)
     for m in (int(v) for v in args.sizes.split(",") if v):
         if m > n_held:
