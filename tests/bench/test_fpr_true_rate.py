@@ -1,4 +1,4 @@
-"""benchmarks/slsg_bench/fpr_true_rate.py and scale_sensitivity.py: their statistics, on known inputs."""
+"""benchmarks/slsg_bench: fpr_true_rate, scale_sensitivity, fpr_exchangeability statistics on known inputs."""
 
 from __future__ import annotations
 
@@ -54,3 +54,12 @@ def test_scale_sensitivity_spread():
     assert spread == {"mean": pytest.approx(0.99), "min": 0.97, "share_perfect": 0.5}
     with pytest.raises(ValueError, match="no resamples"):
         subset_spread([])
+
+
+def test_percentiles_among_reference_scores():
+    from slsg_bench.fpr_exchangeability import percentiles
+
+    ref = np.array([0.3, 0.1, 0.2, 0.4])
+    assert percentiles(np.array([0.05, 0.2, 0.25, 0.5]), ref).tolist() == [0.0, 0.25, 0.5, 1.0]
+    with pytest.raises(ValueError, match="no reference"):
+        percentiles(np.array([0.1]), np.array([]))
