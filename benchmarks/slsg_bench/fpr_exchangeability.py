@@ -6,7 +6,9 @@ images' scores (its percentile). Under exchangeability the percentiles are unifo
 (sd 1 / sqrt(12 n)), for the validation images and the held-out training images alike. Also printed:
 how the rescored threshold images compare with the scores calibration logged (the threshold and
 ``slsg evaluate`` must score an image identically), and the highest threshold image's percentile
-(the threshold sits just above it).
+(the threshold sits just above it) and how many lie at or above the good test images' 90th
+and 95th percentiles (a tenth and a twentieth of them if the upper tails match, which the promise
+depends on).
 
     python -m slsg_bench.fpr_exchangeability runs/fpr_bench/cable_s3:runs/fpr_bench/data_s3 ...
 """
@@ -50,7 +52,8 @@ def run_report(run_dir: Path, data: Path) -> dict:
             "mean_percentile": float(pct.mean()), "sd_if_exchangeable": 1 / math.sqrt(12 * pct.size),
             "validation_mean": float(pct[from_validation].mean()) if from_validation.any() else None,
             "held_out_train_mean": float(pct[~from_validation].mean()) if (~from_validation).any() else None,
-            "max_percentile": float(pct.max()),
+            "max_percentile": float(pct.max()), "above_90th": int((pct >= 0.9).sum()),
+            "above_95th": int((pct >= 0.95).sum()),
             "rescored_max_minus_logged": float(scores.max()) - logged["max"] if "max" in logged else None}
 
 
