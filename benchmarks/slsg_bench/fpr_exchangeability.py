@@ -39,7 +39,7 @@ def run_report(run_dir: Path, data: Path) -> dict:
     from slsg_train.training.calibration import split_for_calibration
 
     loaded = load_model(run_dir / "checkpoint.pt")
-    record = loaded.payload.get("calibration_split")
+    record = loaded.checkpoint.calibration_split
     if record is None:
         raise SystemExit(f"{run_dir}: no calibration split recorded (a run from before the split)")
     split = split_for_calibration(LocoCategory(data, loaded.category), held_out_train=record["held_out_train"])
@@ -47,7 +47,7 @@ def run_report(run_dir: Path, data: Path) -> dict:
     good = [d["score"] for d in json.loads((run_dir / "eval" / "scores.json").read_text()) if d["type"] == GOOD]
     pct = percentiles(scores, np.asarray(good))
     from_validation = np.array(["validation" in p.parts for p in split.threshold])
-    logged = loaded.payload.get("calibration_stats", {})
+    logged = loaded.checkpoint.calibration_stats
     return {"run": run_dir.name, "threshold_images": int(pct.size), "good_test": len(good),
             "mean_percentile": float(pct.mean()), "sd_if_exchangeable": 1 / math.sqrt(12 * pct.size),
             "validation_mean": float(pct[from_validation].mean()) if from_validation.any() else None,

@@ -71,7 +71,7 @@ def run_row(checkpoint: Path, pool_data: Path | None, limit: int | None) -> dict
     cal = loaded.calibration
     if cal is None:
         raise SystemExit(f"{checkpoint}: not calibrated")
-    category = LocoCategory(pool_data or loaded.payload["data_root"], loaded.category)
+    category = LocoCategory(pool_data or loaded.checkpoint.data_root, loaded.category)
     pool = list(category.validation_paths) + [s.path for s in category.test_samples() if s.anomaly_type == "good"]
     pool = pool[:limit]
     scores = predict(loaded.model, load_resized(pool, loaded.image_size, loaded.resize), loaded.top_k).scores

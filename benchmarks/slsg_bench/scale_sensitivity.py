@@ -50,7 +50,7 @@ def main() -> None:
     from slsg_train.data.images import load_resized
     from slsg_train.data.loco import GOOD, LocoCategory
     from slsg_train.inference import load_model
-    from slsg_train.training.calibration import legacy_held_out_train, split_for_calibration
+    from slsg_train.training.calibration import split_for_calibration
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -63,10 +63,8 @@ def main() -> None:
 
     torch.set_num_threads(2)
     loaded = load_model(args.checkpoint)
-    category = LocoCategory(args.data or loaded.payload["data_root"], loaded.category)
-    record = loaded.payload.get("calibration_split")
-    split = split_for_calibration(category, held_out_train=record["held_out_train"] if record
-                                  else legacy_held_out_train(category))
+    category = LocoCategory(args.data or loaded.checkpoint.data_root, loaded.category)
+    split = split_for_calibration(category, held_out_train=loaded.checkpoint.held_out_train(category))
     samples = category.test_samples()
     held = split.scale + split.threshold
     paths = held + [s.path for s in samples]
