@@ -60,6 +60,8 @@ PRECISIONS = (PRECISION_FP32, PRECISION_INT8)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+CARD_FORMAT = 2  # of ModelCard's JSON; migrate_card() reads every older one
+
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -70,8 +72,8 @@ class Calibration:
     ``score_min`` and ``score_median`` are the lowest and the median raw score of the normal calibration
     images. Below the threshold the map is linear in the raw score, ``score_min`` -> 0; above it, it
     is in the raw score's log-odds (:meth:`calibrated_score`). ``score_median`` is None on cards from
-    before it existed; their ``score_max`` (the top of an older, linear map above the threshold) is
-    ignored, as are all fields :meth:`from_dict` does not know.
+    before it existed (``migrate_card`` drops older cards' dead ``score_max``); fields
+    :meth:`from_dict` does not know are ignored.
 
     ``num_images`` normal images, never trained on, set the threshold; the promised false-positive
     rates (:meth:`expected_fpr`, :meth:`fpr_upper`) count them alone. ``scale_images`` other such
@@ -237,6 +239,7 @@ class ModelCard:
     # the component check's part kinds, in the order of the graph's part_counts columns; none: no such output
     part_kinds: list[PartKind] = field(default_factory=list)
     precision: str = PRECISION_FP32  # PRECISIONS; cards from before the field are float32 graphs
+    card_format: int = CARD_FORMAT  # migrate_card() reads every older one
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_FILTERS:
@@ -249,11 +252,38 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelCard":
-        data = json.loads(text)
+        data = migrate_card(json.loads(text))
         data["calibration"] = Calibration.from_dict(data.get("calibration", {}))
-        data.setdefault("anomaly_map_scale", ANOMALY_MAP_PROBABILITY)  # a card from before the field
         data["part_kinds"] = [PartKind(**_known_fields(PartKind, k)) for k in data.get("part_kinds", [])]
         return cls(**_known_fields(cls, data))
+
+
+def _card_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (no ``card_format``) wrote fields only as they were added: a card without
+    ``anomaly_map_scale`` has a probability map, and its calibration may carry the dead ``score_max``.
+    Fields it lacks otherwise (resize, precision, part kinds, colour) mean the dataclass defaults."""
+    data = {**data, "card_format": 2}
+    data.setdefault("anomaly_map_scale", ANOMALY_MAP_PROBABILITY)
+    calibration = data.get("calibration")
+    if isinstance(calibration, dict):
+        data["calibration"] = {k: v for k, v in calibration.items() if k != "score_max"}
+    return data
+
+
+_CARD_MIGRATIONS = {1: _card_v1_to_v2}
+
+
+def migrate_card(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored model card (parsed JSON) of any format this code reads, in the current format; each step
+    turns one version into the next. A card newer than this code is refused, naming both versions."""
+    version = int(data.get("card_format", 1))
+    if version > CARD_FORMAT:
+        raise ValueError(f"model card format {version} is newer than this code reads ({CARD_FORMAT}): "
+                         "upgrade the gateway")
+    while version < CARD_FORMAT:
+        data = _CARD_MIGRATIONS[version](data)
+        version = int(data["card_format"])
+    return data
 
 
 def explain_counts(card: ModelCard, counts: Any) -> list[dict[str, Any]]:

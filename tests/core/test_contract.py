@@ -7,8 +7,9 @@ import pytest
 
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import (
-    ANOMALY_MAP_CALIBRATED, ANOMALY_MAP_PROBABILITY, MODEL_CARD_KEY, Calibration, ModelCard, beta_quantile,
-    calibration_exceedances, images_for_fpr, list_models, list_versions, model_path, next_version, validate_model_name,
+    ANOMALY_MAP_CALIBRATED, ANOMALY_MAP_PROBABILITY, CARD_FORMAT, MODEL_CARD_KEY, Calibration, ModelCard, beta_quantile,
+    calibration_exceedances, images_for_fpr, list_models, list_versions, migrate_card, model_path, next_version,
+    validate_model_name,
 )
 
 
@@ -99,21 +100,38 @@ def test_a_card_from_a_newer_exporter_reads_without_its_new_fields():
     assert Calibration.from_dict(data["calibration"]) == make_card().calibration  # as a checkpoint stores it
 
 
-def test_a_card_from_before_score_max_was_dropped_still_reads_and_a_new_one_omits_it():
+def _version_1_card() -> dict:
+    """make_card() as the exporter wrote it before card formats: no ``card_format``, no
+    ``anomaly_map_scale`` (a probability map), the linear map's ``score_max``, no resize or precision."""
     data = json.loads(make_card().to_json())
-    assert "score_max" not in data["calibration"]
-    data["calibration"]["score_max"] = 1.0  # what cards carried while the map above the threshold was linear
-    assert ModelCard.from_json(json.dumps(data)) == make_card()
+    for key in ("card_format", "anomaly_map_scale", "resize", "precision", "part_kinds"):
+        del data[key]
+    data["calibration"]["score_max"] = 1.0
+    return data
 
 
-def test_a_card_says_what_its_anomaly_map_holds():
-    # cards from before the field had a probability map; a card made now is for a calibrated one
+def test_a_version_1_card_migrates_to_the_current_format():
+    migrated = migrate_card(_version_1_card())
+    assert migrated["card_format"] == CARD_FORMAT
+    assert migrated["anomaly_map_scale"] == ANOMALY_MAP_PROBABILITY
+    assert "score_max" not in migrated["calibration"]
+    card = ModelCard.from_json(json.dumps(_version_1_card()))
+    assert card == dataclasses.replace(make_card(), anomaly_map_scale=ANOMALY_MAP_PROBABILITY)
+    assert json.loads(card.to_json())["card_format"] == CARD_FORMAT  # written back in the current format
+
+
+def test_a_new_card_omits_dead_fields_and_says_what_its_anomaly_map_holds():
     data = json.loads(make_card().to_json())
-    del data["anomaly_map_scale"]
-    assert ModelCard.from_json(json.dumps(data)).anomaly_map_scale == ANOMALY_MAP_PROBABILITY
+    assert "score_max" not in data["calibration"] and data["card_format"] == CARD_FORMAT
     fresh = ModelCard(name="m", category="c", backbone="b", input_height=64, input_width=64, top_k=8)
     assert fresh.anomaly_map_scale == ANOMALY_MAP_CALIBRATED
     assert ModelCard.from_json(fresh.to_json()).anomaly_map_scale == ANOMALY_MAP_CALIBRATED
+
+
+def test_a_card_newer_than_the_code_is_refused_by_version():
+    data = {**json.loads(make_card().to_json()), "card_format": CARD_FORMAT + 1}
+    with pytest.raises(ValueError, match=f"format {CARD_FORMAT + 1} is newer"):
+        ModelCard.from_json(json.dumps(data))
 
 
 def test_the_pixel_threshold_moves_onto_the_calibrated_map():
