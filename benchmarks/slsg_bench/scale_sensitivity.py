@@ -35,8 +35,10 @@ def auroc_with_scales(comps: dict, checks: list, scale_idx: np.ndarray, test_idx
     return {key: round(value, 4) for key, value in image_auroc_by_type(scores, types).items()}
 
 
-def subset_spread(results: list[dict[str, float]], key: str = "all") -> dict[str, float]:
-    """Mean, min and the share at 1.0 of one AUROC key over resampled scale sets."""
+def subset_spread(results: list[dict[str, float]], key: str | None = None) -> dict[str, float]:
+    """Mean, min and the share at 1.0 of one AUROC key over resampled scale sets (default: ``all`` for
+    MVTec AD types, ``mean`` for LOCO's logical/structural)."""
+    key = key or ("all" if all("all" in r for r in results) else "mean")
     values = np.array([r[key] for r in results], dtype=np.float64)
     if values.size == 0:
         raise ValueError("no resamples")
