@@ -140,3 +140,20 @@ def write_int8_contract_model(path: str | Path, card: ModelCard, signal: str = "
     onnx.helper.set_model_props(model, {MODEL_CARD_KEY: card.to_json()})
     onnx.save(model, str(path))
     return path
+
+
+def slsg_alone_with_varied_head():
+    """The default preset's SLSG without reference checks, its head re-initialised N(0, 0.05) so the map
+    varies a lot from image to image (the authors' N(0, 0.02) init gives an almost constant 0.5 map that
+    would hide export mismatches). Imports torch lazily: gateway tests use this module without it."""
+    import torch
+    from torch import nn
+
+    from slsg_train.models import SLSG, preset
+
+    torch.manual_seed(0)
+    net = SLSG(preset("default", patch_memory=False, composition_check=False, component_check=False))
+    for m in net.head_modules():
+        for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
+            nn.init.normal_(conv.weight, 0.0, 0.05)
+    return net.eval()

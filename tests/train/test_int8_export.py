@@ -9,17 +9,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from skimage import data
 from skimage.transform import resize
-from torch import nn
 
+from onnx_fixtures import slsg_alone_with_varied_head
 from slsg.contract import INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, ModelCard
 from slsg_train.export import ExportError
 from slsg_train.export import int8
 from slsg_train.export.int8 import Int8Images, Int8Options, export_int8
 from slsg_train.inference import predict
-from slsg_train.models import SLSG, preset, top_k_for_size
+from slsg_train.models import SLSG, top_k_for_size
 from slsg_train.onnx_inference import OnnxModel, calibration_inputs
 from slsg_train.training.calibration import calibration_from_scores, threshold_for_fpr
 
@@ -41,13 +40,8 @@ def photo(name: str, crop: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model() -> SLSG:
-    """The default preset without checks, its head re-initialised so the map varies from image to image."""
-    torch.manual_seed(0)
-    net = SLSG(preset("default", patch_memory=False, composition_check=False, component_check=False))
-    for m in net.head_modules():
-        for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
-            nn.init.normal_(conv.weight, 0.0, 0.05)
-    return net.eval()
+    """SLSG alone (the reference checks have their own tests), its map varying from image to image."""
+    return slsg_alone_with_varied_head()
 
 
 @pytest.fixture(scope="module")
