@@ -30,3 +30,14 @@ def free_ports(count: int = 1) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
+
+
+def png_bytes(pixels) -> bytes:
+    """An RGB uint8 array as the bytes of a PNG file, as a camera client would send it."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()

@@ -3,15 +3,14 @@ contract graph next to a float32 one, with its own card, and both take the same 
 
 from __future__ import annotations
 
-import io
 
 import httpx
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
 
 from onnx_fixtures import make_card, write_contract_model, write_int8_contract_model
+from support import png_bytes
 from slsg.contract import model_path
 from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
@@ -23,9 +22,7 @@ def png(red: bool) -> bytes:
     pixels = np.full((48, 64, 3), 100, np.uint8)
     if red:
         pixels[10:30, 20:40] = (255, 30, 30)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+    return png_bytes(pixels)
 
 
 @pytest.fixture()

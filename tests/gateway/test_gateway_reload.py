@@ -4,14 +4,13 @@ without a failed request, and a failed load keeps the old version serving."""
 from __future__ import annotations
 
 import asyncio
-import io
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from onnx_fixtures import make_card, write_contract_model
+from support import png_bytes
 from slsg.contract import model_path
 from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
@@ -22,9 +21,7 @@ ADMIN = {"X-API-Key": "admin-secret"}
 def red_patch_png() -> bytes:
     pixels = np.full((96, 128, 3), 128, np.uint8)
     pixels[20:50, 30:70] = (255, 0, 0)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+    return png_bytes(pixels)
 
 
 @pytest.fixture()

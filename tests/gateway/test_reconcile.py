@@ -9,7 +9,6 @@ serving what it had.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import re
@@ -21,13 +20,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import model_path, serving_path
 from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
-from support import SLSG_BIN, free_ports, run_slsg
+from support import SLSG_BIN, free_ports, png_bytes, run_slsg
 
 INTERVAL_S = 0.2
 CONVERGE_S = 60.0  # a generous bound on 2 busy cores; convergence normally takes one interval and a load
@@ -37,9 +35,7 @@ PNG = {"Content-Type": "image/png"}
 def red_patch_png() -> bytes:
     pixels = np.full((48, 64, 3), 128, np.uint8)
     pixels[10:30, 20:40] = (255, 0, 0)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+    return png_bytes(pixels)
 
 
 def add_version(root: Path, version: int) -> None:
