@@ -30,14 +30,26 @@ def free_ports(count: int = 1) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
-
-
-def png_bytes(pixels) -> bytes:
-    """An RGB uint8 array as the bytes of a PNG file, as a camera client would send it."""
+def png_bytes(pixels, image_format: str = "PNG", **save_options) -> bytes:
+    """A uint8 array as the bytes of an image file (PNG unless told), as a camera client would send it."""
     import io
 
     from PIL import Image
 
     out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
+    Image.fromarray(pixels).save(out, format=image_format, **save_options)
     return out.getvalue()
+
+
+def local_triton(repository: Path, models: list[str]):
+    """A real, not yet started ``LocalTriton`` on free ports serving ``models`` of ``repository`` in explicit
+    control mode; skips the calling test where no ``tritonserver`` is installed."""
+    import pytest
+
+    triton_local = pytest.importorskip("slsg_triton.local")
+    try:
+        triton_local.find_tritonserver()
+    except triton_local.TritonNotFoundError as exc:
+        pytest.skip(str(exc))
+    http, grpc, metrics = free_ports(3)
+    return triton_local.LocalTriton(repository, http, grpc, metrics, model_control_mode="explicit", load_models=models)

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from slsg.contract import CONFIG_FILENAME, list_versions, model_path
+from slsg_bench.gateway import wait_ready
 
 SLSG = str(Path(sys.executable).parent / "slsg")
 
@@ -122,16 +123,11 @@ def main() -> int:
         urls = [f"http://127.0.0.1:{args.base_port + i}" for i in range(args.gateways)]
         try:
             deadline = time.monotonic() + 120
-            for url in urls:
-                while True:
-                    try:
-                        if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"{url} did not become ready")
-                    time.sleep(0.2)
+            for url, process in zip(urls, processes):
+                try:
+                    wait_ready(url, deadline, process)
+                except RuntimeError as exc:
+                    raise SystemExit(str(exc)) from exc
             report = asyncio.run(measure(args, root, urls))
         finally:
             for process in processes:

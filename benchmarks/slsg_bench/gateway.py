@@ -50,10 +50,28 @@ class GatewayBenchConfig:
     separate_process: bool = True  # gateway in its own `slsg serve` process, as in production
 
 
+def wait_ready(url: str, deadline: float, process: subprocess.Popen | None = None) -> None:
+    """Poll ``url``/readyz until it answers 200; RuntimeError once ``time.monotonic()`` passes ``deadline``
+    or ``process`` (the gateway's, when the caller started it) has exited."""
+    import httpx
+
+    while True:
+        if process is not None and process.poll() is not None:
+            stderr = process.stderr.read()[-2000:] if process.stderr else ""
+            raise RuntimeError(f"slsg serve exited with {process.returncode}: {stderr}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"slsg serve not ready on {url} by its deadline")
+        time.sleep(0.2)
+
+
 @contextmanager
 def serve_subprocess(settings_env: dict[str, str], timeout_s: float = 60.0):
     """A real `slsg serve` on a free loopback port; yields (base url, pid); stopped with SIGTERM."""
-    import httpx
 
     from slsg_gateway.server import free_port
 
@@ -64,18 +82,7 @@ def serve_subprocess(settings_env: dict[str, str], timeout_s: float = 60.0):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"slsg serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"slsg serve not ready on {url} after {timeout_s:.0f} s")
-            time.sleep(0.2)
+        wait_ready(url, time.monotonic() + timeout_s, proc)
         yield url, proc.pid
     finally:
         proc.terminate()

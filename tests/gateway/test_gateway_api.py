@@ -22,6 +22,7 @@ from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import model_path
 from slsg_gateway.server import BackgroundGateway, free_port
 from slsg_gateway.settings import Settings
+from support import png_bytes
 
 INSPECT_KEY, ADMIN_KEY = "inspect-secret", "admin-secret"
 PATCH = (180, 40, 240, 100)  # x0, y0, x1, y1 of the red patch in a 300x200 frame
@@ -37,9 +38,7 @@ def frame(width: int = 300, height: int = 200, patch: tuple | None = None,
 
 
 def encode(pixels: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format=fmt, **kw)
-    return out.getvalue()
+    return png_bytes(pixels, fmt, **kw)
 
 
 def metric_samples(text: str, name: str) -> list:

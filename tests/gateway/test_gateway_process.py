@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import os
 import socket
@@ -17,9 +16,8 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from support import SLSG_BIN, free_ports
+from support import SLSG_BIN, free_ports, png_bytes
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import model_path
 
@@ -61,9 +59,7 @@ def status_kib(pid: int, field: str) -> int:
 def large_png(width: int, height: int) -> bytes:
     pixels = np.full((height, width, 3), 128, np.uint8)
     pixels[height // 4:height // 2, width // 2:3 * width // 4] = (255, 0, 0)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
-    return out.getvalue()
+    return png_bytes(pixels, compress_level=1)
 
 
 def test_resident_memory_stays_bounded_with_four_large_frames_at_once(tmp_path):

@@ -12,12 +12,11 @@ from PIL import Image
 
 from slsg_gateway.records import NewRecord, RecordNotFound, RecordWriter, new_record_id, open_store
 from slsg_gateway.records.writer import RetentionPolicy
+from support import png_bytes
 
 
 def png(value: int = 128, size: int = 16) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(out, format="PNG")
-    return out.getvalue()
+    return png_bytes(np.full((size, size, 3), value, np.uint8))
 
 
 def new_record(*, ts: float | None = None, model: str = "toy", line: str | None = "line-1", anomalous: bool = False,

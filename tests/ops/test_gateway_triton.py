@@ -4,7 +4,6 @@ inspection over gRPC and HTTP, explicit load of a new version, and fault handlin
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 import time
@@ -13,16 +12,15 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from PIL import Image
 
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import INPUT_IMAGE, OUTPUT_SCORE, model_path
 from slsg.triton_config import write_config
 from slsg_gateway.imaging import decode_frame
-from slsg_gateway.server import BackgroundGateway, free_port
+from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
+from support import local_triton, png_bytes
 
-triton_local = pytest.importorskip("slsg_triton.local")
 pytestmark = pytest.mark.slow
 ADMIN = {"X-API-Key": "admin-secret"}
 PNG = {"Content-Type": "image/png"}
@@ -34,9 +32,7 @@ def frame_png(patch: tuple | None = PATCH) -> bytes:
     if patch:
         x0, y0, x1, y1 = patch
         pixels[y0:y1, x0:x1] = (255, 0, 0)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+    return png_bytes(pixels)
 
 
 def ort_score(path, data: bytes, size: int) -> float:
@@ -57,13 +53,7 @@ def repository(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def triton(repository):
-    try:
-        triton_local.find_tritonserver()
-    except triton_local.TritonNotFoundError as exc:
-        pytest.skip(str(exc))
-    server = triton_local.LocalTriton(repository, free_port(), free_port(), free_port(),
-                                      model_control_mode="explicit", load_models=["toy"])
-    with server:
+    with local_triton(repository, ["toy"]) as server:
         yield server
 
 

@@ -12,11 +12,11 @@ import pytest
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import MODEL_CARD_KEY, OUTPUT_PART_COUNTS, OUTPUT_SCORE, PartKind, model_path
 from slsg.triton_config import write_config
-from slsg_gateway.server import BackgroundGateway, free_port
+from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
 from test_gateway_triton import PNG, frame_png, ort_score
+from support import local_triton
 
-triton_local = pytest.importorskip("slsg_triton.local")
 pytestmark = pytest.mark.slow
 KIND = PartKind("kind 1 (red)", expected=0)
 
@@ -45,12 +45,7 @@ def counting(tmp_path_factory):
     write_counting_model(model_path(root, "parts", 1), card)
     write_config(root, "parts", card, gpu=False, max_batch_size=8)
     time.sleep(0.5)  # LocalTriton publishes a version only once its files are 0.3 s old
-    try:
-        triton_local.find_tritonserver()
-    except triton_local.TritonNotFoundError as exc:
-        pytest.skip(str(exc))
-    with triton_local.LocalTriton(root, free_port(), free_port(), free_port(), model_control_mode="explicit",
-                                  load_models=["parts"]) as server:
+    with local_triton(root, ["parts"]) as server:
         yield root, server
 
 

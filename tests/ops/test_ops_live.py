@@ -12,7 +12,6 @@ backend and every Triton (nv_*) query is excluded as well.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
@@ -28,9 +27,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from support import free_ports
+from support import free_ports, png_bytes
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import model_path, write_serving_state
 from slsg.triton_config import write_config
@@ -57,9 +55,7 @@ def frame_png(anomalous: bool) -> bytes:
     pixels = np.full((96, 128, 3), 128, np.uint8)
     if anomalous:
         pixels[20:60, 40:90] = (255, 0, 0)  # the toy model scores red
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+    return png_bytes(pixels)
 
 
 def loopback_config(gateway_port: int, triton_metrics_port: int | None, metrics_key_file: Path) -> dict:

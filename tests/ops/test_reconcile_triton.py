@@ -5,7 +5,6 @@ and put a Triton that forgot the rollback (restarted: it loads its config.pbtxt 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from collections.abc import Callable
@@ -13,16 +12,14 @@ from collections.abc import Callable
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from onnx_fixtures import make_card, write_contract_model
 from slsg.contract import model_path
 from slsg.triton_config import write_config
-from slsg_gateway.server import BackgroundGateway, free_port
+from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
-from support import run_slsg
+from support import local_triton, png_bytes, run_slsg
 
-triton_local = pytest.importorskip("slsg_triton.local")
 pytestmark = pytest.mark.slow
 PNG = {"Content-Type": "image/png"}
 CONVERGE_S = 90.0  # generous on 2 busy cores; it normally takes one interval and a Triton load
@@ -31,9 +28,7 @@ CONVERGE_S = 90.0  # generous on 2 busy cores; it normally takes one interval an
 def frame_png() -> bytes:
     pixels = np.full((64, 64, 3), 128, np.uint8)
     pixels[10:30, 20:40] = (255, 0, 0)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+    return png_bytes(pixels)
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -57,13 +52,7 @@ def repository(tmp_path):
 
 @pytest.fixture()
 def triton(repository):
-    try:
-        triton_local.find_tritonserver()
-    except triton_local.TritonNotFoundError as exc:
-        pytest.skip(str(exc))
-    server = triton_local.LocalTriton(repository, free_port(), free_port(), free_port(),
-                                      model_control_mode="explicit", load_models=["toy"])
-    with server:
+    with local_triton(repository, ["toy"]) as server:
         yield server
 
 

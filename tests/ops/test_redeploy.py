@@ -26,8 +26,9 @@ import pytest
 
 from slsg.contract import INPUT_IMAGE, OUTPUT_SCORE, model_path
 from slsg_gateway.imaging import decode_frame
-from slsg_gateway.server import BackgroundGateway, free_port
+from slsg_gateway.server import BackgroundGateway
 from slsg_gateway.settings import Settings
+from support import local_triton
 
 pytestmark = pytest.mark.slow
 SLSG = Path(sys.executable).parent / "slsg"
@@ -172,16 +173,10 @@ def check_scores(answers: list[Answer], repository: Path, frame: bytes) -> None:
 
 
 def test_redeploy_and_rollback_on_local_triton(trained: Trained, tmp_path: Path) -> None:
-    triton_local = pytest.importorskip("slsg_triton.local")
-    try:
-        triton_local.find_tritonserver()
-    except triton_local.TritonNotFoundError as exc:
-        pytest.skip(str(exc))
     repository = tmp_path / "model_repository"
+    server = local_triton(repository, [MODEL])  # skips here, before the export, without a tritonserver
     assert export(trained, trained.checkpoints[0], repository) == 1
     time.sleep(0.4)  # LocalTriton publishes a version once its files are 0.3 s old
-    server = triton_local.LocalTriton(repository, free_port(), free_port(), free_port(),
-                                      model_control_mode="explicit", load_models=[MODEL])
     settings = Settings(backend="triton", triton_url=server.grpc_url, port=0, admin_keys=["admin-secret"],
                         triton_timeout_s=30.0)
     with server:
