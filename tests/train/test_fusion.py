@@ -9,7 +9,7 @@ import torch
 from slsg.contract import INPUT_IMAGE, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, Calibration, ModelCard
 from slsg_train.models import SLSG, preset, top_k_for_size
 from slsg_train.training.fusion import (
-    PART_COPIED, PART_REMOVED, SLSG_MAP, STRUCTURAL, copy_part, find_parts, fusion_messages, parts_to_leave_out,
+    PART_COPIED, SLSG_MAP, STRUCTURAL, copy_part, find_parts, fusion_messages, parts_to_leave_out,
     remove_part, separations,
 )
 
@@ -133,3 +133,14 @@ def test_the_exported_graph_scores_as_the_checkpoint_with_slsg_map_left_out(sele
     np.testing.assert_allclose(onnx_map, torch_map.numpy(), atol=1e-4)
     assert torch.equal(fused, component)  # the fused map is the component check's alone
     assert onnx_score[1:].min() > onnx_score[0]  # the extra and the missing part score above the normal scene
+
+
+def test_too_few_held_out_images_leave_every_part_in_and_say_so(selected):
+    from slsg_train.training.fusion import MIN_IMAGES, select_fusion
+
+    model, _ = selected
+    rng = np.random.default_rng(5)
+    few = [_scene(rng) for _ in range(MIN_IMAGES - 1)]
+    report = select_fusion(model, few, top_k_for_size(SIZE, SIZE))
+    assert report["left_out"] == {} and "too few" in report["skipped"]
+    assert fusion_messages(report) == [f"fusion not selected: {report['skipped']}"]

@@ -34,7 +34,8 @@ SLSG_MAP = "slsg_map"  # SLSG's own map, in fusion reports (the checks go by the
 # errors of 0.5 (the AUROC of a part at chance spreads by sqrt((n0 + n1 + 1) / (12 n0 n1)): 0.07 for 27 normal
 # images and 54 anomalies); 2.5 because a part is kept on the best of up to four kinds
 NEAR_CHANCE, CHANCE_Z = 0.6, 2.5
-ANOMALIES_PER_IMAGE = 2  # simulated anomalies of each kind per scale image
+ANOMALIES_PER_IMAGE = 4  # simulated anomalies of each kind per scale image
+MIN_IMAGES = 10  # held-out normal images below which nothing is left out (a part at chance then reaches 0.78)
 STRUCTURAL, LOGICAL, PART_COPIED, PART_REMOVED = "structural", "logical", "part_copied", "part_removed"
 KINDS = (STRUCTURAL, LOGICAL, PART_COPIED, PART_REMOVED)
 # a part: a connected region this far (8-bit RGB distance) from the image's median colour, with an area
@@ -246,7 +247,7 @@ def reason(part: PartSeparation, normal_images: int) -> str:
 
 
 def select_fusion(model, images: list[np.ndarray], top_k: int, simulation=None, seed: int = 0,
-                  device: torch.device | str = "cpu") -> dict:
+                  device: torch.device | str = "cpu", per_image: int = ANOMALIES_PER_IMAGE) -> dict:
     """Measure each part's separation on ``images`` (normal, held out: the checks' scale images) and
     anomalies simulated from them, and leave the parts near chance out of the fusion: checks are
     removed from the model and its configuration, SLSG's map gets ``fuse_slsg_map`` False. Returns the
@@ -257,10 +258,13 @@ def select_fusion(model, images: list[np.ndarray], top_k: int, simulation=None, 
     from slsg_train.models.reference import MAP
     from slsg_train.training.calibration import leave_out_checks
 
-    if not model.checks or len(images) < 2:
+    if not model.checks:
         return {}
+    if len(images) < MIN_IMAGES:
+        return {"skipped": f"{len(images)} held-out normal images are too few to tell a part at chance from one "
+                           f"that separates ({MIN_IMAGES} needed): every part fused", "left_out": {}}
     normal = part_scores(model, images, top_k, device)
-    made = simulated_anomalies(images, simulation, seed)
+    made = simulated_anomalies(images, simulation, seed, per_image)
     anomalous = {kind: part_scores(model, frames, top_k, device) for kind, frames in made.items()}
     parts = separations(normal, anomalous, learnt_kinds(model))
     map_parts = {SLSG_MAP, *(c.name for c in model.checks if c.kind == MAP)}
@@ -276,7 +280,9 @@ def select_fusion(model, images: list[np.ndarray], top_k: int, simulation=None, 
 
 
 def fusion_messages(report: dict) -> list[str]:
-    """One line per part left out of the fusion (training output, `slsg checks`)."""
+    """One line per part left out of the fusion, or why no part could be judged (training output, `slsg checks`)."""
+    if "skipped" in report:
+        return [f"fusion not selected: {report['skipped']}"]
     return [f"left out of the fusion: {part_label(name)}, {why}" for name, why in report.get("left_out", {}).items()]
 
 
