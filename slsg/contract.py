@@ -238,6 +238,9 @@ class ModelCard:
     resize: str = RESIZE_BILINEAR  # the filter frames are resized with (RESIZE_FILTERS); older cards: bilinear
     # the component check's part kinds, in the order of the graph's part_counts columns; none: no such output
     part_kinds: list[PartKind] = field(default_factory=list)
+    # the parts of the model its fused score ignores, and why ("slsg_map": SLSG's own map; others: checks, which
+    # the graph then lacks); older cards: none
+    fusion_left_out: dict[str, str] = field(default_factory=dict)
     precision: str = PRECISION_FP32  # PRECISIONS; cards from before the field are float32 graphs
     card_format: int = CARD_FORMAT  # migrate_card() reads every older one
 

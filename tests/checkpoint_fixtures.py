@@ -14,11 +14,20 @@ V1_LATER_NETWORK = ("composition_restoration", "layer1_input", "graph_value_on_t
                     "aux_upsampling")
 
 
+def as_version_2(payload: dict[str, Any]) -> dict[str, Any]:
+    """A current-format stored dict as a ``slsg-checkpoint/2`` release wrote it: no fusion record, and no
+    ``fuse_slsg_map`` in the network settings."""
+    v2 = {k: v for k, v in payload.items() if k != "fusion"}
+    v2["model_config"] = {k: v for k, v in v2["model_config"].items() if k != "fuse_slsg_map"}
+    return {**v2, "format": "slsg-checkpoint/2"}
+
+
 def as_version_1(payload: dict[str, Any], oldest: bool = False) -> dict[str, Any]:
     """A current-format stored dict as a ``slsg-checkpoint/1`` release wrote it: a ``backbone`` copy,
     ``score_max`` in the calibration, no ``resize`` from the trainer, and optional state only where set.
     ``oldest``: also without every field and setting the version-1 releases added over time."""
-    v1 = {**payload, "format": "slsg-checkpoint/1", "backbone": payload["model_config"]["backbone"]}
+    v2 = as_version_2(payload)
+    v1 = {**v2, "format": "slsg-checkpoint/1", "backbone": v2["model_config"]["backbone"]}
     for key in ("imported_from", "decoder_state", "optimizer", "scheduler", "input_size_choice"):
         if v1[key] is None:
             del v1[key]

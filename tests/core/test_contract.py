@@ -100,11 +100,19 @@ def test_a_card_from_a_newer_exporter_reads_without_its_new_fields():
     assert Calibration.from_dict(data["calibration"]) == make_card().calibration  # as a checkpoint stores it
 
 
+def test_a_card_from_before_the_fusion_record_fuses_every_part_and_a_new_one_round_trips():
+    data = json.loads(make_card().to_json())
+    del data["fusion_left_out"]  # a version-2 card written before the field
+    assert ModelCard.from_json(json.dumps(data)).fusion_left_out == {}
+    card = make_card(fusion_left_out={"slsg_map": "separation 0.55 on 27 held-out normal images"})
+    assert ModelCard.from_json(card.to_json()) == card
+
+
 def _version_1_card() -> dict:
     """make_card() as the exporter wrote it before card formats: no ``card_format``, no
     ``anomaly_map_scale`` (a probability map), the linear map's ``score_max``, no resize or precision."""
     data = json.loads(make_card().to_json())
-    for key in ("card_format", "anomaly_map_scale", "resize", "precision", "part_kinds"):
+    for key in ("card_format", "anomaly_map_scale", "resize", "precision", "part_kinds", "fusion_left_out"):
         del data[key]
     data["calibration"]["score_max"] = 1.0
     return data

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoint_fixtures import as_version_1
+from checkpoint_fixtures import as_version_1, as_version_2
 from slsg.contract import Calibration
 from slsg_train.checkpoint import (
     CHECKPOINT_FORMAT, CheckpointError, RunCheckpoint, load_checkpoint, migrate, save_checkpoint,
@@ -84,6 +84,16 @@ def test_a_version_1_checkpoint_loads_as_the_current_one(network, tmp_path):
     loaded = load_checkpoint(path)
     assert_same(loaded, current)
     assert "score_max" not in dataclasses.asdict(loaded.calibration)
+
+
+def test_a_version_2_checkpoint_loads_with_every_part_fused(network, tmp_path):
+    current = make_checkpoint(network)
+    stored = as_version_2(current.to_payload())
+    assert "fusion" not in stored and "fuse_slsg_map" not in stored["model_config"]
+    torch.save(stored, tmp_path / "checkpoint.pt")
+    loaded = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert_same(loaded, current)
+    assert loaded.fusion == {} and loaded.model_config.fuse_slsg_map is True
 
 
 def test_the_oldest_version_1_checkpoint_gets_what_its_missing_fields_meant(network, tmp_path):

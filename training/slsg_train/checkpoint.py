@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from slsg_train.models import SLSGConfig
     from slsg_train.training.config import TrainConfig
 
-FORMAT_V1 = "slsg-checkpoint/1"
-CHECKPOINT_FORMAT = "slsg-checkpoint/2"
+FORMAT_V1, FORMAT_V2 = "slsg-checkpoint/1", "slsg-checkpoint/2"
+CHECKPOINT_FORMAT = "slsg-checkpoint/3"
 # pretrain / train: an unfinished run (resumable); done: trained and calibrated; imported: the authors' weights
 STAGES = ("pretrain", "train", "done", "imported")
 
@@ -63,6 +63,9 @@ class RunCheckpoint:
     calibration: Calibration | None = None
     calibration_stats: dict[str, Any] = field(default_factory=dict)
     checks_left_out: dict[str, str] = field(default_factory=dict)  # check name -> why fitting left it out
+    # which parts the fused score listens to (training/fusion.py select_fusion's report): "separation" part -> kind -> image
+    # AUROC, "chance_cutoff", "left_out" part -> why ("slsg_map": SLSG's own map), "normal_images", "anomalies"
+    fusion: dict[str, Any] = field(default_factory=dict)
     decoder_state: dict[str, Any] | None = None
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
@@ -172,7 +175,7 @@ _V1_DEFAULTS: dict[str, Any] = {
 def _v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
     """Version 1 wrote optional state only where set, kept a copy of the backbone name and the
     calibration's ``score_max``, and its early releases lacked the fields in ``_V1_DEFAULTS``."""
-    data = {**_V1_DEFAULTS, **payload, "format": CHECKPOINT_FORMAT}
+    data = {**_V1_DEFAULTS, **payload, "format": FORMAT_V2}
     data.pop("backbone", None)  # the model config's
     if isinstance(data.get("model_config"), dict):
         data["model_config"] = {**_V1_NETWORK, **data["model_config"]}
@@ -185,7 +188,13 @@ def _v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-_MIGRATIONS = {FORMAT_V1: _v1_to_v2}
+def _v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 had no fusion record: every part fused (its configuration has no ``fuse_slsg_map``,
+    which means True)."""
+    return {**payload, "fusion": {}, "format": CHECKPOINT_FORMAT}
+
+
+_MIGRATIONS = {FORMAT_V1: _v1_to_v2, FORMAT_V2: _v2_to_v3}
 
 
 def migrate(payload: dict[str, Any]) -> dict[str, Any]:

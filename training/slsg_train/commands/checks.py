@@ -77,6 +77,7 @@ def refit_checks(loaded, switches: dict[str, object], train_paths, scale_images,
     from slsg_train.data.images import load_resized
     from slsg_train.training.calibration import fit_checks, left_out_messages
     from slsg_train.training.config import TrainConfig
+    from slsg_train.training.fusion import fusion_messages
     from slsg_train.training.precision import channels_last, resolve_precision
 
     config = dataclasses.replace(loaded.checkpoint.model_config, **switches)
@@ -100,10 +101,11 @@ def refit_checks(loaded, switches: dict[str, object], train_paths, scale_images,
     # a new autoencoder trains in the run's precision on this device
     precision = resolve_precision(train_config.precision, torch.device(device))
     report = fit_checks(model, load_resized(train_paths, loaded.image_size, loaded.resize), scale_images, loaded.top_k,
-                        device, seed=seed, keep_trained=keep, precision=precision,
+                        device, seed=seed, keep_trained=keep, precision=precision, select=True,
                         simulation=SimulationConfig.from_dict(simulation) if simulation else None)
-    for message in left_out_messages(report):
+    for message in left_out_messages(report) + fusion_messages(report.get("fusion", {})):
         print(message)
     loaded.checkpoint.model_config = model.config  # a check left out is recorded off
     loaded.checkpoint.checks_left_out = report.get("left_out", {})
+    loaded.checkpoint.fusion = report.get("fusion", {})
     return model.eval()

@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
         "top_k": loaded.top_k, **{name: getattr(loaded.model, name) is not None for name in CHECKS},
         "parameters": count_parameters(loaded.model),
         "gflop_per_image": round(count_flops(loaded.model, h, w), 3),
+        "fused_parts": fused_parts(loaded.model),
+        "fusion_left_out": ckpt.fusion.get("left_out", {}),
         "calibration": dataclasses.asdict(ckpt.calibration) if ckpt.calibration else None, "data_hash": ckpt.data_hash,
     }
     if args.json:
@@ -35,3 +37,10 @@ def run(args: argparse.Namespace) -> int:
         for key, value in info.items():
             print(f"{key:>17}: {value}")
     return 0
+
+
+def fused_parts(model) -> list[str]:
+    """The parts whose scores the fused score takes the maximum of ("slsg_map": SLSG's own map)."""
+    from slsg_train.training.fusion import SLSG_MAP
+
+    return [SLSG_MAP] * bool(model.config.fuse_slsg_map) + [c.name for c in model.checks if bool(c.fitted)]

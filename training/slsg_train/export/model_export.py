@@ -103,7 +103,7 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         extra={"checkpoint_step": ckpt.step, "calibration_stats": ckpt.calibration_stats,
                **({"checks_left_out": ckpt.checks_left_out} if ckpt.checks_left_out else {})},
-        resize=loaded.resize,
+        resize=loaded.resize, fusion_left_out=dict(ckpt.fusion.get("left_out", {})),
     )
     card = with_part_kinds(card, loaded.model)  # the config declares part_counts when the graph has it
     created_dir = not target.parent.exists()

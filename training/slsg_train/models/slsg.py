@@ -106,6 +106,9 @@ class SLSGConfig:
     component_check: bool = False
     component_clusters: int = 10
     component_weight: float = 1.0
+    # whether SLSG's own map joins the fused map's maximum; fitting the checks turns it off where it does not
+    # separate simulated anomalies it was not trained on and a map check does (training/fusion.py)
+    fuse_slsg_map: bool = True
 
     def __post_init__(self) -> None:
         if self.aux_upsampling not in ("doubling", "direct"):
@@ -331,11 +334,16 @@ class SLSG(nn.Module):
 
     def anomaly_log_odds(self, output: SLSGOutput) -> Tensor:
         """[B, 1, H, W]: the log-odds of the anomalous class, or with fitted map checks the pixelwise
-        largest of that and their maps on the same scale."""
-        fused = anomaly_log_odds(output.logits)
-        size = tuple(fused.shape[-2:])
-        for check, raw in self._active(output, MAP):
-            fused = torch.maximum(fused, check.log_odds(raw, size))
+        largest of that and their maps on the same scale. Where the fusion leaves SLSG's map out
+        (``fuse_slsg_map`` False), the largest of the map checks' alone; SLSG's without any."""
+        local = anomaly_log_odds(output.logits)
+        size = tuple(local.shape[-2:])
+        maps = [check.log_odds(raw, size) for check, raw in self._active(output, MAP)]
+        if self.config.fuse_slsg_map or not maps:
+            maps.insert(0, local)
+        fused = maps[0]
+        for other in maps[1:]:
+            fused = torch.maximum(fused, other)
         return fused
 
     def anomaly_map(self, output: SLSGOutput) -> Tensor:

@@ -14,6 +14,7 @@ exactly as new ones are. Two things broke that, and the split below keeps them a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,8 +144,6 @@ def calibrate_threshold(model, images: list[np.ndarray], top_k: int, target_fpr:
 def leave_out_checks(model, names) -> list:
     """Remove the checks ``names`` from the model and its configuration (the checkpoint then records
     them off); returns the checks that remain. Without any, the reference encoder goes too."""
-    import dataclasses
-
     remaining = {check.name: check for check in model.checks if check.name not in names}
     model.set_checks(model.reference_encoder if remaining else None, remaining)
     model.config = dataclasses.replace(model.config, **{name: False for name in names})
@@ -159,7 +158,7 @@ def left_out_messages(report: dict) -> list[str]:
 @torch.no_grad()
 def fit_checks(model, train_images: list[np.ndarray], scale_images: list[np.ndarray], top_k: int,
                device: torch.device | str = "cpu", batch_size: int = 16, seed: int = 0, progress: bool = True,
-               keep_trained: bool = False, simulation=None, precision: str = "fp32") -> dict:
+               keep_trained: bool = False, simulation=None, precision: str = "fp32", select: bool = False) -> dict:
     """Fit the model's reference checks (``model.checks``); call before calibrating.
 
     One reference-encoder pass over the training images collects what every check needs, and each
@@ -173,7 +172,9 @@ def fit_checks(model, train_images: list[np.ndarray], scale_images: list[np.ndar
     keeps a trained check's learnt weights (the composition check's autoencoder) and refits the rest.
     ``simulation`` (the run's ``SimulationConfig``; default settings when None) makes the logical
     anomalies the composition check learns to undo; ``precision`` (a resolved one) is what its training
-    forward passes run in; every fit and score is float32.
+    forward passes run in; every fit and score is float32. ``select``: then leave the parts that do not
+    separate anomalies simulated from the scale images out of the fusion (training/fusion.py; the
+    report's ``fusion``).
     """
     from slsg_train.data.images import to_tensor
     from slsg_train.models.reference import IMAGE, MAP, CheckNotApplicable, FitContext
@@ -183,6 +184,8 @@ def fit_checks(model, train_images: list[np.ndarray], scale_images: list[np.ndar
         return {}
     for check in checks:
         check.fitted.fill_(False)
+    if select:  # every part fused while the scales are fitted; the selection below decides again
+        model.config = dataclasses.replace(model.config, fuse_slsg_map=True)
     was_training = model.training
     model.eval()
 
@@ -222,5 +225,9 @@ def fit_checks(model, train_images: list[np.ndarray], scale_images: list[np.ndar
         for check in of_kind:
             check.fit_scale(torch.cat(raw[check.name]).numpy(), local)
             report[check.name].update(check.scale_report())
+    if select:
+        from slsg_train.training.fusion import select_fusion
+
+        report["fusion"] = select_fusion(model, scale_images, top_k, simulation, seed, device)
     model.train(was_training)
     return report

@@ -32,6 +32,7 @@ from slsg_train.data.loco import LocoCategory
 from slsg_train.training.calibration import (CalibrationSplit, calibrate_threshold, fit_checks, left_out_messages,
                                              small_calibration_warning, split_for_calibration)
 from slsg_train.training.config import TrainConfig
+from slsg_train.training.fusion import fusion_messages
 from slsg_train.training.dataset import (
     NormalImageDataset, SimulatedAnomalyDataset, StepBatchSampler, collate_pairs, load_resized,
 )
@@ -148,6 +149,7 @@ class TrainingRun:
         self.category = LocoCategory(data_root, cfg.category)
         self.input_size_choice = self._resolve_input_size()
         self.checks_left_out: dict[str, str] = {}  # check name -> why fit_checks left it out
+        self.fusion: dict[str, Any] = {}  # which parts the fused score listens to (fit_checks' report)
         self.data_root = Path(data_root)
         self.log_path = self.run_dir / "train_log.jsonl"
         torch.manual_seed(cfg.seed)
@@ -187,7 +189,7 @@ class TrainingRun:
             data_hash=self.data_hash, image_colour=self.image_colour, calibration_split=self.split.summary(),
             data_root=str(self.data_root.resolve()), model_state=model.state_dict(), project_version=__version__,
             input_size_choice=self.input_size_choice, checks_left_out=self.checks_left_out,
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            fusion=self.fusion, created=datetime.now(UTC).isoformat(timespec="seconds"),
             **extra,
         )
 
@@ -287,11 +289,13 @@ class TrainingRun:
         cfg = self.cfg
         if model.reference_encoder is not None:
             fit = fit_checks(model, train_images, load_resized(self.split.scale, cfg.image_size), self.top_k,
-                             self.device, seed=cfg.seed, simulation=sim_cfg, precision=self.precision)
+                             self.device, seed=cfg.seed, simulation=sim_cfg, precision=self.precision,
+                             select=True)
             self.log("checks", **fit)
             self.model_config = model.config  # a check left out is off in the checkpoint
             self.checks_left_out = fit.get("left_out", {})
-            for message in left_out_messages(fit):
+            self.fusion = fit.get("fusion", {})
+            for message in left_out_messages(fit) + fusion_messages(self.fusion):
                 tqdm.write(message)
         threshold_images = load_resized(self.split.threshold, cfg.image_size)
         scale_images = len(self.split.scale) if model.reference_encoder is not None else 0
