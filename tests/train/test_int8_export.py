@@ -13,10 +13,11 @@ from skimage import data
 from skimage.transform import resize
 
 from onnx_fixtures import slsg_alone_with_varied_head
+from slsg import cli
 from slsg.contract import INPUT_IMAGE, MODEL_CARD_KEY, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, ModelCard
-from slsg_train.export import ExportError
+from slsg_train.export import ExportError, export_onnx
 from slsg_train.export import int8
-from slsg_train.export.int8 import Int8Images, Int8Options, export_int8
+from slsg_train.export.int8 import Int8Images, Int8Options, export_int8, quantize_graph
 from slsg_train.inference import predict
 from slsg_train.models import SLSG, top_k_for_size
 from slsg_train.onnx_inference import OnnxModel, calibration_inputs
@@ -121,6 +122,41 @@ def test_card_and_threshold_are_the_int8_graphs(exported, card, images):
     assert json.loads(json.dumps(stored.extra["int8_check"]))["decisions_changed"] == check.decisions_changed
 
 
+def _quantized_convs(path) -> set[str]:
+    """Names of the Conv nodes whose weights come through a DequantizeLinear (QDQ: quantized)."""
+    graph = onnx.load(str(path)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    return {n.name for n in graph.node if n.op_type == "Conv" and producers.get(n.input[1]) == "DequantizeLinear"}
+
+
+def test_pointwise_blocks_quantize_only_the_encoders_1x1_convolutions(model, card, images, tmp_path):
+    fp32 = export_onnx(model, card, tmp_path / "fp32.onnx").path
+    options = Int8Options(pointwise_blocks=("encoder",))
+    quantize_graph(fp32, tmp_path / "pw.onnx", images.train, options)
+    encoder = {n.name for n in onnx.load(str(fp32)).graph.node
+               if n.op_type == "Conv" and n.name.startswith("/model/encoder/")}
+    # EfficientNet-Lite: the expand and project convolutions are the 1x1 ones; the stem, the depth-wise
+    # convolutions and all of the first block stay float32
+    pointwise = {n for n in encoder if ("_expand_conv" in n or "_project_conv" in n) and "/_blocks.0/" not in n}
+    quantized = _quantized_convs(tmp_path / "pw.onnx")
+    assert pointwise and quantized & encoder == pointwise
+    assert any("_depthwise_conv" in n for n in encoder - quantized)
+    # by default the encoder stays float32 throughout
+    quantize_graph(fp32, tmp_path / "default.onnx", images.train, Int8Options())
+    assert not _quantized_convs(tmp_path / "default.onnx") & encoder
+    scores = OnnxModel(tmp_path / "pw.onnx").predict(images.threshold).scores
+    assert np.isfinite(scores).all() and scores.shape == (len(images.threshold),)
+
+
+def test_tensorrt_with_int8_is_refused_before_anything_is_loaded(tmp_path, capsys):
+    repository = tmp_path / "repo"
+    code = cli.main(["export", "--checkpoint", str(tmp_path / "absent.pt"), "--repository", str(repository),
+                     "--name", "tray", "--precision", "int8", "--tensorrt"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--tensorrt cannot be combined with --precision int8" in err and "absent.pt" not in err
+    assert not repository.exists()
+
+
 def _reversing(real):
     """A broken quantization: the real one, then the image score's log-odds negated before the calibration
     tail (a scale gone negative), so the images the float32 graph ranks highest score lowest."""
@@ -150,5 +186,9 @@ def test_bad_options_are_refused(model, card, images, tmp_path):
         export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(float_blocks=("encodr",)))
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(max_decision_change=2.0))
+    with pytest.raises(ValueError, match="unknown block.*'encoders'"):
+        export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(pointwise_blocks=("encoders",)))
+    with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
+        export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(calibration="kl"))
     with pytest.raises(ExportError, match="needs normal training images"):
         export_int8(model, card, tmp_path / "m.onnx", Int8Images(train=[], threshold=images.threshold, anomalous=[]))

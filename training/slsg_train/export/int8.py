@@ -56,6 +56,14 @@ QUANTIZED_OPS = ("Conv", "MatMul", "Relu")
 # check's autoencoder are quantized.
 FLOAT_BLOCKS = ("encoder", "skip_attention", "graph", "reference_encoder", "patch_memory", "component_check",
                 SCORE_TAIL)
+# Blocks of FLOAT_BLOCKS whose point-wise (1x1, group 1) convolutions are quantized all the same (none by
+# default; docs/int8.md has the measurements). Their stem and first block stay float32 in any case.
+POINTWISE_BLOCKS: tuple[str, ...] = ()
+# Node-name parts of the encoders' stem and first block: they see the image's own statistics and feed the
+# skip attention at full resolution, and they are little of the arithmetic.
+POINTWISE_FLOAT = ("/_conv_stem/", "/_blocks.0/")
+CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                       "percentile": CalibrationMethod.Percentile}
 MAX_DECISION_CHANGE = 0.01  # share of the verification images whose decision INT8 may change
 CALIBRATION_IMAGES = 32  # normal training images the activation ranges are measured on (at most)
 
@@ -66,6 +74,8 @@ class Int8Options:
     op_types: tuple[str, ...] | None = QUANTIZED_OPS  # None: every operator ONNX Runtime can quantize
     max_decision_change: float = MAX_DECISION_CHANGE
     per_channel: bool = True
+    pointwise_blocks: tuple[str, ...] = POINTWISE_BLOCKS  # of float_blocks: their 1x1 convolutions quantized
+    calibration: str = "minmax"  # CALIBRATION_METHODS: how activation ranges are set from the images
 
 
 @dataclass
@@ -111,14 +121,44 @@ def unknown_blocks(names: tuple[str, ...]) -> list[str]:
     return [b for b in names if b not in BLOCKS and b != SCORE_TAIL]
 
 
+def pointwise_convs(model: Any) -> set[str]:
+    """Names of the point-wise convolutions (1x1 kernel over all input channels, ``group`` 1) of an
+    ``onnx.ModelProto``, outside the encoders' stem and first block (:data:`POINTWISE_FLOAT`)."""
+    kernels = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    names = set()
+    for node in model.graph.node:
+        if node.op_type != "Conv" or any(part in node.name for part in POINTWISE_FLOAT):
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        kernel = kernels.get(node.input[1], ())
+        if group == 1 and len(kernel) == 4 and kernel[2:] == (1, 1):
+            names.add(node.name)
+    return names
+
+
 def float_nodes(model: Any, options: Int8Options) -> dict[str, list[str]]:
     """{block: names of its quantizable nodes kept in float32} of an ``onnx.ModelProto``."""
+    pointwise = pointwise_convs(model) if options.pointwise_blocks else set()
     kept: dict[str, list[str]] = {}
     for node in model.graph.node:
         block = block_of(node.name)
-        if block in options.float_blocks and (options.op_types is None or node.op_type in options.op_types):
-            kept.setdefault(block, []).append(node.name)
+        if block not in options.float_blocks or (options.op_types is not None and node.op_type not in options.op_types):
+            continue
+        if block in options.pointwise_blocks and node.name in pointwise:
+            continue
+        kept.setdefault(block, []).append(node.name)
     return kept
+
+
+def check_options(options: Int8Options) -> None:
+    """ValueError naming what is wrong with ``options``."""
+    if not 0.0 <= options.max_decision_change <= 1.0:
+        raise ValueError(f"the share of decisions INT8 may change must be in [0, 1], got {options.max_decision_change}")
+    bad = unknown_blocks(options.float_blocks) + unknown_blocks(options.pointwise_blocks)
+    if bad:
+        raise ValueError(f"unknown block(s) {bad}: the blocks are {', '.join([*BLOCKS, SCORE_TAIL])}")
+    if options.calibration not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {options.calibration!r}: one of {', '.join(CALIBRATION_METHODS)}")
 
 
 class _FrameReader(CalibrationDataReader):
@@ -145,7 +185,7 @@ def quantize_graph(src: Path, dst: Path, frames: list[np.ndarray], options: Int8
             str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(options.op_types) if options.op_types is not None else None,
             per_channel=options.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=excluded, calibrate_method=CALIBRATION_METHODS[options.calibration],
             calibration_cache_path=str(ranges_cache) if ranges_cache is not None else None,
             # uint8 x int8 is the fast pair on x86 (VNNI's vpdpbusd); symmetric weights keep the zero point 0
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
@@ -205,11 +245,7 @@ def export_int8(model: Any, card: ModelCard, path: str | Path, images: Int8Image
     or INT8 changes the decision on more than ``options.max_decision_change`` of the images.
     """
     options = options or Int8Options()
-    if not 0.0 <= options.max_decision_change <= 1.0:
-        raise ValueError(f"the share of decisions INT8 may change must be in [0, 1], got {options.max_decision_change}")
-    bad = unknown_blocks(options.float_blocks)
-    if bad:
-        raise ValueError(f"unknown block(s) {bad}: the blocks are {', '.join([*BLOCKS, SCORE_TAIL])}")
+    check_options(options)
     if not images.train or not images.threshold:
         raise ExportError("INT8 export needs normal training images (activation ranges) and the held-out "
                           "threshold images (the INT8 graph's own threshold); none were found")

@@ -16,6 +16,14 @@ from slsg.contract import PRECISION_INT8, PRECISIONS, ModelCard, model_path, nex
 from slsg_train.checkpoint import CheckpointError, RunCheckpoint
 
 
+# Why --tensorrt and --precision int8 do not go together (checked before anything is loaded).
+TENSORRT_INT8_REFUSED = (
+    "--tensorrt cannot be combined with --precision int8: the INT8 graph quantizes activations to asymmetric "
+    "uint8 (the fast pair on x86 CPUs), which TensorRT does not take (its INT8 needs symmetric int8, zero point "
+    "0), and Triton's TensorRT accelerator is configured for FP16. Serve the INT8 version on the CPU "
+    "(--cpu-config), and export a float32 version with --tensorrt for the GPU (docs/int8.md)")
+
+
 @dataclass
 class ExportRequest:
     checkpoint: str | Path
@@ -83,6 +91,8 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
     validate_model_name(req.name)
     if req.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {req.precision!r}")
+    if req.precision == PRECISION_INT8 and req.tensorrt:
+        raise ValueError(TENSORRT_INT8_REFUSED)
     loaded = load_model(req.checkpoint)
     ckpt = loaded.checkpoint
     if loaded.calibration is None:

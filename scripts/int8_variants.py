@@ -1,0 +1,141 @@
+"""Compare INT8 quantization variants of an exported SLSG graph with its float32 graph: score changes on
+normal images, test-set AUROC and decisions, and throughput, side by side.
+
+    python scripts/int8_variants.py MODEL.onnx DATA_ROOT CATEGORY [--variants int8,pw-both] [--threads 1]
+
+Each variant is the export's INT8 settings (:class:`Int8Options`) with one thing changed (see VARIANTS).
+Activation ranges come from the first 16 training images; the yardstick is the last 20 training images
+(mean and largest |log-odds change|, rank correlation with float32, against the float32 spread) and the
+test set (image AUROC, and decisions changed when each graph's threshold is set at the same quantile of
+the 20 normal images' scores). Throughput: the float32 graph and every variant, interleaved rounds of one
+batch, median images/s and the ratio to float32. Variant graphs are left in --keep when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from slsg_train.data.images import load_resized
+from slsg_train.data.loco import LocoCategory
+from slsg_train.export.int8 import FLOAT_BLOCKS, Int8Options, quantize_graph
+from slsg_train.onnx_inference import OnnxModel
+
+ENCODERS = ("encoder", "reference_encoder")
+_DEFAULT = Int8Options()
+_NO_MEMORY = tuple(b for b in _DEFAULT.float_blocks if b != "patch_memory")
+# name -> the Int8Options of that variant (all start from the export's defaults)
+VARIANTS: dict[str, Int8Options] = {
+    "int8": _DEFAULT,
+    "pw-encoder": dataclasses.replace(_DEFAULT, pointwise_blocks=("encoder",)),
+    "pw-reference": dataclasses.replace(_DEFAULT, pointwise_blocks=("reference_encoder",)),
+    "pw-both": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS),
+    "memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY),
+    "pw-both+memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY, pointwise_blocks=ENCODERS),
+    "pw-reference+memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY,
+                                               pointwise_blocks=("reference_encoder",)),
+    "pw-both-tensor": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS, per_channel=False),
+    "pw-both-entropy": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS, calibration="entropy"),
+    "pw-both-percentile": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS, calibration="percentile"),
+    "encoders": dataclasses.replace(_DEFAULT, float_blocks=tuple(b for b in FLOAT_BLOCKS if b not in ENCODERS)),
+}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x)).astype(np.float64)
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Image AUROC (ties count half)."""
+    pos, neg = scores[labels], scores[~labels]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def quality(log_odds: np.ndarray, reference: np.ndarray, test: np.ndarray, test_ref: np.ndarray,
+            labels: np.ndarray, quantile: float) -> str:
+    """One line: normal-image score changes and rank correlation; test AUROC and decisions changed."""
+    diff = np.abs(log_odds - reference)
+    rank = np.corrcoef(_ranks(reference), _ranks(log_odds))[0, 1]
+    changed = ((test >= np.quantile(log_odds, quantile)) != (test_ref >= np.quantile(reference, quantile))).sum()
+    return (f"|d log-odds| mean {diff.mean():.3f} max {diff.max():.3f}  rank corr {rank:.3f}  "
+            f"test AUROC {auroc(test, labels):.4f}  decisions changed {changed}/{len(test)}")
+
+
+def throughput(paths: dict[str, Path], size: tuple[int, int], threads: int, batch: int, rounds: int
+               ) -> dict[str, float]:
+    """Median images/s of each graph over interleaved rounds of one batch (random frames)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = {name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                for name, p in paths.items()}
+    frames = np.random.default_rng(0).integers(0, 256, (batch, *size, 3), dtype=np.uint8)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():
+        session.run(None, {"image": frames})
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, {"image": frames})
+            times[name].append(time.perf_counter() - start)
+    return {name: batch / float(np.median(t)) for name, t in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("data")
+    p.add_argument("category")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (0: no timing)")
+    p.add_argument("--quantile", type=float, default=0.9, help="where on the normal scores each threshold is set")
+    p.add_argument("--keep", default=None, help="folder to keep the variant graphs in")
+    args = p.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}: {', '.join(VARIANTS)}")
+    fp32 = OnnxModel(args.model)
+    category = LocoCategory(args.data, args.category)
+    size, resize = fp32.image_size, fp32.card.resize
+    train = load_resized(category.train_paths[:16], size, resize)
+    normal = load_resized(category.train_paths[-20:], size, resize)
+    samples = category.test_samples()
+    labels = np.array([s.is_anomalous for s in samples])
+    test_frames = load_resized([s.path for s in samples], size, resize)
+    reference, test_ref = fp32.predict(normal).log_odds, fp32.predict(test_frames).log_odds
+    print(f"float32: normal spread (std of log-odds) {reference.std():.3f}, test AUROC {auroc(test_ref, labels):.4f}",
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(args.keep) if args.keep else Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"fp32": Path(args.model)}
+        for name in names:
+            options = VARIANTS[name]
+            out = out_dir / f"{name}.onnx"
+            ranges = Path(tmp) / f"ranges-{options.calibration}"  # the same ranges for every variant of a method
+            count = quantize_graph(Path(args.model), out, train, options, ranges)
+            model = OnnxModel(out)
+            line = quality(model.predict(normal).log_odds, reference, model.predict(test_frames).log_odds, test_ref,
+                           labels, args.quantile)
+            print(f"{name:20s} nodes {count:3d}  {line}", flush=True)
+            paths[name] = out
+        if args.rounds:
+            speed = throughput(paths, size, args.threads, args.batch, args.rounds)
+            for name, rate in speed.items():
+                print(f"{name:20s} {rate:6.2f} images/s  x{rate / speed['fp32']:.2f} float32 "
+                      f"({args.threads} thread(s), batch {args.batch})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
