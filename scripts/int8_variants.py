@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 from slsg_train.data.images import load_resized
 from slsg_train.data.loco import LocoCategory
-from slsg_train.export.int8 import FLOAT_BLOCKS, Int8Options, quantize_graph
+from slsg_train.export.int8 import FLOAT_BLOCKS, POINTWISE_FLOAT, Int8Options, quantize_graph
 from slsg_train.onnx_inference import OnnxModel
 
 ENCODERS = ("encoder", "reference_encoder")
@@ -37,12 +37,32 @@ VARIANTS: dict[str, Int8Options] = {
     "pw-reference": dataclasses.replace(_DEFAULT, pointwise_blocks=("reference_encoder",)),
     "pw-both": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS),
     "memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY),
+    "memory-float-out": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY, float_output_ops=("MatMul",)),
     "pw-both+memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY, pointwise_blocks=ENCODERS),
     "pw-reference+memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY,
                                                pointwise_blocks=("reference_encoder",)),
     "pw-both-tensor": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS, per_channel=False),
     "pw-both-entropy": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS, calibration="entropy"),
     "pw-both-percentile": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS, calibration="percentile"),
+    "expand-both": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS,
+                                       pointwise_float=(*POINTWISE_FLOAT, "_project_conv")),
+    "project-both": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS,
+                                        pointwise_float=(*POINTWISE_FLOAT, "_expand_conv")),
+    "expand-reference": dataclasses.replace(_DEFAULT, pointwise_blocks=("reference_encoder",),
+                                            pointwise_float=(*POINTWISE_FLOAT, "_project_conv")),
+    "expand-encoder": dataclasses.replace(_DEFAULT, pointwise_blocks=("encoder",),
+                                          pointwise_float=(*POINTWISE_FLOAT, "_project_conv")),
+    "blocks-both": dataclasses.replace(_DEFAULT, pointwise_blocks=ENCODERS, with_depthwise=True),
+    "blocks-reference": dataclasses.replace(_DEFAULT, pointwise_blocks=("reference_encoder",), with_depthwise=True),
+    "blocks-encoder": dataclasses.replace(_DEFAULT, pointwise_blocks=("encoder",), with_depthwise=True),
+    "blocks-both+memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY, pointwise_blocks=ENCODERS,
+                                              with_depthwise=True),
+    "blocks-reference+memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY, float_output_ops=("MatMul",),
+                                                   pointwise_blocks=("reference_encoder",), with_depthwise=True),
+    "blocks-reference-tensor": dataclasses.replace(_DEFAULT, pointwise_blocks=("reference_encoder",),
+                                                   with_depthwise=True, per_channel=False),
+    "blocks-encoder-percentile": dataclasses.replace(_DEFAULT, pointwise_blocks=("encoder",), with_depthwise=True,
+                                                     calibration="percentile"),
     "encoders": dataclasses.replace(_DEFAULT, float_blocks=tuple(b for b in FLOAT_BLOCKS if b not in ENCODERS)),
 }
 
@@ -75,6 +95,7 @@ def throughput(paths: dict[str, Path], size: tuple[int, int], threads: int, batc
     """Median images/s of each graph over interleaved rounds of one batch (random frames)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # the optimiser's notes on initializers the folded activations left unused
     sessions = {name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                 for name, p in paths.items()}
     frames = np.random.default_rng(0).integers(0, 256, (batch, *size, 3), dtype=np.uint8)
@@ -123,7 +144,8 @@ def main() -> None:
         for name in names:
             options = VARIANTS[name]
             out = out_dir / f"{name}.onnx"
-            ranges = Path(tmp) / f"ranges-{options.calibration}"  # the same ranges for every variant of a method
+            # the same ranges for every variant of a method and operator set
+            ranges = Path(tmp) / f"ranges-{options.calibration}-{'+'.join(options.op_types or ('all',))}"
             count = quantize_graph(Path(args.model), out, train, options, ranges)
             model = OnnxModel(out)
             line = quality(model.predict(normal).log_odds, reference, model.predict(test_frames).log_odds, test_ref,

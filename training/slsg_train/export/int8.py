@@ -45,9 +45,11 @@ BLOCKS: dict[str, tuple[str, ...]] = {
     "component_check": ("/model/component_check/",),
 }
 SCORE_TAIL = "score_tail"
-# The heavy operators, and Relu so that a convolution's output is quantized over its activation's range;
+# The heavy operators, and Relu/Clip (ReLU6) so that a convolution's output is quantized over its
+# activation's range (the quantizer then folds the activation into the convolution's output range);
 # quantizing the element-wise rest (Resize, Concat, Add) only adds error and quantize/dequantize pairs.
-QUANTIZED_OPS = ("Conv", "MatMul", "Relu")
+QUANTIZED_OPS = ("Conv", "MatMul", "Relu", "Clip")
+ACTIVATIONS = ("Relu", "Clip")
 # Blocks kept in float32 (measured per block, docs/int8.md): both frozen encoders (quantized, the
 # image score moves by several times the spread of normal scores), the skip attention (multiplies
 # features by their own attention), the graph block (ranks neighbours by similarity and softmaxes over
@@ -75,6 +77,9 @@ class Int8Options:
     max_decision_change: float = MAX_DECISION_CHANGE
     per_channel: bool = True
     pointwise_blocks: tuple[str, ...] = POINTWISE_BLOCKS  # of float_blocks: their 1x1 convolutions quantized
+    pointwise_float: tuple[str, ...] = POINTWISE_FLOAT  # node-name parts of 1x1 convolutions kept float32 anyway
+    with_depthwise: bool = False  # quantize the depth-wise convolutions of pointwise_blocks too
+    float_output_ops: tuple[str, ...] = ()  # operator types whose outputs are not quantized (integer in, float out)
     calibration: str = "minmax"  # CALIBRATION_METHODS: how activation ranges are set from the images
 
 
@@ -121,24 +126,33 @@ def unknown_blocks(names: tuple[str, ...]) -> list[str]:
     return [b for b in names if b not in BLOCKS and b != SCORE_TAIL]
 
 
-def pointwise_convs(model: Any) -> set[str]:
+def pointwise_convs(model: Any, left_out: tuple[str, ...] = POINTWISE_FLOAT, depthwise: bool = False) -> set[str]:
     """Names of the point-wise convolutions (1x1 kernel over all input channels, ``group`` 1) of an
-    ``onnx.ModelProto``, outside the encoders' stem and first block (:data:`POINTWISE_FLOAT`)."""
+    ``onnx.ModelProto``, and with ``depthwise`` its grouped ones, but for those whose name contains one of
+    ``left_out``."""
     kernels = {init.name: tuple(init.dims) for init in model.graph.initializer}
     names = set()
     for node in model.graph.node:
-        if node.op_type != "Conv" or any(part in node.name for part in POINTWISE_FLOAT):
+        if node.op_type != "Conv" or any(part in node.name for part in left_out):
             continue
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         kernel = kernels.get(node.input[1], ())
-        if group == 1 and len(kernel) == 4 and kernel[2:] == (1, 1):
+        if (group == 1 and len(kernel) == 4 and kernel[2:] == (1, 1)) or (depthwise and group > 1):
             names.add(node.name)
     return names
 
 
+def with_activations(model: Any, convs: set[str]) -> set[str]:
+    """``convs`` and the activations (:data:`ACTIVATIONS`) that read their outputs: quantized together, the
+    activation's range becomes the convolution's output range."""
+    outputs = {out for node in model.graph.node if node.name in convs for out in node.output}
+    return convs | {n.name for n in model.graph.node if n.op_type in ACTIVATIONS and n.input[0] in outputs}
+
+
 def float_nodes(model: Any, options: Int8Options) -> dict[str, list[str]]:
     """{block: names of its quantizable nodes kept in float32} of an ``onnx.ModelProto``."""
-    pointwise = pointwise_convs(model) if options.pointwise_blocks else set()
+    pointwise = (with_activations(model, pointwise_convs(model, options.pointwise_float, options.with_depthwise))
+                 if options.pointwise_blocks else set())
     kept: dict[str, list[str]] = {}
     for node in model.graph.node:
         block = block_of(node.name)
@@ -188,7 +202,8 @@ def quantize_graph(src: Path, dst: Path, frames: list[np.ndarray], options: Int8
             nodes_to_exclude=excluded, calibrate_method=CALIBRATION_METHODS[options.calibration],
             calibration_cache_path=str(ranges_cache) if ranges_cache is not None else None,
             # uint8 x int8 is the fast pair on x86 (VNNI's vpdpbusd); symmetric weights keep the zero point 0
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                           "OpTypesToExcludeOutputQuantization": list(options.float_output_ops)},
         )
     return len(quantizable) - len(excluded)
 
