@@ -129,22 +129,27 @@ def _quantized_convs(path) -> set[str]:
     return {n.name for n in graph.node if n.op_type == "Conv" and producers.get(n.input[1]) == "DequantizeLinear"}
 
 
-def test_pointwise_blocks_quantize_only_the_encoders_1x1_convolutions(model, card, images, tmp_path):
+def test_partial_blocks_keep_their_first_layers_float32(model, card, images, tmp_path):
     fp32 = export_onnx(model, card, tmp_path / "fp32.onnx").path
-    options = Int8Options(pointwise_blocks=("encoder",))
-    quantize_graph(fp32, tmp_path / "pw.onnx", images.train, options)
     encoder = {n.name for n in onnx.load(str(fp32)).graph.node
                if n.op_type == "Conv" and n.name.startswith("/model/encoder/")}
-    # EfficientNet-Lite: the expand and project convolutions are the 1x1 ones; the stem, the depth-wise
-    # convolutions and all of the first block stay float32
-    pointwise = {n for n in encoder if ("_expand_conv" in n or "_project_conv" in n) and "/_blocks.0/" not in n}
-    quantized = _quantized_convs(tmp_path / "pw.onnx")
-    assert pointwise and quantized & encoder == pointwise
-    assert any("_depthwise_conv" in n for n in encoder - quantized)
-    # by default the encoder stays float32 throughout
+    first = {n for n in encoder if "/_conv_stem/" in n or "/_blocks.0/" in n}
+    # EfficientNet-Lite: the expand and project convolutions are the 1x1 ones
+    pointwise = {n for n in encoder - first if "_expand_conv" in n or "_project_conv" in n}
+    depthwise = {n for n in encoder - first if "_depthwise_conv" in n}
+    assert first and pointwise and depthwise and pointwise | depthwise == encoder - first
+    quantize_graph(fp32, tmp_path / "pw.onnx", images.train,
+                   Int8Options(partial_blocks=("encoder",), partial_depthwise=False))
+    assert _quantized_convs(tmp_path / "pw.onnx") & encoder == pointwise
+    quantize_graph(fp32, tmp_path / "all.onnx", images.train, Int8Options(partial_blocks=("encoder",)))
+    assert _quantized_convs(tmp_path / "all.onnx") & encoder == pointwise | depthwise
+    # ReLU6 after a quantized convolution is folded into its output range, so no Clip is left there
+    clips = {n.input[0] for n in onnx.load(str(tmp_path / "all.onnx")).graph.node if n.op_type == "Clip"}
+    assert not any(c.startswith("/model/encoder/_blocks.1/") for c in clips)
+    # by default the SLSG encoder stays float32 throughout
     quantize_graph(fp32, tmp_path / "default.onnx", images.train, Int8Options())
     assert not _quantized_convs(tmp_path / "default.onnx") & encoder
-    scores = OnnxModel(tmp_path / "pw.onnx").predict(images.threshold).scores
+    scores = OnnxModel(tmp_path / "all.onnx").predict(images.threshold).scores
     assert np.isfinite(scores).all() and scores.shape == (len(images.threshold),)
 
 
@@ -187,7 +192,7 @@ def test_bad_options_are_refused(model, card, images, tmp_path):
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(max_decision_change=2.0))
     with pytest.raises(ValueError, match="unknown block.*'encoders'"):
-        export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(pointwise_blocks=("encoders",)))
+        export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(partial_blocks=("encoders",)))
     with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
         export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(calibration="kl"))
     with pytest.raises(ExportError, match="needs normal training images"):

@@ -3,7 +3,8 @@ threshold calibrated on the INT8 graph's own scores, and a guard on the decision
 
 Steps (:func:`export_int8`): the float32 graph is exported and verified against PyTorch as usual; its
 convolutions and matrix products are quantized with activation ranges measured on normal training
-images, except in the blocks listed in :data:`FLOAT_BLOCKS` (docs/int8.md says why each stays float32);
+images, except in the blocks listed in :data:`FLOAT_BLOCKS` (docs/int8.md says why each stays float32;
+of those in :data:`PARTIAL_BLOCKS` only the first layers stay float32);
 the INT8 graph scores the held-out threshold images through ONNX Runtime and its threshold is set on
 those scores (quantization shifts scores); the graph is written again with that calibration and
 quantized with the same ranges. Last, the INT8 graph is compared with the float32 one on the threshold
@@ -50,20 +51,23 @@ SCORE_TAIL = "score_tail"
 # quantizing the element-wise rest (Resize, Concat, Add) only adds error and quantize/dequantize pairs.
 QUANTIZED_OPS = ("Conv", "MatMul", "Relu", "Clip")
 ACTIVATIONS = ("Relu", "Clip")
-# Blocks kept in float32 (measured per block, docs/int8.md): both frozen encoders (quantized, the
-# image score moves by several times the spread of normal scores), the skip attention (multiplies
-# features by their own attention), the graph block (ranks neighbours by similarity and softmaxes over
-# all node pairs), the patch memory's nearest-neighbour distance (a difference of large squared norms)
-# and the score tail (log-odds -> decision). The decoder, 80 % of the arithmetic, and the composition
-# check's autoencoder are quantized.
-FLOAT_BLOCKS = ("encoder", "skip_attention", "graph", "reference_encoder", "patch_memory", "component_check",
-                SCORE_TAIL)
-# Blocks of FLOAT_BLOCKS whose point-wise (1x1, group 1) convolutions are quantized all the same (none by
-# default; docs/int8.md has the measurements). Their stem and first block stay float32 in any case.
-POINTWISE_BLOCKS: tuple[str, ...] = ()
-# Node-name parts of the encoders' stem and first block: they see the image's own statistics and feed the
-# skip attention at full resolution, and they are little of the arithmetic.
-POINTWISE_FLOAT = ("/_conv_stem/", "/_blocks.0/")
+# Blocks kept in float32 (measured per block, docs/int8.md): the SLSG encoder (its features are what the
+# decoder was trained on; quantized, normal images reorder), the skip attention (multiplies features by
+# their own attention), the graph block (ranks neighbours by similarity and softmaxes over all node
+# pairs) and the score tail (log-odds -> decision). The decoder, 80 % of the arithmetic, the composition
+# check's autoencoder and the patch memory's neighbour search are quantized; so is the reference encoder
+# but for its first layers (PARTIAL_BLOCKS).
+FLOAT_BLOCKS = ("encoder", "skip_attention", "graph", "reference_encoder", "component_check", SCORE_TAIL)
+# Blocks of FLOAT_BLOCKS quantized all the same but for their first layers (PARTIAL_FLOAT): the reference
+# encoder, whose stem and first block are what moved scores when the whole encoder was quantized.
+PARTIAL_BLOCKS: tuple[str, ...] = ("reference_encoder",)
+# Node-name parts of the encoders' stem and first block: they see the image's own statistics at full
+# resolution (and the SLSG encoder's feed the skip attention); little of the arithmetic.
+PARTIAL_FLOAT = ("/_conv_stem/", "/_blocks.0/")
+# The patch memory's MatMul only picks each patch's nearest memory vector (its distance is recomputed in
+# float32 from the picked vector): integer inputs, float output (MatMulIntegerToFloat), so that near
+# neighbours are not merged by an 8-bit output.
+FLOAT_OUTPUT_OPS = ("MatMul",)
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
 MAX_DECISION_CHANGE = 0.01  # share of the verification images whose decision INT8 may change
@@ -76,10 +80,10 @@ class Int8Options:
     op_types: tuple[str, ...] | None = QUANTIZED_OPS  # None: every operator ONNX Runtime can quantize
     max_decision_change: float = MAX_DECISION_CHANGE
     per_channel: bool = True
-    pointwise_blocks: tuple[str, ...] = POINTWISE_BLOCKS  # of float_blocks: their 1x1 convolutions quantized
-    pointwise_float: tuple[str, ...] = POINTWISE_FLOAT  # node-name parts of 1x1 convolutions kept float32 anyway
-    with_depthwise: bool = False  # quantize the depth-wise convolutions of pointwise_blocks too
-    float_output_ops: tuple[str, ...] = ()  # operator types whose outputs are not quantized (integer in, float out)
+    partial_blocks: tuple[str, ...] = PARTIAL_BLOCKS  # of float_blocks: quantized but for partial_float
+    partial_float: tuple[str, ...] = PARTIAL_FLOAT  # node-name parts of their convolutions kept float32
+    partial_depthwise: bool = True  # False: only their point-wise (1x1) convolutions are quantized
+    float_output_ops: tuple[str, ...] = FLOAT_OUTPUT_OPS  # operator types with integer inputs and a float output
     calibration: str = "minmax"  # CALIBRATION_METHODS: how activation ranges are set from the images
 
 
@@ -126,10 +130,11 @@ def unknown_blocks(names: tuple[str, ...]) -> list[str]:
     return [b for b in names if b not in BLOCKS and b != SCORE_TAIL]
 
 
-def pointwise_convs(model: Any, left_out: tuple[str, ...] = POINTWISE_FLOAT, depthwise: bool = False) -> set[str]:
+def partial_convs(model: Any, left_out: tuple[str, ...] = PARTIAL_FLOAT, depthwise: bool = True) -> set[str]:
     """Names of the point-wise convolutions (1x1 kernel over all input channels, ``group`` 1) of an
     ``onnx.ModelProto``, and with ``depthwise`` its grouped ones, but for those whose name contains one of
-    ``left_out``."""
+    ``left_out``. (Quantizing the point-wise ones alone leaves a dequantize and a layout change in front
+    of every float32 depth-wise convolution, which costs what the integer kernels save.)"""
     kernels = {init.name: tuple(init.dims) for init in model.graph.initializer}
     names = set()
     for node in model.graph.node:
@@ -151,14 +156,14 @@ def with_activations(model: Any, convs: set[str]) -> set[str]:
 
 def float_nodes(model: Any, options: Int8Options) -> dict[str, list[str]]:
     """{block: names of its quantizable nodes kept in float32} of an ``onnx.ModelProto``."""
-    pointwise = (with_activations(model, pointwise_convs(model, options.pointwise_float, options.with_depthwise))
-                 if options.pointwise_blocks else set())
+    partial = (with_activations(model, partial_convs(model, options.partial_float, options.partial_depthwise))
+               if options.partial_blocks else set())
     kept: dict[str, list[str]] = {}
     for node in model.graph.node:
         block = block_of(node.name)
         if block not in options.float_blocks or (options.op_types is not None and node.op_type not in options.op_types):
             continue
-        if block in options.pointwise_blocks and node.name in pointwise:
+        if block in options.partial_blocks and node.name in partial:
             continue
         kept.setdefault(block, []).append(node.name)
     return kept
@@ -168,7 +173,7 @@ def check_options(options: Int8Options) -> None:
     """ValueError naming what is wrong with ``options``."""
     if not 0.0 <= options.max_decision_change <= 1.0:
         raise ValueError(f"the share of decisions INT8 may change must be in [0, 1], got {options.max_decision_change}")
-    bad = unknown_blocks(options.float_blocks) + unknown_blocks(options.pointwise_blocks)
+    bad = unknown_blocks(options.float_blocks) + unknown_blocks(options.partial_blocks)
     if bad:
         raise ValueError(f"unknown block(s) {bad}: the blocks are {', '.join([*BLOCKS, SCORE_TAIL])}")
     if options.calibration not in CALIBRATION_METHODS:
