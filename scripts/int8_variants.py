@@ -3,12 +3,13 @@ normal images, test-set AUROC and decisions, and throughput, side by side.
 
     python scripts/int8_variants.py MODEL.onnx DATA_ROOT CATEGORY [--variants int8,pw-both] [--threads 1]
 
-Each variant is the export's INT8 settings (:class:`Int8Options`) with one thing changed (see VARIANTS).
+Each variant is the export's INT8 settings (:class:`Int8Options`), now or before the encoders and the patch
+memory were quantized ("v2"), with one thing changed (see VARIANTS).
 Activation ranges come from the first 16 training images; the yardstick is the last 20 training images
 (mean and largest |log-odds change|, rank correlation with float32, against the float32 spread) and the
 test set (image AUROC, and decisions changed when each graph's threshold is set at the same quantile of
 the 20 normal images' scores). Throughput: the float32 graph and every variant, interleaved rounds of one
-batch, median images/s and the ratio to float32. Variant graphs are left in --keep when given.
+batch, median images/s and images per CPU-second, and their ratios to float32. Variant graphs are left in --keep when given.
 """
 
 from __future__ import annotations
@@ -29,41 +30,32 @@ from slsg_train.onnx_inference import OnnxModel
 
 ENCODERS = ("encoder", "reference_encoder")
 _DEFAULT = Int8Options()
-_NO_MEMORY = tuple(b for b in _DEFAULT.float_blocks if b != "patch_memory")
-# name -> the Int8Options of that variant (all start from the export's defaults)
+# the earlier default: both encoders and the patch memory float32
+_V2 = Int8Options(float_blocks=(*FLOAT_BLOCKS, "patch_memory"), partial_blocks=(), float_output_ops=())
+_NO_MEMORY = FLOAT_BLOCKS
+_NO_CLIP = ("Conv", "MatMul", "Relu")  # ReLU6 not quantized: not folded into the convolution before it
+_PW = {"partial_depthwise": False}  # point-wise convolutions alone
+# name -> the Int8Options of that variant
 VARIANTS: dict[str, Int8Options] = {
-    "int8": _DEFAULT,
-    "pw-encoder": dataclasses.replace(_DEFAULT, partial_blocks=("encoder",)),
-    "pw-reference": dataclasses.replace(_DEFAULT, partial_blocks=("reference_encoder",)),
-    "pw-both": dataclasses.replace(_DEFAULT, partial_blocks=ENCODERS),
-    "memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY),
-    "memory-float-out": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY, float_output_ops=("MatMul",)),
-    "pw-both+memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY, partial_blocks=ENCODERS),
-    "pw-reference+memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY,
-                                               partial_blocks=("reference_encoder",)),
-    "pw-both-tensor": dataclasses.replace(_DEFAULT, partial_blocks=ENCODERS, per_channel=False),
-    "pw-both-entropy": dataclasses.replace(_DEFAULT, partial_blocks=ENCODERS, calibration="entropy"),
-    "pw-both-percentile": dataclasses.replace(_DEFAULT, partial_blocks=ENCODERS, calibration="percentile"),
-    "expand-both": dataclasses.replace(_DEFAULT, partial_blocks=ENCODERS,
-                                       partial_float=(*PARTIAL_FLOAT, "_project_conv")),
-    "project-both": dataclasses.replace(_DEFAULT, partial_blocks=ENCODERS,
-                                        partial_float=(*PARTIAL_FLOAT, "_expand_conv")),
-    "expand-reference": dataclasses.replace(_DEFAULT, partial_blocks=("reference_encoder",),
-                                            partial_float=(*PARTIAL_FLOAT, "_project_conv")),
-    "expand-encoder": dataclasses.replace(_DEFAULT, partial_blocks=("encoder",),
-                                          partial_float=(*PARTIAL_FLOAT, "_project_conv")),
-    "blocks-both": dataclasses.replace(_DEFAULT, partial_blocks=ENCODERS, partial_depthwise=True),
-    "blocks-reference": dataclasses.replace(_DEFAULT, partial_blocks=("reference_encoder",), partial_depthwise=True),
-    "blocks-encoder": dataclasses.replace(_DEFAULT, partial_blocks=("encoder",), partial_depthwise=True),
-    "blocks-both+memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY, partial_blocks=ENCODERS,
-                                              partial_depthwise=True),
-    "blocks-reference+memory": dataclasses.replace(_DEFAULT, float_blocks=_NO_MEMORY, float_output_ops=("MatMul",),
-                                                   partial_blocks=("reference_encoder",), partial_depthwise=True),
-    "blocks-reference-tensor": dataclasses.replace(_DEFAULT, partial_blocks=("reference_encoder",),
-                                                   partial_depthwise=True, per_channel=False),
-    "blocks-encoder-percentile": dataclasses.replace(_DEFAULT, partial_blocks=("encoder",), partial_depthwise=True,
-                                                     calibration="percentile"),
-    "encoders": dataclasses.replace(_DEFAULT, float_blocks=tuple(b for b in FLOAT_BLOCKS if b not in ENCODERS)),
+    "default": _DEFAULT,
+    "v2": _V2,
+    "pw-encoder-noclip": dataclasses.replace(_V2, partial_blocks=("encoder",), op_types=_NO_CLIP, **_PW),
+    "pw-reference-noclip": dataclasses.replace(_V2, partial_blocks=("reference_encoder",), op_types=_NO_CLIP, **_PW),
+    "pw-both-noclip": dataclasses.replace(_V2, partial_blocks=ENCODERS, op_types=_NO_CLIP, **_PW),
+    "pw-both": dataclasses.replace(_V2, partial_blocks=ENCODERS, **_PW),
+    "expand-both": dataclasses.replace(_V2, partial_blocks=ENCODERS, partial_float=(*PARTIAL_FLOAT, "_project_conv"),
+                                       **_PW),
+    "blocks-both": dataclasses.replace(_V2, partial_blocks=ENCODERS),
+    "blocks-reference": dataclasses.replace(_V2, partial_blocks=("reference_encoder",)),
+    "blocks-encoder": dataclasses.replace(_V2, partial_blocks=("encoder",)),
+    "blocks-reference-tensor": dataclasses.replace(_V2, partial_blocks=("reference_encoder",), per_channel=False),
+    "blocks-encoder-percentile": dataclasses.replace(_V2, partial_blocks=("encoder",), calibration="percentile"),
+    "memory": dataclasses.replace(_V2, float_blocks=_NO_MEMORY),
+    "memory-float-out": dataclasses.replace(_V2, float_blocks=_NO_MEMORY, float_output_ops=("MatMul",)),
+    "encoders": dataclasses.replace(_V2, float_blocks=tuple(b for b in _V2.float_blocks if b not in ENCODERS)),
+    "default+encoder": dataclasses.replace(_DEFAULT, partial_blocks=ENCODERS),
+    "default-entropy": dataclasses.replace(_DEFAULT, calibration="entropy"),
+    "default-percentile": dataclasses.replace(_DEFAULT, calibration="percentile"),
 }
 
 
@@ -91,23 +83,26 @@ def quality(log_odds: np.ndarray, reference: np.ndarray, test: np.ndarray, test_
 
 
 def throughput(paths: dict[str, Path], size: tuple[int, int], threads: int, batch: int, rounds: int
-               ) -> dict[str, float]:
-    """Median images/s of each graph over interleaved rounds of one batch (random frames)."""
+               ) -> dict[str, tuple[float, float]]:
+    """{graph: (images/s, images per CPU-second)}: medians over interleaved rounds of one batch (random
+    frames). CPU time (the process's) is what a graph costs even on a machine other jobs share."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # the optimiser's notes on initializers the folded activations left unused
     sessions = {name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                 for name, p in paths.items()}
     frames = np.random.default_rng(0).integers(0, 256, (batch, *size, 3), dtype=np.uint8)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+    wall: dict[str, list[float]] = {name: [] for name in sessions}
+    cpu: dict[str, list[float]] = {name: [] for name in sessions}
     for session in sessions.values():
         session.run(None, {"image": frames})
     for _ in range(rounds):
         for name, session in sessions.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             session.run(None, {"image": frames})
-            times[name].append(time.perf_counter() - start)
-    return {name: batch / float(np.median(t)) for name, t in times.items()}
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: (batch / float(np.median(wall[name])), batch / float(np.median(cpu[name]))) for name in sessions}
 
 
 def main() -> None:
@@ -154,9 +149,10 @@ def main() -> None:
             paths[name] = out
         if args.rounds:
             speed = throughput(paths, size, args.threads, args.batch, args.rounds)
-            for name, rate in speed.items():
-                print(f"{name:20s} {rate:6.2f} images/s  x{rate / speed['fp32']:.2f} float32 "
-                      f"({args.threads} thread(s), batch {args.batch})", flush=True)
+            base, base_cpu = speed["fp32"]
+            for name, (rate, per_cpu) in speed.items():
+                print(f"{name:20s} {rate:6.2f} images/s  x{rate / base:.2f} float32; {per_cpu:6.2f} images/CPU-s "
+                      f"x{per_cpu / base_cpu:.2f} ({args.threads} thread(s), batch {args.batch})", flush=True)
 
 
 if __name__ == "__main__":
