@@ -120,6 +120,18 @@ def test_card_and_threshold_are_the_int8_graphs(exported, card, images):
     assert check.int8_raw_threshold == stored.calibration.raw_threshold
     assert check.fp32_raw_threshold == card.calibration.raw_threshold
     assert json.loads(json.dumps(stored.extra["int8_check"]))["decisions_changed"] == check.decisions_changed
+    assert stored.extra["int8_check"]["normal_rank_correlation"] == check.normal_rank_correlation
+
+
+def test_rank_correlation_is_spearmans():
+    scores = np.array([0.3, 0.1, 0.7, 0.5])
+    assert int8.rank_correlation(scores, scores * 10 + 1) == pytest.approx(1.0)
+    assert int8.rank_correlation(scores, -scores) == pytest.approx(-1.0)
+    # one swap of neighbours among four: 1 - 6 * 2 / (4 * 15)
+    assert int8.rank_correlation(scores, np.array([3.0, 1.0, 9.0, 5.0])) == pytest.approx(1.0)
+    assert int8.rank_correlation(scores, np.array([0.3, 0.1, 0.4, 0.5])) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="one length, got 4 and 3"):
+        int8.rank_correlation(scores, scores[:3])
 
 
 def _quantized_convs(path) -> set[str]:

@@ -65,4 +65,5 @@ def _print_int8(result) -> None:
     print(f"against float32 on {check.images} images ({check.anomalous_images} simulated anomalies): decisions "
           f"changed {check.decisions_changed} ({check.changed_share:.1%}); flagged float32 {check.fp32_flagged}, "
           f"INT8 {check.int8_flagged}; raw-score difference x slope: max {check.max_score_diff:.3g}, "
-          f"median {check.median_score_diff:.3g}")
+          f"median {check.median_score_diff:.3g}; rank correlation on the normal images "
+          f"{check.normal_rank_correlation:.3f}")

@@ -98,6 +98,7 @@ class Int8Check:
     int8_flagged: int
     max_score_diff: float  # max |raw score INT8 - float32| times the float32 calibration's slope (score_gain)
     median_score_diff: float
+    normal_rank_correlation: float  # Spearman, INT8 against float32 scores of the (normal) threshold images
     fp32_raw_threshold: float
     int8_raw_threshold: float
     quantized_nodes: int
@@ -240,6 +241,16 @@ def recalibrate(int8: OnnxModel, threshold_images: list[np.ndarray], calibration
     return cal.on_calibrated_map(), stats
 
 
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two score vectors (1: same order; ties broken by position)."""
+    if len(a) != len(b):
+        raise ValueError(f"rank correlation needs two score vectors of one length, got {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return 1.0
+    ranks = [np.argsort(np.argsort(x, kind="stable")).astype(np.float64) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
 def compare(fp32: OnnxModel, int8: OnnxModel, images: Int8Images) -> dict[str, Any]:
     """Decisions (each graph at its own threshold) and raw-score differences over threshold + anomalous images."""
     frames = images.threshold + images.anomalous
@@ -248,10 +259,12 @@ def compare(fp32: OnnxModel, int8: OnnxModel, images: Int8Images) -> dict[str, A
     flagged_a = np.asarray(cal_a.calibrated_score(a.log_odds)) >= DECISION_THRESHOLD
     flagged_b = np.asarray(cal_b.calibrated_score(b.log_odds)) >= DECISION_THRESHOLD
     diff = np.abs(a.scores.astype(np.float64) - b.scores.astype(np.float64)) * score_gain(cal_a)
+    normal = len(images.threshold)  # the threshold images come first
     return {"images": len(frames), "anomalous_images": len(images.anomalous),
             "decisions_changed": int((flagged_a != flagged_b).sum()), "fp32_flagged": int(flagged_a.sum()),
             "int8_flagged": int(flagged_b.sum()), "max_score_diff": float(diff.max(initial=0.0)),
             "median_score_diff": float(np.median(diff)) if diff.size else 0.0,
+            "normal_rank_correlation": rank_correlation(a.scores[:normal], b.scores[:normal]),
             "fp32_raw_threshold": cal_a.raw_threshold, "int8_raw_threshold": cal_b.raw_threshold}
 
 
