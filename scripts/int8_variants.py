@@ -1,7 +1,8 @@
 """Compare INT8 quantization variants of an exported SLSG graph with its float32 graph: score changes on
 normal images, test-set AUROC and decisions, and throughput, side by side.
 
-    python scripts/int8_variants.py MODEL.onnx DATA_ROOT CATEGORY [--variants int8,pw-both] [--threads 1]
+    python scripts/int8_variants.py MODEL.onnx DATA_ROOT CATEGORY [--variants default,v2] [--threads 1]
+    python scripts/int8_variants.py MODEL.onnx - - --time A.onnx,B.onnx [--rounds 8]
 
 Each variant is the export's INT8 settings (:class:`Int8Options`), now or before the encoders and the patch
 memory were quantized ("v2"), with one thing changed (see VARIANTS).
@@ -9,7 +10,8 @@ Activation ranges come from the first 16 training images; the yardstick is the l
 (mean and largest |log-odds change|, rank correlation with float32, against the float32 spread) and the
 test set (image AUROC, and decisions changed when each graph's threshold is set at the same quantile of
 the 20 normal images' scores). Throughput: the float32 graph and every variant, interleaved rounds of one
-batch, median images/s and images per CPU-second, and their ratios to float32. Variant graphs are left in --keep when given.
+batch, median images/s and images per CPU-second, and their ratios to float32. Variant graphs are left in
+--keep when given.
 """
 
 from __future__ import annotations
@@ -105,6 +107,13 @@ def throughput(paths: dict[str, Path], size: tuple[int, int], threads: int, batc
     return {name: (batch / float(np.median(wall[name])), batch / float(np.median(cpu[name]))) for name in sessions}
 
 
+def report_speed(speed: dict[str, tuple[float, float]], threads: int, batch: int) -> None:
+    base, base_cpu = speed["fp32"]
+    for name, (rate, per_cpu) in speed.items():
+        print(f"{name:28s} {rate:6.2f} images/s  x{rate / base:.2f} float32; {per_cpu:6.2f} images/CPU-s "
+              f"x{per_cpu / base_cpu:.2f} ({threads} thread(s), batch {batch})", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -116,7 +125,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (0: no timing)")
     p.add_argument("--quantile", type=float, default=0.9, help="where on the normal scores each threshold is set")
     p.add_argument("--keep", default=None, help="folder to keep the variant graphs in")
+    p.add_argument("--time", default=None, metavar="GRAPHS",
+                   help="comma-separated ONNX files: only time these against MODEL (no quantizing, no data read)")
     args = p.parse_args()
+    if args.time:
+        paths = {"fp32": Path(args.model), **{Path(g).stem if Path(g).stem != "model" else str(g): Path(g)
+                                               for g in args.time.split(",")}}
+        report_speed(throughput(paths, OnnxModel(args.model).image_size, args.threads, args.batch, args.rounds),
+                     args.threads, args.batch)
+        return
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -148,11 +165,7 @@ def main() -> None:
             print(f"{name:20s} nodes {count:3d}  {line}", flush=True)
             paths[name] = out
         if args.rounds:
-            speed = throughput(paths, size, args.threads, args.batch, args.rounds)
-            base, base_cpu = speed["fp32"]
-            for name, (rate, per_cpu) in speed.items():
-                print(f"{name:20s} {rate:6.2f} images/s  x{rate / base:.2f} float32; {per_cpu:6.2f} images/CPU-s "
-                      f"x{per_cpu / base_cpu:.2f} ({args.threads} thread(s), batch {args.batch})", flush=True)
+            report_speed(throughput(paths, size, args.threads, args.batch, args.rounds), args.threads, args.batch)
 
 
 if __name__ == "__main__":
