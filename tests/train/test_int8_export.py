@@ -3,6 +3,7 @@ kept in float32 stay so, and the decision guard refuses a broken quantization.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -196,6 +197,29 @@ def test_decision_guard_refuses_a_broken_quantization(model, card, images, tmp_p
         export_int8(model, card, path, images, Int8Options(max_decision_change=0.25))
     assert "was not written" in str(info.value)
     assert not path.exists() and list(path.parent.iterdir()) == []  # no temp folder left either
+
+
+def test_presets_step_down_until_the_guard_passes(model, card, images, tmp_path, monkeypatch):
+    real, broken = int8.quantize_graph, _reversing(int8.quantize_graph)
+
+    def quantize(src, dst, frames, options, ranges_cache=None):
+        return (broken if options.name in ("encoders", "again") else real)(src, dst, frames, options, ranges_cache)
+
+    monkeypatch.setattr(int8, "quantize_graph", quantize)
+    first, second = (dataclasses.replace(p, max_decision_change=m) for p, m in zip(int8.PRESETS, (0.25, 1.0)))
+    assert (first.name, second.name) == ("encoders", "reference-encoder")
+    path = tmp_path / "photos" / "4" / "model.onnx"
+    int8_card, check = export_int8(model, card, path, images, [first, second])
+    assert check.preset == "reference-encoder" and [r["preset"] for r in check.refused] == ["encoders"]
+    assert check.refused[0]["reason"].startswith("INT8 changes the decision on")
+    stored = ModelCard.from_json({p.key: p.value for p in onnx.load(str(path)).metadata_props}[MODEL_CARD_KEY])
+    assert stored.extra["int8_check"]["preset"] == "reference-encoder" == int8_card.extra["int8_check"]["preset"]
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]
+    # every one refused: the error names each, and nothing is written
+    path = tmp_path / "photos" / "5" / "model.onnx"
+    with pytest.raises(ExportError, match=r"^encoders: INT8 changes .*; again: INT8 changes .*was not written"):
+        export_int8(model, card, path, images, [first, dataclasses.replace(first, name="again")])
+    assert not path.exists()
 
 
 def test_bad_options_are_refused(model, card, images, tmp_path):

@@ -58,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_int8(result) -> None:
     check, cal = result.int8, result.card.calibration
-    print(f"INT8 (QDQ): {check.quantized_nodes} nodes quantized; kept in float32 (quantizable nodes per block): "
-          f"{check.float_nodes}")
+    for refused in check.refused:
+        print(f"INT8 preset {refused['preset']!r} refused: {refused['reason']}")
+    print(f"INT8 (QDQ, preset {check.preset!r}): {check.quantized_nodes} nodes quantized; kept in float32 "
+          f"(quantizable nodes per block): {check.float_nodes}")
     print(f"threshold set on the INT8 graph's own scores: raw {check.int8_raw_threshold:.6g} (float32 graph: "
           f"{check.fp32_raw_threshold:.6g}) on {cal.num_images} normal images")
     print(f"against float32 on {check.images} images ({check.anomalous_images} simulated anomalies): decisions "

@@ -121,11 +121,13 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         verify = verification_images(ckpt, (h, w), resize=loaded.resize)
         int8_check = None
         if req.precision == PRECISION_INT8:
-            from slsg_train.export.int8 import Int8Options, export_int8
+            import dataclasses
 
-            options = Int8Options() if req.max_decision_change is None else Int8Options(
-                max_decision_change=req.max_decision_change)
-            card, int8_check = export_int8(loaded.model, card, target, int8_images(req, loaded), options, verify)
+            from slsg_train.export.int8 import PRESETS, export_int8
+
+            presets = list(PRESETS) if req.max_decision_change is None else [
+                dataclasses.replace(p, max_decision_change=req.max_decision_change) for p in PRESETS]
+            card, int8_check = export_int8(loaded.model, card, target, int8_images(req, loaded), presets, verify)
             max_map_diff = max_score_diff = float("nan")
             near_ties = 0
         else:
