@@ -72,7 +72,8 @@ def card(model, images) -> ModelCard:
 def exported(model, card, images, tmp_path_factory):
     path = tmp_path_factory.mktemp("int8") / "photos" / "2" / "model.onnx"
     # tiny random-head model: decisions near the threshold may flip; the guard has its own test
-    int8_card, check = export_int8(model, card, path, images, Int8Options(max_decision_change=1.0))
+    int8_card, check = export_int8(model, card, path, images,
+                                   Int8Options(max_decision_change=1.0, min_rank_correlation=-1.0))
     return path, int8_card, check
 
 
@@ -194,9 +195,12 @@ def test_decision_guard_refuses_a_broken_quantization(model, card, images, tmp_p
     monkeypatch.setattr(int8, "quantize_graph", _reversing(int8.quantize_graph))
     path = tmp_path / "photos" / "3" / "model.onnx"
     with pytest.raises(ExportError, match=r"INT8 changes the decision on \d+ of 12 verification images") as info:
-        export_int8(model, card, path, images, Int8Options(max_decision_change=0.25))
+        export_int8(model, card, path, images, Int8Options(max_decision_change=0.25, min_rank_correlation=-1.0))
     assert "was not written" in str(info.value)
     assert not path.exists() and list(path.parent.iterdir()) == []  # no temp folder left either
+    # the same graph with every decision allowed to change is still refused: it reverses the normal images
+    with pytest.raises(ExportError, match="reorders the normal threshold images: rank correlation with float32 -"):
+        export_int8(model, card, path, images, Int8Options(max_decision_change=1.0))
 
 
 def test_presets_step_down_until_the_guard_passes(model, card, images, tmp_path, monkeypatch):
@@ -206,7 +210,8 @@ def test_presets_step_down_until_the_guard_passes(model, card, images, tmp_path,
         return (broken if options.name in ("encoders", "again") else real)(src, dst, frames, options, ranges_cache)
 
     monkeypatch.setattr(int8, "quantize_graph", quantize)
-    first, second = (dataclasses.replace(p, max_decision_change=m) for p, m in zip(int8.PRESETS, (0.25, 1.0)))
+    first, second = (dataclasses.replace(p, max_decision_change=m, min_rank_correlation=-1.0)
+                     for p, m in zip(int8.PRESETS, (0.25, 1.0)))
     assert (first.name, second.name) == ("encoders", "reference-encoder")
     path = tmp_path / "photos" / "4" / "model.onnx"
     int8_card, check = export_int8(model, card, path, images, [first, second])
@@ -229,6 +234,8 @@ def test_bad_options_are_refused(model, card, images, tmp_path):
         export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(max_decision_change=2.0))
     with pytest.raises(ValueError, match="unknown block.*'encoders'"):
         export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(partial_blocks=("encoders",)))
+    with pytest.raises(ValueError, match=r"least rank correlation must be in \[-1, 1\]"):
+        export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(min_rank_correlation=1.5))
     with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
         export_int8(model, card, tmp_path / "m.onnx", images, Int8Options(calibration="kl"))
     with pytest.raises(ExportError, match="needs normal training images"):

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-decision-change", type=float, default=None, metavar="SHARE",
                    help="int8: refuse the export when INT8 and float32 decide differently on more than this share "
                         "of the verification images (default 0.01)")
+    p.add_argument("--min-rank-correlation", type=float, default=None, metavar="R",
+                   help="int8: refuse the export when the INT8 scores of the normal threshold images rank them "
+                        "with less than this rank correlation with float32 (default 0.95; -1: off)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint, repository=args.repository, name=args.name, version=args.version,
             metrics=args.metrics, max_batch_size=args.max_batch_size, tensorrt=args.tensorrt, gpu=not args.cpu_config,
             precision=args.precision, calibration_data=args.calibration_data, calibration_category=args.category,
-            max_decision_change=args.max_decision_change,
+            max_decision_change=args.max_decision_change, min_rank_correlation=args.min_rank_correlation,
         ))
     except (CheckpointError, ExportError, DataSetError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"slsg export: {exc}", file=sys.stderr)

@@ -38,6 +38,7 @@ class ExportRequest:
     calibration_data: str | Path | None = None  # INT8: data set root (default: the run's)
     calibration_category: str | None = None  # INT8: its category (default: the run's)
     max_decision_change: float | None = None  # INT8: refusal above this share (None: int8.MAX_DECISION_CHANGE)
+    min_rank_correlation: float | None = None  # INT8: refusal below this (None: int8.MIN_RANK_CORRELATION)
 
 
 @dataclass
@@ -125,8 +126,9 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
 
             from slsg_train.export.int8 import PRESETS, export_int8
 
-            presets = list(PRESETS) if req.max_decision_change is None else [
-                dataclasses.replace(p, max_decision_change=req.max_decision_change) for p in PRESETS]
+            limits = {k: v for k, v in (("max_decision_change", req.max_decision_change),
+                                        ("min_rank_correlation", req.min_rank_correlation)) if v is not None}
+            presets = [dataclasses.replace(p, **limits) for p in PRESETS]
             card, int8_check = export_int8(loaded.model, card, target, int8_images(req, loaded), presets, verify)
             max_map_diff = max_score_diff = float("nan")
             near_ties = 0
