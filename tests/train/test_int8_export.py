@@ -103,7 +103,10 @@ def test_blocks_kept_float32_are_not_quantized(exported):
     decoder = [n.name for n in convs if n.name.startswith("/model/decoder")]
     assert encoder and not quantized.intersection(encoder)
     assert decoder and set(decoder) <= quantized
-    assert check.float_nodes["encoder"] == len(encoder) and check.quantized_nodes >= len(decoder)
+    # kept float32, counted: the encoder's convolutions and its ReLU6 (Clip) activations
+    clips = [n.name for n in graph.node if n.op_type == "Clip" and n.name.startswith("/model/encoder/")]
+    assert clips and check.float_nodes["encoder"] == len(encoder) + len(clips)
+    assert check.quantized_nodes >= len(decoder)
     # the calibration tail is float32: its Where/Less nodes read the float log-odds, not a dequantized copy
     tail = calibration_inputs(onnx.load(str(path)))
     assert all(producers[t] != "DequantizeLinear" for t in tail.values())

@@ -122,7 +122,7 @@ class Int8Check:
     fp32_raw_threshold: float
     int8_raw_threshold: float
     quantized_nodes: int
-    float_nodes: dict[str, int] = field(default_factory=dict)  # kept float32: Conv/MatMul per block
+    float_nodes: dict[str, int] = field(default_factory=dict)  # kept float32: QUANTIZED_OPS nodes per block
     preset: str = "custom"  # the Int8Options.name written
     refused: list[dict[str, Any]] = field(default_factory=list)  # presets tried before it and refused
 
