@@ -43,7 +43,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ranges = Path(tmp) / "ranges"  # the same activation ranges for every block
         for block in args.blocks.split(","):
-            options = Int8Options(float_blocks=tuple(b for b in every if b != block), op_types=tuple(args.ops.split("+")))
+            # the block alone: no partly quantized encoder, every MatMul output quantized as the block's is
+            options = Int8Options(float_blocks=tuple(b for b in every if b != block), op_types=tuple(args.ops.split("+")),
+                                  partial_blocks=(), float_output_ops=())
             out = Path(tmp) / f"{block}.onnx"
             count = quantize_graph(Path(args.model), out, train, options, ranges)
             quantized = OnnxModel(out).predict(normal).log_odds

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-decision-change", type=float, default=None, metavar="SHARE",
                    help="int8: refuse the export when INT8 and float32 decide differently on more than this share "
                         "of the verification images (default 0.01)")
+    p.add_argument("--min-rank-correlation", type=float, default=None, metavar="R",
+                   help="int8: refuse the export when the INT8 scores of the normal threshold images rank them "
+                        "with less than this rank correlation with float32 (default 0.95; -1: off)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint, repository=args.repository, name=args.name, version=args.version,
             metrics=args.metrics, max_batch_size=args.max_batch_size, tensorrt=args.tensorrt, gpu=not args.cpu_config,
             precision=args.precision, calibration_data=args.calibration_data, calibration_category=args.category,
-            max_decision_change=args.max_decision_change,
+            max_decision_change=args.max_decision_change, min_rank_correlation=args.min_rank_correlation,
         ))
     except (CheckpointError, ExportError, DataSetError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"slsg export: {exc}", file=sys.stderr)
@@ -58,11 +61,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_int8(result) -> None:
     check, cal = result.int8, result.card.calibration
-    print(f"INT8 (QDQ): {check.quantized_nodes} nodes quantized; kept in float32 (quantizable nodes per block): "
-          f"{check.float_nodes}")
+    for refused in check.refused:
+        print(f"INT8 preset {refused['preset']!r} refused: {refused['reason']}")
+    print(f"INT8 (QDQ, preset {check.preset!r}): {check.quantized_nodes} nodes quantized; kept in float32 "
+          f"(quantizable nodes per block): {check.float_nodes}")
     print(f"threshold set on the INT8 graph's own scores: raw {check.int8_raw_threshold:.6g} (float32 graph: "
           f"{check.fp32_raw_threshold:.6g}) on {cal.num_images} normal images")
     print(f"against float32 on {check.images} images ({check.anomalous_images} simulated anomalies): decisions "
           f"changed {check.decisions_changed} ({check.changed_share:.1%}); flagged float32 {check.fp32_flagged}, "
           f"INT8 {check.int8_flagged}; raw-score difference x slope: max {check.max_score_diff:.3g}, "
-          f"median {check.median_score_diff:.3g}")
+          f"median {check.median_score_diff:.3g}; rank correlation on the normal images "
+          f"{check.normal_rank_correlation:.3f}")

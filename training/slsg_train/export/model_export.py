@@ -16,6 +16,14 @@ from slsg.contract import PRECISION_INT8, PRECISIONS, ModelCard, model_path, nex
 from slsg_train.checkpoint import CheckpointError, RunCheckpoint
 
 
+# Why --tensorrt and --precision int8 do not go together (checked before anything is loaded).
+TENSORRT_INT8_REFUSED = (
+    "--tensorrt cannot be combined with --precision int8: the INT8 graph quantizes activations to asymmetric "
+    "uint8 (the fast pair on x86 CPUs), which TensorRT does not take (its INT8 needs symmetric int8, zero point "
+    "0), and Triton's TensorRT accelerator is configured for FP16. Serve the INT8 version on the CPU "
+    "(--cpu-config), and export a float32 version with --tensorrt for the GPU (docs/int8.md)")
+
+
 @dataclass
 class ExportRequest:
     checkpoint: str | Path
@@ -30,6 +38,7 @@ class ExportRequest:
     calibration_data: str | Path | None = None  # INT8: data set root (default: the run's)
     calibration_category: str | None = None  # INT8: its category (default: the run's)
     max_decision_change: float | None = None  # INT8: refusal above this share (None: int8.MAX_DECISION_CHANGE)
+    min_rank_correlation: float | None = None  # INT8: refusal below this (None: int8.MIN_RANK_CORRELATION)
 
 
 @dataclass
@@ -83,6 +92,8 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
     validate_model_name(req.name)
     if req.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {req.precision!r}")
+    if req.precision == PRECISION_INT8 and req.tensorrt:
+        raise ValueError(TENSORRT_INT8_REFUSED)
     loaded = load_model(req.checkpoint)
     ckpt = loaded.checkpoint
     if loaded.calibration is None:
@@ -111,11 +122,14 @@ def export_checkpoint(req: ExportRequest) -> ExportResult:
         verify = verification_images(ckpt, (h, w), resize=loaded.resize)
         int8_check = None
         if req.precision == PRECISION_INT8:
-            from slsg_train.export.int8 import Int8Options, export_int8
+            import dataclasses
 
-            options = Int8Options() if req.max_decision_change is None else Int8Options(
-                max_decision_change=req.max_decision_change)
-            card, int8_check = export_int8(loaded.model, card, target, int8_images(req, loaded), options, verify)
+            from slsg_train.export.int8 import PRESETS, export_int8
+
+            limits = {k: v for k, v in (("max_decision_change", req.max_decision_change),
+                                        ("min_rank_correlation", req.min_rank_correlation)) if v is not None}
+            presets = [dataclasses.replace(p, **limits) for p in PRESETS]
+            card, int8_check = export_int8(loaded.model, card, target, int8_images(req, loaded), presets, verify)
             max_map_diff = max_score_diff = float("nan")
             near_ties = 0
         else:
