@@ -90,6 +90,7 @@ def false_alarm_report(flagged: int, images: int, cal: Calibration, has_checks: 
                               "observed_fpr": flagged / images if images else None,
                               "expected_fpr": cal.expected_fpr(), "fpr_upper_90": cal.fpr_upper(0.9),
                               "threshold_images": cal.num_images, "scale_images": cal.scale_images,
+                              "target_fpr": cal.target_fpr,
                               "promise_by_construction": cal.scale_images is not None or not has_checks}
     if images == 0 or cal.num_images <= 0:
         return {**report, "verdict": "no normal test images" if images == 0 else "not calibrated"}
