@@ -70,6 +70,32 @@ def test_the_benchmark_recalibrates_as_slsg_calibrate_does(tiny_run, tmp_path) -
     assert (ways["frames_threshold"][0].num_images, ways["frames_threshold"][0].scale_images) == (FRAMES, len(split.scale))
     assert ways["training"][0] == run_cal
 
+    # --frames-only: the run's scales kept, the threshold on the frames alone (the frames_threshold rows)
+    only = tmp_path / "frames_only.pt"
+    shutil.copyfile(checkpoint, only)
+    assert main(["calibrate", "--checkpoint", str(only), "--data", str(tmp_path / "line"), "--frames-only"]) == 0
+    saved = load_checkpoint(only)
+    bench = ways["frames_threshold"][0]
+    assert (saved.calibration.num_images, saved.calibration.scale_images) == (FRAMES, len(split.scale))
+    assert bench.raw_threshold == pytest.approx(saved.calibration.raw_threshold, rel=1e-6)
+    assert saved.held_out_train(category) == held  # a later recalibration still knows what training held out
+    assert saved.model_state["patch_memory.scale"].equal(loaded.checkpoint.model_state["patch_memory.scale"])
+
+
+def test_frames_only_refuses_the_runs_own_data_and_a_missing_frames_folder(tiny_run, tmp_path, capsys) -> None:
+    data, checkpoint = tiny_run
+    copy = tmp_path / "copy.pt"
+    shutil.copyfile(checkpoint, copy)
+    assert main(["calibrate", "--checkpoint", str(copy), "--frames-only"]) == 2
+    assert "frames the run never saw: give --data" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(copy), "--frames-only", "--data", str(data)]) == 2
+    capsys.readouterr()
+    flat = tmp_path / "flat" / "tray"
+    shutil.copytree(data / "tray" / "train", flat / "train")
+    shutil.copytree(data / "tray" / "test", flat / "test")
+    assert main(["calibrate", "--checkpoint", str(copy), "--frames-only", "--data", str(flat.parent)]) == 2
+    assert "validation/good: no frames to calibrate on" in capsys.readouterr().err
+
 
 def test_the_benchmark_reports_each_way_over_resamples(tiny_run, capsys) -> None:
     from slsg_bench.line_recalibration import STRATEGIES, main as bench_main, run_benchmark
