@@ -14,7 +14,8 @@ the evaluation part's images flagged against the promise. Each way of calibratin
   the images the run held out of training, pooled, a third fitting the checks' scales, the rest the
   threshold (:func:`split_for_calibration` with the run's ``held_out_train``);
 - ``frames``: the frames alone, a third for the scales, the rest for the threshold;
-- ``frames_threshold``: the checks' scales as the run fitted them, the threshold on all the frames.
+- ``frames_threshold``: the checks' scales as the run fitted them, the threshold on all the frames
+  (``slsg calibrate --data D --frames-only``).
 
 Every image is scored once (each score component apart, :func:`fpr_diagnosis.component_scores`); per
 resample only the checks' scales (:func:`fpr_diagnosis.fused_log_odds`, as calibration fits them) and
