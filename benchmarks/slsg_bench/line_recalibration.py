@@ -165,6 +165,8 @@ def run_benchmark(checkpoint: str, data: str | None, category: str | None, frame
                   fpr: float | None = None, seed: int = 0) -> dict[str, Any]:
     """The benchmark's report (see the module docstring): the run's calibration on all of test/good, and per
     number of frames each strategy's summary over ``resamples`` random splits."""
+    import sys
+
     from slsg_train.data.loco import GOOD, LocoCategory
     from slsg_train.inference import load_model
     from slsg_train.metrics.false_alarms import false_alarm_report
@@ -185,6 +187,7 @@ def run_benchmark(checkpoint: str, data: str | None, category: str | None, frame
     has_checks = ckpt.model_config.uses_reference
     run_split = split_for_calibration(data_set, fpr, has_checks, held_out_train=held_out_train)
     scored = score_images(loaded, run_split.scale + run_split.threshold + good)
+    print(f"scored {len(scored.index)} images", file=sys.stderr, flush=True)
     run_cal, run_scores = calibrate(scored, run_split.scale, run_split.threshold, fpr)
     report: dict[str, Any] = {
         "checkpoint": checkpoint, "category": ckpt.category, "good_test_images": len(good),
@@ -202,6 +205,7 @@ def run_benchmark(checkpoint: str, data: str | None, category: str | None, frame
             raise ValueError(f"--frames {num_frames}: a model with reference checks needs at least 3 frames")
         runs = [resample(scored, data_set.train_paths, good, num_frames, held_out_train, fpr, has_checks, training,
                          rng) for _ in range(resamples)]
+        print(f"{num_frames} frames: {resamples} resamples done", file=sys.stderr, flush=True)
         report["frames"][num_frames] = {name: summarise([r[name] for r in runs]) for name in STRATEGIES}
     return report
 
