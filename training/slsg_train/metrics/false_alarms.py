@@ -126,9 +126,9 @@ def render_false_alarms_md(report: dict[str, Any]) -> list[str]:
              f"- verdict: {report['verdict']}"]
     if "flagged_upper_90" in report:
         within = "within it" if report["within_flagged_upper_90"] else "beyond it"
-        lines.insert(-1, f"- for {report['good_images']} good images: expect at most {report['flagged_upper_90']} of "
-                         f"{report['good_images']} flagged in nine evaluations in ten (which images calibrated and "
-                         f"which were evaluated both counted); observed {report['flagged']}, {within}")
+        lines.insert(-1, f"- expect at most {report['flagged_upper_90']} of {report['good_images']} flagged in nine "
+                         f"evaluations in ten (which images calibrated and which were evaluated both counted); "
+                         f"observed {report['flagged']}, {within}")
     if "binomial_p_value_at_expected" in report:
         lines.append(f"- binomial test at the average rate alone: p = {report['binomial_p_value_at_expected']:.3g}")
     if not report["promise_by_construction"]:
