@@ -19,7 +19,8 @@ the evaluation part's images flagged against the promise. Each way of calibratin
 
 Every image is scored once (each score component apart, :func:`fpr_diagnosis.component_scores`); per
 resample only the checks' scales (:func:`fpr_diagnosis.fused_log_odds`, as calibration fits them) and
-the threshold (:func:`calibration_from_scores`, calibration's own) are refitted. The checks' models
+the threshold (:func:`calibration_from_scores`, calibration's own) are refitted. Each row also says what
+the threshold costs: the share of the test set's defective images it still flags. The checks' models
 (patch memory, composition autoencoder) are the checkpoint's: ``slsg calibrate`` refits the closed-form
 ones on the same training images, which gives them again.
 
@@ -135,9 +136,11 @@ def recalibrations(scored: ScoredImages, train_paths: list[Path], frames: list[P
 
 
 def resample(scored: ScoredImages, train_paths: list[Path], good: list[Path], num_frames: int, held_out_train: int,
-             fpr: float, has_checks: bool, training, rng: np.random.Generator) -> dict[str, dict]:
+             fpr: float, has_checks: bool, training, rng: np.random.Generator,
+             defects: list[Path] = ()) -> dict[str, dict]:
     """One random split of ``good`` into the line's frames and the evaluation part; each strategy's
-    false-alarm report on the evaluation part."""
+    false-alarm report on the evaluation part, with ``defects_caught``: the share of ``defects`` (the
+    test set's anomalous images) at or above its threshold (None without any)."""
     from slsg_train.metrics.false_alarms import false_alarm_report
 
     order = rng.permutation(len(good))
@@ -147,6 +150,7 @@ def resample(scored: ScoredImages, train_paths: list[Path], good: list[Path], nu
                                               training).items():
         reports[name] = false_alarm_report(flagged(scored, scores, cal, evaluation), len(evaluation), cal,
                                            has_checks=has_checks)
+        reports[name]["defects_caught"] = flagged(scored, scores, cal, list(defects)) / len(defects) if defects else None
     return reports
 
 
@@ -156,9 +160,11 @@ def summarise(reports: list[dict]) -> dict[str, float]:
     if not reports:
         raise ValueError("no resamples")
     mean = lambda key: float(np.mean([r[key] for r in reports]))  # noqa: E731
+    caught = [r["defects_caught"] for r in reports if r.get("defects_caught") is not None]
     return {"threshold_images": mean("threshold_images"), "expected_fpr": mean("expected_fpr"),
             "fpr_upper_90": mean("fpr_upper_90"), "observed_fpr": mean("observed_fpr"),
-            "within_flagged_upper_90": mean("within_flagged_upper_90"), "beyond_chance": mean("beyond_chance")}
+            "within_flagged_upper_90": mean("within_flagged_upper_90"), "beyond_chance": mean("beyond_chance"),
+            "defects_caught": float(np.mean(caught)) if caught else None}
 
 
 def run_benchmark(checkpoint: str, data: str | None, category: str | None, frame_counts: list[int], resamples: int,
@@ -178,7 +184,9 @@ def run_benchmark(checkpoint: str, data: str | None, category: str | None, frame
         raise ValueError(f"{checkpoint} is a {ckpt.category!r} model, not {category!r}")
     fpr = fpr if fpr is not None else (ckpt.calibration.target_fpr if ckpt.calibration else 0.01)
     data_set = LocoCategory(data or ckpt.data_root, ckpt.category)
-    good = [s.path for s in data_set.test_samples([GOOD])]
+    samples = data_set.test_samples()
+    good = [s.path for s in samples if s.anomaly_type == GOOD]
+    defects = [s.path for s in samples if s.anomaly_type != GOOD]
     too_many = [f for f in frame_counts if not 0 < f < len(good)]
     if too_many:
         raise ValueError(f"--frames {too_many}: each must leave at least one of the {len(good)} good test images "
@@ -186,7 +194,7 @@ def run_benchmark(checkpoint: str, data: str | None, category: str | None, frame
     held_out_train = ckpt.held_out_train(data_set)
     has_checks = ckpt.model_config.uses_reference
     run_split = split_for_calibration(data_set, fpr, has_checks, held_out_train=held_out_train)
-    scored = score_images(loaded, run_split.scale + run_split.threshold + good)
+    scored = score_images(loaded, run_split.scale + run_split.threshold + good + defects)
     print(f"scored {len(scored.index)} images", file=sys.stderr, flush=True)
     run_cal, run_scores = calibrate(scored, run_split.scale, run_split.threshold, fpr)
     report: dict[str, Any] = {
@@ -197,6 +205,7 @@ def run_benchmark(checkpoint: str, data: str | None, category: str | None, frame
         "rescored_threshold": run_cal.raw_threshold,
         "training_on_all_good": false_alarm_report(flagged(scored, run_scores, run_cal, good), len(good), run_cal,
                                                    has_checks=has_checks),
+        "defects": len(defects),
         "frames": {}}
     rng = np.random.default_rng(seed)
     training = (run_split, run_cal, run_scores)
@@ -204,7 +213,7 @@ def run_benchmark(checkpoint: str, data: str | None, category: str | None, frame
         if has_checks and num_frames < 3:  # the frames-alone split needs 2 scale images and a threshold image
             raise ValueError(f"--frames {num_frames}: a model with reference checks needs at least 3 frames")
         runs = [resample(scored, data_set.train_paths, good, num_frames, held_out_train, fpr, has_checks, training,
-                         rng) for _ in range(resamples)]
+                         rng, defects) for _ in range(resamples)]
         print(f"{num_frames} frames: {resamples} resamples done", file=sys.stderr, flush=True)
         report["frames"][num_frames] = {name: summarise([r[name] for r in runs]) for name in STRATEGIES}
     return report
@@ -214,12 +223,13 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown table: one row per (frames, strategy)."""
     pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
     lines = ["| frames | calibrated on | threshold images | promised | promised 90 % bound | observed | "
-             "within the count bound | beyond chance |", "|---|---|---|---|---|---|---|---|"]
+             "within the count bound | beyond chance | defects caught |", "|---|---|---|---|---|---|---|---|---|"]
     for frames, by_strategy in report["frames"].items():
         for name, s in by_strategy.items():
+            caught = "–" if s["defects_caught"] is None else pct(s["defects_caught"])
             lines.append(f"| {frames} | {name} | {s['threshold_images']:.0f} | {pct(s['expected_fpr'])} | "
                          f"{pct(s['fpr_upper_90'])} | {pct(s['observed_fpr'])} | {pct(s['within_flagged_upper_90'])} "
-                         f"| {pct(s['beyond_chance'])} |")
+                         f"| {pct(s['beyond_chance'])} | {caught} |")
     return "\n".join(lines)
 
 

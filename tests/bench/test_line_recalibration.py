@@ -102,12 +102,13 @@ def test_the_benchmark_reports_each_way_over_resamples(tiny_run, capsys) -> None
 
     data, checkpoint = tiny_run
     report = run_benchmark(str(checkpoint), str(data), "tray", [3, 5], resamples=20)
-    assert report["good_test_images"] == 8 and set(report["frames"]) == {3, 5}
+    assert (report["good_test_images"], report["defects"]) == (8, 2) and set(report["frames"]) == {3, 5}
     for frames, by_way in report["frames"].items():
         assert set(by_way) == set(STRATEGIES)
         assert by_way["frames_threshold"]["threshold_images"] == frames
         for summary in by_way.values():
             assert 0 <= summary["observed_fpr"] <= 1 and 0 <= summary["within_flagged_upper_90"] <= 1
+            assert 0 <= summary["defects_caught"] <= 1
             assert summary["expected_fpr"] <= summary["fpr_upper_90"]
     # the run's own promise does not depend on the frames
     assert report["frames"][3]["training"]["expected_fpr"] == report["training_on_all_good"]["expected_fpr"]
