@@ -63,3 +63,16 @@ def test_percentiles_among_reference_scores():
     assert percentiles(np.array([0.05, 0.2, 0.25, 0.5]), ref).tolist() == [0.0, 0.25, 0.5, 1.0]
     with pytest.raises(ValueError, match="no reference"):
         percentiles(np.array([0.1]), np.array([]))
+
+
+def test_fpr_promise_rescores_an_older_report_against_the_predictive_bound():
+    from slsg_bench.fpr_promise import HEADER, row, with_predictive_bound
+
+    # cable seed 6's report as `slsg evaluate` wrote it before the count bound existed: 16 of 200 flagged
+    older = {"good_images": 200, "flagged": 16, "observed_fpr": 0.08, "expected_fpr": 1 / 34, "fpr_upper_90": 0.0674,
+             "threshold_images": 33, "scale_images": 17, "within_upper_90": False, "p_value_more": 0.08}
+    scored = with_predictive_bound(older)
+    assert (scored["flagged_upper_90"], scored["within_flagged_upper_90"]) == (14, False)
+    assert with_predictive_bound({**older, "flagged": 14})["within_flagged_upper_90"]
+    line = row("cable", 6, older)
+    assert line.count("|") == HEADER.splitlines()[0].count("|") and "| 14 / 200 | no |" in line

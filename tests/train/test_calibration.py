@@ -106,3 +106,48 @@ def test_binomial_tails_match_their_closed_forms():
     assert beta_binomial_tail(0, 40, 1, 20, upper=False) == pytest.approx(20 / 60)
     with pytest.raises(ValueError, match="flagged"):
         binomial_tail(5, 4, 0.1)
+
+
+def _beta_binomial_cdf_by_integration(x: int, images: int, a: int, b: int) -> float:
+    """P(X <= x), X ~ Beta-binomial: the binomial CDF averaged over the Beta density on a fine grid."""
+    import math
+
+    import numpy as np
+
+    p = np.linspace(0.0, 1.0, 400_001)[1:-1]
+    density = p ** (a - 1) * (1 - p) ** (b - 1) / math.exp(math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    cdf = sum(math.comb(images, j) * p**j * (1 - p) ** (images - j) for j in range(x + 1))
+    y = cdf * density
+    return float(((y[1:] + y[:-1]) / 2 * np.diff(p)).sum())  # trapezoid rule
+
+
+@pytest.mark.parametrize("images, n, k", [(200, 33, 0), (40, 20, 0), (41, 43, 0), (30, 150, 0), (120, 250, 1)])
+def test_flagged_upper_is_the_beta_binomial_quantile(images, n, k):
+    import numpy as np
+
+    from slsg_train.metrics.false_alarms import flagged_upper
+
+    q = flagged_upper(images, k + 1, n - k, 0.9)
+    # the smallest count whose CDF reaches 0.9, by an integration that shares no code with it
+    assert _beta_binomial_cdf_by_integration(q, images, k + 1, n - k) >= 0.9 - 1e-6
+    assert q == 0 or _beta_binomial_cdf_by_integration(q - 1, images, k + 1, n - k) < 0.9
+    # and by simulating what it models: a calibration's true rate, then the test images' own chance
+    rng = np.random.default_rng(1)
+    counts = rng.binomial(images, rng.beta(k + 1, n - k, size=400_000))
+    assert (counts <= q).mean() >= 0.9 - 0.003 and (q == 0 or (counts <= q - 1).mean() < 0.9)
+
+
+def test_false_alarm_report_states_the_count_a_line_can_hold_it_to():
+    from slsg_train.metrics.false_alarms import false_alarm_report, flagged_upper, render_false_alarms_md
+
+    cal = Calibration(target_fpr=0.01, num_images=33, scale_images=17)  # the benchmark's runs
+    # 14 of 200 (7 %) is above the rate bound (6.7 %) and yet within nine evaluations in ten
+    report = false_alarm_report(14, 200, cal)
+    assert report["flagged_upper_90"] == flagged_upper(200, 1, 33) == 14
+    assert report["within_flagged_upper_90"] and not report["within_upper_90"]
+    assert not false_alarm_report(15, 200, cal)["within_flagged_upper_90"]
+    lines = "\n".join(render_false_alarms_md(report))
+    assert "expect at most 14 of 200 flagged in nine evaluations in ten" in lines and "observed 14, within it" in lines
+    assert "beyond it" in "\n".join(render_false_alarms_md(false_alarm_report(22, 200, cal)))
+    with pytest.raises(ValueError, match="probability"):
+        flagged_upper(10, 1, 5, 1.0)

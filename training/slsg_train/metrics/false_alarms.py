@@ -6,6 +6,12 @@ under the Beta's 90 % quantile for nine calibration sets in ten. Of m normal tes
 flagged is then Beta-binomial(m, k + 1, n - k): the binomial count of the test images with the rate
 itself drawn as the promise says. Its upper tail at the observed count is the chance of seeing that
 many false alarms or more if the promise holds; below ``SIGNIFICANCE`` the excess is beyond chance.
+
+What a line can hold the promise to is that count: its 90 % quantile (:func:`flagged_upper`) is the
+number of the m good images it expects at most to be flagged in nine evaluations in ten, both
+sources of chance included (which normal images calibrated, and which m it is evaluated on). The
+promised 90 % bound on the *rate* (``fpr_upper_90``) leaves out the second: an observed rate of m
+images exceeds it more often than one time in ten even when the promise is exact.
 The plain binomial tail at the promised average rate is reported as well: it asks whether *this*
 model's rate is above average, which a fair promise allows in half of all calibrations.
 """
@@ -50,6 +56,23 @@ def beta_binomial_tail(flagged: int, images: int, a: int, b: int, upper: bool = 
     return min(1.0, sum(math.exp(_log_choose(images, x) + _log_beta(x + a, images - x + b) - log_norm) for x in xs))
 
 
+def flagged_upper(images: int, a: int, b: int, probability: float = 0.9) -> int:
+    """The smallest x with P(X <= x) >= ``probability`` for X ~ Beta-binomial(images, a, b): at most
+    this many of ``images`` normal images are flagged with that probability."""
+    if images < 0:
+        raise ValueError(f"the number of images must be >= 0, got {images}")
+    if not 0 < probability < 1:
+        raise ValueError(f"probability must be in (0, 1), got {probability}")
+    if a <= 0 or b <= 0:
+        raise ValueError(f"Beta-binomial parameters must be positive, got a={a}, b={b}")
+    log_norm, cdf = _log_beta(a, b), 0.0
+    for x in range(images + 1):
+        cdf += math.exp(_log_choose(images, x) + _log_beta(x + a, images - x + b) - log_norm)
+        if cdf >= probability - 1e-12:  # the rounding of a sum of terms must not skip a quantile it reaches
+            return x
+    return images
+
+
 def _check_counts(flagged: int, images: int) -> None:
     if images < 0 or not 0 <= flagged <= images:
         raise ValueError(f"need 0 <= flagged <= images, got {flagged} flagged of {images}")
@@ -58,13 +81,16 @@ def _check_counts(flagged: int, images: int) -> None:
 def false_alarm_report(flagged: int, images: int, cal: Calibration, has_checks: bool = True) -> dict[str, Any]:
     """Observed vs promised false-alarm rate on ``images`` normal test images, ``flagged`` of them at or
     above the threshold; ``verdict`` says whether the difference is beyond chance (see the module
-    docstring). ``promise_by_construction`` is False where a model's reference checks (``has_checks``)
+    docstring). ``flagged_upper_90`` is the count a line can hold the promise to: at most that many of
+    these ``images`` flagged in nine evaluations in ten (``within_flagged_upper_90``: whether this one
+    was). ``promise_by_construction`` is False where a model's reference checks (``has_checks``)
     were scaled on the threshold's own images (calibrations from before the split): that promise is
     known to be optimistic."""
     report: dict[str, Any] = {"good_images": images, "flagged": flagged,
                               "observed_fpr": flagged / images if images else None,
                               "expected_fpr": cal.expected_fpr(), "fpr_upper_90": cal.fpr_upper(0.9),
                               "threshold_images": cal.num_images, "scale_images": cal.scale_images,
+                              "target_fpr": cal.target_fpr,
                               "promise_by_construction": cal.scale_images is not None or not has_checks}
     if images == 0 or cal.num_images <= 0:
         return {**report, "verdict": "no normal test images" if images == 0 else "not calibrated"}
@@ -72,7 +98,9 @@ def false_alarm_report(flagged: int, images: int, cal: Calibration, has_checks: 
     k = calibration_exceedances(cal.target_fpr, n)
     p_more = beta_binomial_tail(flagged, images, k + 1, n - k, upper=True)
     p_fewer = beta_binomial_tail(flagged, images, k + 1, n - k, upper=False)
-    report.update(p_value_more=p_more, p_value_fewer=p_fewer,
+    upper_count = flagged_upper(images, k + 1, n - k, 0.9)
+    report.update(p_value_more=p_more, p_value_fewer=p_fewer, flagged_upper_90=upper_count,
+                  within_flagged_upper_90=flagged <= upper_count,
                   binomial_p_value_at_expected=binomial_tail(flagged, images, report["expected_fpr"], upper=True),
                   within_upper_90=report["observed_fpr"] <= report["fpr_upper_90"],
                   beyond_chance=p_more < SIGNIFICANCE)
@@ -96,6 +124,11 @@ def render_false_alarms_md(report: dict[str, Any]) -> list[str]:
              f"- promised: {pct(report['expected_fpr'])} on average, under {pct(report['fpr_upper_90'])} for nine "
              f"calibration sets in ten ({report['threshold_images']} threshold images)",
              f"- verdict: {report['verdict']}"]
+    if "flagged_upper_90" in report:
+        within = "within it" if report["within_flagged_upper_90"] else "beyond it"
+        lines.insert(-1, f"- expect at most {report['flagged_upper_90']} of {report['good_images']} flagged in nine "
+                         f"evaluations in ten (which images calibrated and which were evaluated both counted); "
+                         f"observed {report['flagged']}, {within}")
     if "binomial_p_value_at_expected" in report:
         lines.append(f"- binomial test at the average rate alone: p = {report['binomial_p_value_at_expected']:.3g}")
     if not report["promise_by_construction"]:
