@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import WeightsArg, create_backbone
+from .backbones import PADDING_SAME, WeightsArg, create_backbone
 
 LOGIT_EPS = 1e-6  # local scores are probabilities; keep their logits finite
 # a local score that barely varies on the calibration images (a barely trained or saturated model)
@@ -36,11 +36,14 @@ class ReferenceEncoder(nn.Module):
 
     Its own copy: the SLSG encoder may have been re-trained by generative pre-training, and those
     features separate normal from abnormal images less well than ImageNet's (cable: 0.70 vs 0.83).
+    ``padding``: how its strided convolutions pad (``backbones.PADDINGS``); ``"same"`` is how the
+    ImageNet weights were trained, ``"symmetric"`` what checkpoints before the choice were fitted with.
     """
 
-    def __init__(self, backbone: str, weights: WeightsArg, allow_download: bool = False) -> None:
+    def __init__(self, backbone: str, weights: WeightsArg, allow_download: bool = False,
+                 padding: str = PADDING_SAME) -> None:
         super().__init__()
-        self.backbone = create_backbone(backbone, weights, allow_download).requires_grad_(False).eval()
+        self.backbone = create_backbone(backbone, weights, allow_download, padding).requires_grad_(False).eval()
         self.channels: list[int] = list(self.backbone.channels)
         self.strides: list[int] = list(self.backbone.strides)
 
