@@ -133,8 +133,9 @@ def test_a_checkpoint_from_before_the_reference_padding_setting_keeps_its_symmet
     assert not loaded.model.reference_encoder.backbone._conv_stem.same
     frames = [np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)]
     same = predict(model, frames, loaded.top_k).map_log_odds
-    model.reference_encoder.backbone.set_padding("symmetric")
-    symmetric = predict(model, frames, loaded.top_k).map_log_odds
+    legacy = SLSG(dataclasses.replace(model.config, reference_padding="symmetric"))
+    legacy.load_state_dict(model.state_dict())
+    symmetric = predict(legacy, frames, loaded.top_k).map_log_odds
     assert np.abs(same - symmetric).max() > 1e-2  # the padding shows in the map
     np.testing.assert_allclose(predict(loaded.model, frames, loaded.top_k).map_log_odds, symmetric,
                                rtol=1e-5, atol=1e-5)

@@ -487,11 +487,12 @@ def test_fitted_patch_memory_scores_and_locates_a_local_defect():
     with torch.no_grad():
         out = model.eval()(torch.stack([to_tensor(im) for im in stained]))
         assert torch.all(model.anomaly_map(out) >= anomaly_probability(out.logits))  # the paper's map is a floor
-        distance = resize_patches(out.checks["patch_memory"], (64, 64))[:, 0].numpy()
-    for m, (y, x) in zip(distance, centres):
-        peak = np.unravel_index(m.argmax(), m.shape)
-        # within a stride-8 patch and a half: the peak sits a few pixels down-right of the stain's centre
-        assert abs(peak[0] - y) <= 12 and abs(peak[1] - x) <= 12
+        distance = resize_patches(out.checks["patch_memory"], (64, 64), model.patch_memory.centred_last)[:, 0].numpy()
+    offsets = np.array([np.subtract(np.unravel_index(m.argmax(), m.shape), c) for m, c in zip(distance, centres)])
+    assert np.abs(offsets).max() <= 12  # each peak within a stride-8 patch and a half of its stain's centre
+    # and on average near it (measured 2.2 and 2.3 px down-right): the encoder padded symmetrically put
+    # them 3.2 and 3.3 px down-right, its SAME grid placed as a symmetric one 4.8 and 4.7 px up-left
+    assert np.all(np.abs(offsets.mean(axis=0)) <= 2.75), offsets
 
 
 def _spot_on_dark_ground(rng: np.random.Generator, centre: tuple[int, int] | None, size: int = 128) -> np.ndarray:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .backbones import PADDING_SAME
 from .reference import MAP, Check, FitContext, ReferenceEncoder, resize_patches
 
 __all__ = ["PatchMemoryBranch", "coreset", "resize_patches"]
@@ -45,7 +46,9 @@ class PatchMemoryBranch(Check):
 
     @classmethod
     def from_config(cls, config, encoder: ReferenceEncoder) -> PatchMemoryBranch:
-        return cls(encoder.channels, config.patch_memory_levels, config.patch_memory_size, config.patch_memory_weight)
+        branch = cls(encoder.channels, config.patch_memory_levels, config.patch_memory_size, config.patch_memory_weight)
+        branch.centred_last = encoder.padding == PADDING_SAME
+        return branch
 
     @property
     def dim(self) -> int:
