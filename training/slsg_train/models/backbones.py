@@ -231,14 +231,21 @@ class SamePaddedConv2d(nn.Conv2d):
     same = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
+        if kernel % 2 == 0 or stride not in (1, 2):
+            raise ValueError(f"SAME-padded convolution needs an odd kernel and stride 1 or 2, got {kernel}, {stride}")
         super().__init__(in_channels, out_channels, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.same or self.stride == (1, 1):  # odd kernels: SAME pads a stride-1 layer symmetrically too
-            return super().forward(x)
-        pad = [p for n, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1])
-               for p in _same_padding(int(n), k, s)]  # (left, right, top, bottom), as F.pad takes them
-        return F.conv2d(F.pad(x, pad), self.weight, None, self.stride, 0, self.dilation, self.groups)
+        if not (self.same and self.stride == (2, 2)):
+            return super().forward(x)  # odd kernels: SAME pads a stride-1 layer symmetrically too
+        (top, bottom), (left, right) = (_same_padding(int(n), k, 2) for n, k in zip(x.shape[-2:], self.kernel_size))
+        # the one pixel more after (an even side) as a zero row or column appended, the rest as the
+        # convolution's own padding: static shapes ONNX shape inference follows, where F.pad's are not
+        if bottom > top:
+            x = torch.cat([x, x[..., -1:, :] * 0], dim=-2)
+        if right > left:
+            x = torch.cat([x, x[..., -1:] * 0], dim=-1)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
