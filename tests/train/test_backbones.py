@@ -107,10 +107,10 @@ def test_strided_lite_convolutions_pad_as_tensorflow_trained_them(kernel, size, 
 def test_backbone_padding_is_the_weights_own_unless_asked_and_checked():
     lite = create_backbone("efficientnet_lite0", weights=None)
     strided = [m for m in lite.modules() if isinstance(m, SamePaddedConv2d) and m.stride == (2, 2)]
-    assert len(strided) == 4 and all(m.same for m in strided)  # the stem and three stage-opening blocks
+    assert len(strided) == 4 and all(m.same for m in strided) and lite.pads_same  # stem, three stage openings
     symmetric = create_backbone("efficientnet_lite0", weights=None, padding="symmetric")
-    assert not any(m.same for m in symmetric.modules() if isinstance(m, SamePaddedConv2d))
-    create_backbone("resnet18", weights=None, padding="symmetric")  # trained in PyTorch: symmetric either way
+    assert not any(m.same for m in symmetric.modules() if isinstance(m, SamePaddedConv2d)) and not symmetric.pads_same
+    assert not create_backbone("resnet18", weights=None).pads_same  # trained in PyTorch: symmetric either way
     with pytest.raises(ValueError, match="padding must be one of same, symmetric, got 'valid'"):
         create_backbone("efficientnet_lite0", weights=None, padding="valid")
 

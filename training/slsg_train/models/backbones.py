@@ -82,6 +82,7 @@ class FeatureExtractor(nn.Module):
     strides: list[int]
     supports_raw_stem: bool = False
     layer1_input: str = "stem"
+    pads_same: bool = False  # whether its strided convolutions pad as TensorFlow's SAME (set_padding)
 
     def set_layer1_input(self, value: str) -> None:
         """Choose what the first stage reads (see the class docstring)."""
@@ -320,6 +321,7 @@ class EfficientNetLiteFeatures(FeatureExtractor):
 
     def set_padding(self, value: str) -> None:
         super().set_padding(value)
+        self.pads_same = value == PADDING_SAME
         for conv in self.modules():
             if isinstance(conv, SamePaddedConv2d):
                 conv.same = value == PADDING_SAME

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import PADDING_SAME
 from .reference import MAP, Check, FitContext, ReferenceEncoder
 
 INPUT_SIZE = 128  # the autoencoder sees every image at 128x128, whatever the model's input size
@@ -85,7 +84,7 @@ class CompositionCheck(Check):
         check = cls(encoder.channels, config.composition_levels, config.composition_latent,
                     weight=config.composition_weight, steps=config.composition_steps,
                     restoration=config.composition_restoration)
-        check.centred_last = encoder.padding == PADDING_SAME  # its error map is the encoder's stride-16 grid
+        check.centred_last = encoder.centred_last  # its error map is the encoder's stride-16 grid
         return check
 
     @property

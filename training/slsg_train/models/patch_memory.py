@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .backbones import PADDING_SAME
 from .reference import MAP, Check, FitContext, ReferenceEncoder, resize_patches
 
 __all__ = ["PatchMemoryBranch", "coreset", "resize_patches"]
@@ -47,7 +46,7 @@ class PatchMemoryBranch(Check):
     @classmethod
     def from_config(cls, config, encoder: ReferenceEncoder) -> PatchMemoryBranch:
         branch = cls(encoder.channels, config.patch_memory_levels, config.patch_memory_size, config.patch_memory_weight)
-        branch.centred_last = encoder.padding == PADDING_SAME
+        branch.centred_last = encoder.centred_last
         return branch
 
     @property

@@ -43,8 +43,9 @@ class ReferenceEncoder(nn.Module):
     def __init__(self, backbone: str, weights: WeightsArg, allow_download: bool = False,
                  padding: str = PADDING_SAME) -> None:
         super().__init__()
-        self.padding = padding
         self.backbone = create_backbone(backbone, weights, allow_download, padding).requires_grad_(False).eval()
+        # its stride-s patch i is centred on pixel s*i + s - 1 when it pads as SAME, else on s*i (resize_patches)
+        self.centred_last = self.backbone.pads_same
         self.channels: list[int] = list(self.backbone.channels)
         self.strides: list[int] = list(self.backbone.strides)
 
