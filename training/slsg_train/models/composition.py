@@ -81,9 +81,11 @@ class CompositionCheck(Check):
 
     @classmethod
     def from_config(cls, config, encoder: ReferenceEncoder) -> CompositionCheck:
-        return cls(encoder.channels, config.composition_levels, config.composition_latent,
-                   weight=config.composition_weight, steps=config.composition_steps,
-                   restoration=config.composition_restoration)
+        check = cls(encoder.channels, config.composition_levels, config.composition_latent,
+                    weight=config.composition_weight, steps=config.composition_steps,
+                    restoration=config.composition_restoration)
+        check.centred_last = encoder.centred_last  # its error map is the encoder's stride-16 grid
+        return check
 
     @property
     def dim(self) -> int:

@@ -45,7 +45,9 @@ class PatchMemoryBranch(Check):
 
     @classmethod
     def from_config(cls, config, encoder: ReferenceEncoder) -> PatchMemoryBranch:
-        return cls(encoder.channels, config.patch_memory_levels, config.patch_memory_size, config.patch_memory_weight)
+        branch = cls(encoder.channels, config.patch_memory_levels, config.patch_memory_size, config.patch_memory_weight)
+        branch.centred_last = encoder.centred_last
+        return branch
 
     @property
     def dim(self) -> int:

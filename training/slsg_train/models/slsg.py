@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .backbones import create_backbone
+from .backbones import PADDING_SAME, PADDING_SYMMETRIC, create_backbone
 from .blocks import ConvBNReLU, DecoderStage, SpatialAttention, resize_to
 from .component import ComponentCheck
 from .composition import CompositionCheck
@@ -109,6 +109,11 @@ class SLSGConfig:
     # whether SLSG's own map joins the fused map's maximum; fitting the checks turns it off where it does not
     # separate simulated anomalies it was not trained on and a map check does (training/fusion.py)
     fuse_slsg_map: bool = True
+    # how the checks' frozen ImageNet encoder pads its strided convolutions: "same", as its weights were
+    # trained (TensorFlow's SAME for the Lite backbones), or "symmetric", which checkpoints from before this
+    # setting were fitted with (checkpoint.py); symmetric padding grew the patch memory's map a band from
+    # a defect to the bottom or right border (docs/backbone-padding.md)
+    reference_padding: str = PADDING_SAME
 
     def __post_init__(self) -> None:
         if self.aux_upsampling not in ("doubling", "direct"):
@@ -117,6 +122,9 @@ class SLSGConfig:
             raise ValueError(f"composition_steps must be >= 1, got {self.composition_steps}")
         if not 0.0 <= self.composition_restoration <= 1.0:
             raise ValueError(f"composition_restoration must be in [0, 1], got {self.composition_restoration}")
+        if self.reference_padding not in (PADDING_SAME, PADDING_SYMMETRIC):
+            raise ValueError(f"reference_padding must be {PADDING_SAME!r} or {PADDING_SYMMETRIC!r}, "
+                             f"got {self.reference_padding!r}")
 
     @property
     def uses_reference(self) -> bool:
@@ -178,7 +186,7 @@ def build_checks(config: SLSGConfig) -> tuple[ReferenceEncoder | None, dict[str,
     ``config`` turns on, all unfitted; (None, {}) when it turns none on."""
     if not config.uses_reference:
         return None, {}
-    encoder = ReferenceEncoder(config.backbone, config.backbone_weights, config.allow_download)
+    encoder = ReferenceEncoder(config.backbone, config.backbone_weights, config.allow_download, config.reference_padding)
     return encoder, {t.name: t.from_config(config, encoder) for t in CHECK_TYPES if getattr(config, t.name)}
 
 
@@ -212,7 +220,10 @@ class SLSG(nn.Module):
     def __init__(self, config: SLSGConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or SLSGConfig()
-        self.encoder = create_backbone(config.backbone, config.backbone_weights, config.allow_download)
+        # symmetric, as it always was: this encoder's features are what the decoder was trained on, and
+        # generative pre-training may re-train it; only the frozen reference encoder follows the weights' padding
+        self.encoder = create_backbone(config.backbone, config.backbone_weights, config.allow_download,
+                                       PADDING_SYMMETRIC)
         self.encoder.set_layer1_input(config.layer1_input if self.encoder.supports_raw_stem else "stem")
         channels, strides = self.encoder.channels, self.encoder.strides
         skips = list(zip(channels[:-1], strides[:-1]))[::-1]  # deep -> shallow
