@@ -120,7 +120,8 @@ def production_config(
         "output [",
         f"  {{ name: {_quote(OUTPUT_ANOMALY_MAP)} data_type: TYPE_FP32 dims: [ 1, {h}, {w} ] }},",
         f"  {{ name: {_quote(OUTPUT_SCORE)} data_type: TYPE_FP32 dims: [ 1 ] }}" + ("," if card.part_kinds else ""),
-        f"  {{ name: {_quote(OUTPUT_PART_COUNTS)} data_type: TYPE_FP32 dims: [ {len(card.part_kinds)} ] }}"
+        # one config serves every version of the model, and versions may count different part kinds
+        f"  {{ name: {_quote(OUTPUT_PART_COUNTS)} data_type: TYPE_FP32 dims: [ -1 ] }}"
         if card.part_kinds else "",
         "]",
         "dynamic_batching {",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from slsg.contract import ModelCard
 from slsg_gateway.backends.base import Backend
 from slsg_gateway.errors import GatewayError, Overloaded
 from slsg_gateway.metrics import GatewayMetrics
@@ -32,6 +33,7 @@ class BatchItem:
     score: float
     infer_ms: float  # the whole batch's backend time
     part_counts: np.ndarray | None = None  # [K]: parts found per part kind (models whose card lists them)
+    card: ModelCard | None = None  # the card of ``version`` where the backend knows it
 
 
 @dataclass
@@ -119,7 +121,7 @@ class MicroBatcher:
             if not p.future.done():
                 counts = None if output.part_counts is None else output.part_counts[i]
                 p.future.set_result(BatchItem(output.version, output.anomaly_map[i], float(output.score[i]), infer_ms,
-                                              counts))
+                                              counts, output.card))
 
     async def close(self) -> None:
         for timer in self._timers.values():

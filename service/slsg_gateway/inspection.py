@@ -6,6 +6,8 @@ accepting requests while frames are being processed.
 
 from __future__ import annotations
 
+import logging
+
 import asyncio
 import base64
 import time
@@ -29,6 +31,7 @@ from slsg_gateway.regions import find_regions
 from slsg_gateway.schemas import Box, Explanation, Heatmap, InspectionResult, Region, Timings
 from slsg_gateway.settings import Settings
 
+log = logging.getLogger("slsg_gateway")
 HeatmapMode = Literal["overlay", "map"]
 
 
@@ -39,10 +42,17 @@ class Inspection:
 
 
 def explanations(model: ServedModel, item: BatchItem) -> list[Explanation]:
-    """The part kinds whose count in ``item`` is off (none for a model that counts no parts)."""
-    if model.card is None or not model.card.part_kinds or item.part_counts is None:
+    """The part kinds whose count in ``item`` is off (none for a model that counts no parts). The counts
+    are read with the card of the version that answered: during a redeploy that need not be the version
+    ``model`` described when the request came in, and another version may count other part kinds."""
+    card = item.card if item.card is not None else (model.card if item.version == model.served_version else None)
+    if card is None or not card.part_kinds or item.part_counts is None:
         return []
-    return [Explanation(**e) for e in explain_counts(model.card, item.part_counts)]
+    try:
+        return [Explanation(**e) for e in explain_counts(card, item.part_counts)]
+    except ValueError as exc:  # a card that is not this version's (Triton keeps one per model): no reasons
+        log.warning("no part explanations for %s version %d: %s", model.name, item.version, exc)
+        return []
 
 
 def frame_warnings(model: ServedModel, frame: Frame) -> list[str]:

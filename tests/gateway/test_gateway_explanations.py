@@ -41,7 +41,7 @@ def test_triton_config_and_requested_outputs_have_part_counts_only_when_the_card
     assert OUTPUT_PART_COUNTS not in production_config("toy", plain)
     assert OUTPUT_PART_COUNTS not in requested_outputs(plain) and OUTPUT_PART_COUNTS not in requested_outputs(None)
     config = parse_config(production_config("toy", counted))
-    assert [(o.name, list(o.dims)) for o in config.output][-1] == (OUTPUT_PART_COUNTS, [2])
+    assert [(o.name, list(o.dims)) for o in config.output][-1] == (OUTPUT_PART_COUNTS, [-1])  # any version's
     assert card_from_config(config) == counted
     assert requested_outputs(counted)[-1] == OUTPUT_PART_COUNTS
 
@@ -53,3 +53,17 @@ def test_the_answer_explains_only_for_a_model_that_counts_parts():
         {"part": "kind 1 (red)", "found": 1, "expected": 2}]
     plain = ServedModel("toy", (1,), 1, True, make_card(), 64, 64)
     assert explanations(plain, item) == []
+
+
+def test_counts_are_read_with_the_card_of_the_version_that_answered():
+    """A redeploy between a request's look-up and its inference: version 2 answered with three part kinds
+    while ``model`` still describes version 1 with two."""
+    three = [*KINDS, PartKind("kind 3 (blue)", expected=1)]
+    model_v1 = ServedModel("toy", (1, 2), 1, True, make_card(part_kinds=KINDS), 64, 64)
+    counts = np.array([2, 4, 3], np.float32)
+    answered = BatchItem(2, np.zeros((4, 4), np.float32), 0.7, 1.0, counts, make_card(part_kinds=three))
+    assert [e.model_dump() for e in explanations(model_v1, answered)] == [
+        {"part": "kind 3 (blue)", "found": 3, "expected": 1}]
+    # a backend that could not say which card answered: no explanation rather than the wrong card's
+    unknown = BatchItem(2, np.zeros((4, 4), np.float32), 0.7, 1.0, counts)
+    assert explanations(model_v1, unknown) == []

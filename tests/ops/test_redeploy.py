@@ -118,6 +118,9 @@ class Cameras:
         """Until ``more`` further answers arrived (traffic keeps flowing meanwhile)."""
         target = len(self.answers) + more
         while len(self.answers) < target:
+            if all(task.done() for task in self._tasks):  # every camera failed: say why instead of waiting
+                await asyncio.gather(*self._tasks)
+                raise AssertionError("every camera stopped")
             await asyncio.sleep(0.01)
 
     async def stop(self) -> list[Answer]:

@@ -46,6 +46,7 @@ class InferenceOutput:
     score: np.ndarray
     extra: dict = field(default_factory=dict)
     part_counts: np.ndarray | None = None
+    card: ModelCard | None = None  # the card of ``version``, the version that answered, where the backend knows it
 
 
 def requested_outputs(card: ModelCard | None) -> list[str]:

@@ -124,7 +124,7 @@ class EmbeddedBackend(Backend):
         out = await loop.run_in_executor(self._pool, lambda: current.session.run(names, {INPUT_IMAGE: images}))
         counts = dict(zip(names, out)).get(OUTPUT_PART_COUNTS)
         return InferenceOutput(current.version, out[0][:, 0].astype(np.float32), out[1].reshape(-1),
-                               part_counts=None if counts is None else counts.astype(np.float32))
+                               part_counts=None if counts is None else counts.astype(np.float32), card=current.card)
 
     async def load(self, name: str, version: int | None = None) -> ServedModel:
         try:

@@ -223,9 +223,13 @@ class TritonBackend(Backend):
         version = response.model_version if self._grpc else response.get("model_version", "0")
         maps = result.as_numpy(OUTPUT_ANOMALY_MAP)
         counts = result.as_numpy(OUTPUT_PART_COUNTS) if OUTPUT_PART_COUNTS in names else None
-        return InferenceOutput(int(version or 0), maps[:, 0].astype(np.float32),
+        answered = int(version or 0)
+        # the card read with the index describes the served version; another version's answer (a load in
+        # between) is left without a card rather than paired with the wrong one
+        card = model.card if model is not None and model.served_version == answered else None
+        return InferenceOutput(answered, maps[:, 0].astype(np.float32),
                                result.as_numpy(OUTPUT_SCORE).reshape(-1).astype(np.float32),
-                               part_counts=None if counts is None else counts.astype(np.float32))
+                               part_counts=None if counts is None else counts.astype(np.float32), card=card)
 
     async def load(self, name: str, version: int | None = None) -> ServedModel:
         self._route.pop(name, None)
