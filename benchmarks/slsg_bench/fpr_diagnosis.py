@@ -47,7 +47,8 @@ def component_scores(loaded, images: list[np.ndarray], batch_size: int = 16) -> 
             size = tuple(local[-1].shape[-2:])
             for check in model.checks:
                 r = output.checks[check.name]
-                raw[check.name].append(resize_patches(r, size).float() if check.kind == MAP else r.float())
+                raw[check.name].append(resize_patches(r, size, check.centred_last).float() if check.kind == MAP
+                                       else r.float())
     local_map = torch.cat(local)
     raws = {name: torch.cat(v) for name, v in raw.items()}
     return {"local_map": local_map, "local_score": image_score(torch.sigmoid(local_map), k), "raw": raws,
