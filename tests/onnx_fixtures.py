@@ -157,3 +157,26 @@ def slsg_alone_with_varied_head():
         for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
             nn.init.normal_(conv.weight, 0.0, 0.05)
     return net.eval()
+
+
+def export_and_serve(model, frames: np.ndarray, out_dir: Path, name: str = "box"):
+    """Export ``model`` (a fitted SLSG, square input ``frames.shape[1]``) with a test card, verified on
+    ``frames``, and return (ONNX Runtime's map and score, the PyTorch inference graph's map and score) for
+    ``frames``. Imports torch lazily: gateway tests use this module without it."""
+    import onnxruntime as ort
+    import torch
+
+    from slsg_train.export.onnx_export import InferenceGraph, export_onnx
+    from slsg_train.models import top_k_for_size
+
+    size = frames.shape[1]
+    card = ModelCard(name=name, category=name, backbone="efficientnet_lite0", input_height=size,
+                     input_width=size, top_k=top_k_for_size(size, size),
+                     calibration=Calibration(raw_threshold=0.8, score_min=0.5), project_version="test")
+    result = export_onnx(model, card, Path(out_dir) / "model.onnx", verify_images=list(frames))
+    assert result.max_score_diff <= 1e-4 and result.max_map_diff <= 1e-4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    onnx_map, onnx_score = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: frames})
+    with torch.no_grad():
+        torch_map, torch_score = InferenceGraph(model, card.top_k, card.calibration)(torch.from_numpy(frames))[:2]
+    return onnx_map, onnx_score, torch_map.numpy(), torch_score.numpy()

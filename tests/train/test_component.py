@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from slsg.contract import INPUT_IMAGE, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, Calibration, ModelCard
+from slsg.contract import INPUT_IMAGE, Calibration, ModelCard
+from onnx_fixtures import export_and_serve
 from slsg_train.models import SLSG, preset, top_k_for_size
 from slsg_train.models.component import ComponentCheck
 from slsg_train.data.images import to_tensor
@@ -99,23 +100,11 @@ def test_counts_and_sizes_change_the_score_in_the_right_direction_and_the_map_ma
 
 
 def test_component_check_exports_and_the_served_answer_equals_the_checkpoint(fitted, tmp_path):
-    import onnxruntime as ort
-
-    from slsg_train.export.onnx_export import InferenceGraph, export_onnx
-
-    card = ModelCard(name="box", category="box", backbone="efficientnet_lite0", input_height=SIZE,
-                     input_width=SIZE, top_k=top_k_for_size(SIZE, SIZE),
-                     calibration=Calibration(raw_threshold=0.8, score_min=0.5), project_version="test")
     rng = np.random.default_rng(11)
     frames = np.stack([_scene(rng)[0], _scene(rng, {"red": 3})[0], _scene(rng, {"blue": 1})[0]])
-    result = export_onnx(fitted, card, tmp_path / "model.onnx", verify_images=list(frames))
-    assert result.max_score_diff <= 1e-4 and result.max_map_diff <= 1e-4
-    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    onnx_map, onnx_score = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: frames})
-    with torch.no_grad():
-        torch_map, torch_score = InferenceGraph(fitted, card.top_k, card.calibration)(torch.from_numpy(frames))[:2]
-    np.testing.assert_allclose(onnx_score, torch_score.numpy(), atol=1e-4)
-    np.testing.assert_allclose(onnx_map, torch_map.numpy(), atol=1e-4)
+    onnx_map, onnx_score, torch_map, torch_score = export_and_serve(fitted, frames, tmp_path)
+    np.testing.assert_allclose(onnx_score, torch_score, atol=1e-4)
+    np.testing.assert_allclose(onnx_map, torch_map, atol=1e-4)
     assert onnx_score[1:].min() > onnx_score[0]  # the wrong counts score above the normal scene
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from slsg.contract import INPUT_IMAGE, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, Calibration, ModelCard
+from onnx_fixtures import export_and_serve
 from slsg_train.models import SLSG, preset, top_k_for_size
 from slsg_train.training.fusion import (
     PART_COPIED, SLSG_MAP, STRUCTURAL, copy_part, find_parts, fusion_messages, parts_to_leave_out,
@@ -109,28 +109,18 @@ def test_fitting_leaves_the_noisy_map_out_and_says_why(selected):
 
 
 def test_the_exported_graph_scores_as_the_checkpoint_with_slsg_map_left_out(selected, tmp_path):
-    import onnxruntime as ort
-
     from slsg_train.data.images import to_tensor
-    from slsg_train.export.onnx_export import InferenceGraph, export_onnx
 
     model, _ = selected
-    card = ModelCard(name="box", category="box", backbone="efficientnet_lite0", input_height=SIZE,
-                     input_width=SIZE, top_k=top_k_for_size(SIZE, SIZE),
-                     calibration=Calibration(raw_threshold=0.8, score_min=0.5), project_version="test")
     rng = np.random.default_rng(11)
     frames = np.stack([_scene(rng), copy_part(_scene(rng), rng), remove_part(_scene(rng), rng)])
-    result = export_onnx(model, card, tmp_path / "model.onnx", verify_images=list(frames))
-    assert result.max_score_diff <= 1e-4 and result.max_map_diff <= 1e-4
-    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    onnx_map, onnx_score = session.run([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE], {INPUT_IMAGE: frames})
+    onnx_map, onnx_score, torch_map, torch_score = export_and_serve(model, frames, tmp_path)
     with torch.no_grad():
-        torch_map, torch_score = InferenceGraph(model, card.top_k, card.calibration)(torch.from_numpy(frames))[:2]
         out = model(torch.stack([to_tensor(f) for f in frames]))
         component = model.component_check.log_odds(out.checks["component_check"], (SIZE, SIZE))
         fused = model.anomaly_log_odds(out)
-    np.testing.assert_allclose(onnx_score, torch_score.numpy(), atol=1e-4)
-    np.testing.assert_allclose(onnx_map, torch_map.numpy(), atol=1e-4)
+    np.testing.assert_allclose(onnx_score, torch_score, atol=1e-4)
+    np.testing.assert_allclose(onnx_map, torch_map, atol=1e-4)
     assert torch.equal(fused, component)  # the fused map is the component check's alone
     assert onnx_score[1:].min() > onnx_score[0]  # the extra and the missing part score above the normal scene
 
